@@ -1,0 +1,280 @@
+"""The ``fsmeta`` command line: argument parsing only; the work happens in the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+# Safe, quiet defaults for a tool that runs on laptops without internet; a user can still opt in.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from fsmeta.errors import FsmetaError  # noqa: E402
+
+
+def _config_args(p: argparse.ArgumentParser, default_help: str = "the built-in defaults (the paper's values)") -> None:
+    g = p.add_argument_group("configuration")
+    g.add_argument("--config", metavar="YAML", help=f"run configuration file (default: {default_help})")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one configuration value, e.g. --set meta.alpha=0.1 (repeatable)")
+    d = p.add_argument_group("data")
+    d.add_argument("--data-root", metavar="DIR", help="prepared data sets (default: $FSMETA_DATA or ./data)")
+    d.add_argument("--target", metavar="NAME", help="target data set, left out of the sources (default: from the config, synth-he)")
+    d.add_argument("--sources", metavar="NAME,NAME", help="source data sets (default: every other data set of the target's kind)")
+    h = p.add_argument_group("hardware")
+    h.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    t = p.add_argument_group("tracking")
+    t.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    t.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: fsmeta)")
+    t.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow (default: log)")
+
+
+def _load(args: argparse.Namespace, demo: bool = False):
+    from fsmeta.config import load_config
+    from fsmeta.study import demo_config
+
+    overrides = list(args.overrides)
+    if args.data_root:
+        overrides.append(f"data.root={args.data_root}")
+    if args.target:
+        overrides.append(f"data.target={args.target}")
+    if args.sources:
+        overrides.append("data.sources=[" + ",".join(s.strip() for s in args.sources.split(",") if s.strip()) + "]")
+    if args.threads is not None:
+        overrides.append(f"threads={args.threads}")
+    if args.tracking_uri:
+        overrides.append(f"tracking.uri={args.tracking_uri}")
+    if args.experiment:
+        overrides.append(f"tracking.experiment={args.experiment}")
+    if args.no_tracking:
+        overrides.append("tracking.enabled=false")
+    for name in ("backend",):
+        if getattr(args, name, None):
+            overrides.append(f"meta.{name}={getattr(args, name)}")
+    cfg = demo_config(args.config, overrides) if demo else load_config(args.config, overrides)
+    return cfg
+
+
+def _tracker(cfg):
+    from fsmeta.tracking import tracker_from_config
+
+    return tracker_from_config(cfg.tracking)
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from fsmeta.config import SynthConfig
+    from fsmeta.data import synth
+    from fsmeta.data.registry import write_synthetic
+
+    root = Path(args.data_root or os.environ.get("FSMETA_DATA") or "data")
+    domains = args.domains or list(synth.DOMAINS)
+    unknown = [d for d in domains if d not in synth.DOMAINS]
+    if unknown:
+        raise FsmetaError(f"unknown synthetic domain {unknown[0]!r}; choose from {', '.join(synth.DOMAINS)}")
+    cfg = SynthConfig(images=args.images, size=args.size, seed=args.seed)
+    for d in domains:
+        t0 = time.perf_counter()
+        path = write_synthetic(root, d, cfg)
+        print(f"{d}: {args.images} images {args.size}×{args.size} → {path} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_data_list(args: argparse.Namespace) -> int:
+    from fsmeta.data import synth
+    from fsmeta.data.store import list_stores
+
+    root = Path(args.data_root or os.environ.get("FSMETA_DATA") or "data")
+    stores = list_stores(root)
+    print(f"data root: {root.resolve()}")
+    if stores:
+        print(f"{'name':<16}{'kind':<11}{'images':>7}  {'size (W×H)':<14}{'on disk':>9}{'foreground':>12}")
+        for m in stores:
+            shapes = {tuple(s) for s in m.get("shapes", [])}
+            size = "×".join(map(str, reversed(next(iter(shapes))))) if len(shapes) == 1 else "mixed"
+            print(f"{m['name']:<16}{m['kind']:<11}{m['images']:>7}  {size:<14}{m['bytes'] / 2**20:>7.1f}MB{100 * m['foreground_fraction']:>11.1f}%")
+    else:
+        print("no prepared data sets")
+    missing = [d for d in synth.DOMAINS if d not in {m["name"] for m in stores}]
+    if missing:
+        print(f"synthetic domains generated on first use: {', '.join(missing)}")
+    return 0
+
+
+def cmd_meta_train(args: argparse.Namespace) -> int:
+    from fsmeta.train import meta_train
+
+    cfg = _load(args)
+    path = meta_train(cfg, args.out, _tracker(cfg), resume=args.resume)
+    print(f"meta-trained weights: {path}")
+    return 0
+
+
+def cmd_transfer_train(args: argparse.Namespace) -> int:
+    from fsmeta.train import transfer_train
+
+    cfg = _load(args)
+    path = transfer_train(cfg, args.out, _tracker(cfg))
+    print(f"transfer-trained weights: {path}")
+    return 0
+
+
+def _cell_images(cfg, shots: int, seed: int):
+    from fsmeta.data.registry import load_dataset
+    from fsmeta.data.sampling import draw_support, protocol_split, held_out_images
+
+    target = load_dataset(cfg.data.target, cfg)
+    pool, fixed_test = protocol_split(len(target), cfg.eval.protocol, cfg.eval.test_fraction, cfg.eval.split_seed)
+    support = draw_support(pool, shots, seed, target=cfg.data.target)
+    return target, support, held_out_images(len(target), pool, fixed_test, support)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from fsmeta.checkpoint import model_from_checkpoint, save_checkpoint
+    from fsmeta.data.crops import build_crop_index
+    from fsmeta.finetune import finetune, support_crops
+    from fsmeta.meta.reptile import clone_state
+    from fsmeta.train import apply_threads
+
+    cfg = _load(args)
+    apply_threads(cfg)
+    model, meta = model_from_checkpoint(args.weights)
+    if meta.get("bn_affine"):
+        raise FsmetaError(f"{args.weights} is already fine-tuned; fine-tune from a pre-trained checkpoint")
+    target, support, _ = _cell_images(cfg, args.shots, args.seed)
+    index = build_crop_index(target, cfg.data.crop_size, cfg.data.stride(cfg.data.target, "finetune"),
+                             cfg.data.min_foreground, subset=support)
+    x, y = support_crops(target, index)
+    tracker = _tracker(cfg)
+    params = {"target": cfg.data.target, "arch": meta["arch"], "pretraining": meta.get("kind", ""), "shots": args.shots,
+              "seed": args.seed, "weights": str(args.weights), "support_crops": len(x)}
+    with tracker.run(f"finetune/{cfg.data.target}/K{args.shots}/s{args.seed}", params=params, tags={"fsmeta.kind": "finetune"}) as run_id:
+        _, history = finetune(model, x, y, cfg.finetune, seed=args.seed)
+        for epoch, loss in enumerate(history, 1):
+            tracker.log_metrics(run_id, {"loss": loss}, step=epoch)
+        out = save_checkpoint(args.out, clone_state(model), {
+            **{k: v for k, v in meta.items() if k not in ("fsmeta_version",)}, "bn_affine": True, "kind": "finetuned",
+            "pretraining": meta.get("kind", ""), "target": cfg.data.target, "shots": args.shots, "seed": args.seed,
+            "support": [target.ids[i] for i in support], "config": cfg.to_dict(), "mlflow_run_id": run_id})
+    print(f"fine-tuned on {args.shots} image(s) of {cfg.data.target} ({len(x)} crops, final loss {history[-1]:.4f}): {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fsmeta.checkpoint import model_from_checkpoint
+    from fsmeta.evaluate import evaluate
+    from fsmeta.train import apply_threads
+
+    cfg = _load(args)
+    apply_threads(cfg)
+    model, meta = model_from_checkpoint(args.weights)
+    shots = args.shots if args.shots is not None else meta.get("shots")
+    seed = args.seed if args.seed is not None else meta.get("seed", 0)
+    if shots is None:
+        raise FsmetaError(f"{args.weights} does not record its K-shot draw; pass --shots and --seed")
+    target, support, test = _cell_images(cfg, int(shots), int(seed))
+    summary, rows = evaluate(model, target, test, cfg.eval.threshold)
+    report = {"weights": str(args.weights), "target": cfg.data.target, "shots": int(shots), "seed": int(seed), **summary}
+    print(f"{cfg.data.target}: {summary['n_images']} test image(s)  mIoU {summary['miou']:.4f}  pooled IoU {summary['pooled_iou']:.4f}  "
+          f"instance P/R/F1 {summary['precision']:.3f}/{summary['recall']:.3f}/{summary['f1']:.3f}")
+    if args.out:
+        from fsmeta.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.out), (json.dumps({**report, "images": rows}, indent=2, default=float) + "\n").encode())
+        print(f"report: {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fsmeta.study import format_table, run_demo, summarize
+
+    cfg = _load(args, demo=True)
+    t0 = time.perf_counter()
+    rows = run_demo(cfg, args.out, _tracker(cfg))
+    out = Path(args.out)
+    print()
+    print(f"mIoU (%) on {cfg.data.target}, mean ± std over {len(cfg.eval.seeds)} seeds ({cfg.arch}, {cfg.eval.protocol} protocol):")
+    print(format_table(summarize(rows)))
+    print()
+    print(f"results: {out / 'results.csv'}, {out / 'results.parquet'}; plot: {out / 'miou_vs_shots.png'}")
+    if cfg.tracking.enabled:
+        from fsmeta.tracking import resolve_uri
+
+        print(f"MLflow runs: {resolve_uri(cfg.tracking.uri)} (view with: mlflow ui --backend-store-uri {resolve_uri(cfg.tracking.uri)} --host 127.0.0.1)")
+    print(f"wall time: {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fsmeta", description="Few-shot microscopy cell segmentation by meta-learning.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (default: info)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="prepare and list data sets").add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = data.add_parser("synth", help="generate the synthetic domains into the data root")
+    p.add_argument("--data-root", metavar="DIR", help="where to write (default: $FSMETA_DATA or ./data)")
+    p.add_argument("--domains", nargs="+", metavar="NAME", help="which domains (default: all five)")
+    p.add_argument("--images", type=int, default=40, help="images per domain (default: 40)")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels (default: 256)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
+    p.set_defaults(func=cmd_data_synth)
+    p = data.add_parser("list", help="show the prepared data sets")
+    p.add_argument("--data-root", metavar="DIR", help="data root (default: $FSMETA_DATA or ./data)")
+    p.set_defaults(func=cmd_data_list)
+
+    p = sub.add_parser("meta-train", help="Reptile meta-training on the source data sets")
+    _config_args(p)
+    p.add_argument("--out", default="runs/meta", metavar="DIR", help="output folder (default: runs/meta)")
+    p.add_argument("--backend", choices=["sequential", "ray"], help="where inner loops run (default: from the config)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/meta-last.safetensors (default: start anew)")
+    p.set_defaults(func=cmd_meta_train)
+
+    p = sub.add_parser("transfer-train", help="the transfer-learning baseline on the union of the sources")
+    _config_args(p)
+    p.add_argument("--out", default="runs/transfer", metavar="DIR", help="output folder (default: runs/transfer)")
+    p.set_defaults(func=cmd_transfer_train)
+
+    p = sub.add_parser("finetune", help="fine-tune pre-trained weights on K target images")
+    _config_args(p)
+    p.add_argument("--weights", required=True, metavar="CKPT", help="pre-trained checkpoint (.safetensors)")
+    p.add_argument("--shots", type=int, default=5, metavar="K", help="annotated target images (default: 5)")
+    p.add_argument("--seed", type=int, default=0, help="which seeded K-shot draw (default: 0)")
+    p.add_argument("--out", default="runs/finetuned.safetensors", metavar="CKPT", help="output checkpoint (default: runs/finetuned.safetensors)")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="score weights on the target's test images at full resolution")
+    _config_args(p)
+    p.add_argument("--weights", required=True, metavar="CKPT", help="fine-tuned checkpoint (.safetensors)")
+    p.add_argument("--shots", type=int, metavar="K", help="the K-shot draw whose support images are excluded (default: recorded in the checkpoint)")
+    p.add_argument("--seed", type=int, help="the seed of that draw (default: recorded in the checkpoint)")
+    p.add_argument("--out", metavar="JSON", help="also write the summary and per-image metrics here (default: print only)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="the whole method end to end on synthetic domains, at laptop scale")
+    _config_args(p, default_help="the demo's reduced scale, as configs/demo.yaml")
+    p.add_argument("--out", default="fsmeta-demo", metavar="DIR", help="output folder (default: ./fsmeta-demo)")
+    p.add_argument("--backend", choices=["sequential", "ray"], help="where inner loops run (default: from the config)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except FsmetaError as exc:
+        print(f"fsmeta: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fsmeta: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

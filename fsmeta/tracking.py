@@ -1,0 +1,150 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+Everything goes through ``MlflowClient`` with explicit run ids instead of the
+fluent API, which keeps global state and is not thread-safe: the driver alone
+logs, runs nest by the ``mlflow.parentRunId`` tag, and a run is always ended
+(FINISHED, FAILED or KILLED) even when the code inside fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+log = logging.getLogger(__name__)
+
+# MLflow rejects param values longer than this.
+_MAX_PARAM = 6000
+
+
+def resolve_uri(uri: str = "") -> str:
+    """The explicit URI, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+class Tracker:
+    """Logs runs to one MLflow experiment; a disabled tracker accepts every call and logs nothing."""
+
+    def __init__(self, uri: str = "", experiment: str = "fsmeta", enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.uri = resolve_uri(uri)
+        self.experiment = experiment
+        self._client = None
+        self._experiment_id: str | None = None
+        self._monitors: dict[str, Any] = {}
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            # Quieten the database-migration chatter of a fresh sqlite store.
+            logging.getLogger("alembic").setLevel(logging.WARNING)
+            self._client = MlflowClient(tracking_uri=self.uri)
+            found = self._client.get_experiment_by_name(self.experiment)
+            self._experiment_id = found.experiment_id if found else self._client.create_experiment(self.experiment)
+        return self._client
+
+    def start_run(
+        self,
+        name: str,
+        params: dict[str, Any] | None = None,
+        tags: dict[str, str] | None = None,
+        parent_run_id: str | None = None,
+        system_metrics: bool = False,
+    ) -> str:
+        """Create a run (nested under ``parent_run_id`` when given) and return its id ("" when disabled)."""
+        if not self.enabled:
+            return ""
+        all_tags = {"mlflow.runName": name, **(tags or {})}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self._experiment_id, tags=all_tags, run_name=name)
+        run_id = run.info.run_id
+        if params:
+            self.log_params(run_id, params)
+        if system_metrics:
+            self._start_system_metrics(run_id)
+        return run_id
+
+    def resume_run(self, run_id: str, system_metrics: bool = False) -> str:
+        """Mark an existing run RUNNING again, e.g. when a meta-training run is resumed."""
+        if not self.enabled or not run_id:
+            return run_id
+        self.client.update_run(run_id, status="RUNNING")
+        if system_metrics:
+            self._start_system_metrics(run_id, resume=True)
+        return run_id
+
+    def _start_system_metrics(self, run_id: str, resume: bool = False) -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(run_id, resume_logging=resume, tracking_uri=self.uri)
+            monitor.start()
+            self._monitors[run_id] = monitor
+        except Exception as exc:  # psutil missing or an unsupported platform: metrics are optional
+            log.warning("system metrics are off for run %s: %s", run_id, exc)
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        if not self.enabled or not run_id or not params:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(str(k), str(v)[:_MAX_PARAM]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        if not self.enabled or not run_id or not metrics:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(step or 0)) for k, v in metrics.items()]
+        self.client.log_batch(run_id, metrics=items)
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        if not self.enabled or not run_id:
+            return
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, str(v))
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.enabled or not run_id:
+            return
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        if not self.enabled or not run_id:
+            return
+        monitor = self._monitors.pop(run_id, None)
+        if monitor is not None:
+            monitor.finish()
+        self.client.set_terminated(run_id, status=status)
+
+    @contextlib.contextmanager
+    def run(self, name: str, **kwargs: Any) -> Iterator[str]:
+        """``with tracker.run("meta-train", params=...) as run_id:``; ends FAILED or KILLED on error."""
+        run_id = self.start_run(name, **kwargs)
+        try:
+            yield run_id
+        except KeyboardInterrupt:
+            self.end_run(run_id, "KILLED")
+            raise
+        except BaseException:
+            self.end_run(run_id, "FAILED")
+            raise
+        self.end_run(run_id, "FINISHED")
+
+
+def tracker_from_config(tracking_cfg: Any) -> Tracker:
+    return Tracker(tracking_cfg.uri, tracking_cfg.experiment, tracking_cfg.enabled)

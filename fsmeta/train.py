@@ -1,0 +1,245 @@
+"""Pre-training: Reptile meta-training (§4.3) and the transfer-learning baseline (§4.4).
+
+Both write a checkpoint with non-affine batch norm; fine-tuning later makes it
+affine. Meta-training checkpoints θ and the iteration every
+``meta.checkpoint_every`` iterations; since every task is a pure function of
+(seed, iteration, source), that is all a resumed run needs to reach the same θ.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from fsmeta.checkpoint import load_checkpoint, save_checkpoint
+from fsmeta.config import Config
+from fsmeta.data.crops import build_crop_index
+from fsmeta.data.registry import load_dataset, resolve_sources
+from fsmeta.data.sampling import TaskSpec, make_task
+from fsmeta.errors import FsmetaError, NonFiniteLossError
+from fsmeta.losses import weighted_bce
+from fsmeta.meta.reptile import AdaptResult, InnerSettings, StateDict, clone_state, meta_update
+from fsmeta.meta.sequential import SequentialBackend, SourceData
+from fsmeta.models import build_model
+from fsmeta.progress import Progress
+from fsmeta.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+# Settings that change the meaning of a meta-training checkpoint: resuming with
+# any of them changed would silently mix two runs.
+_RESUME_KEYS = ("seed", "arch", "data", "meta.variant", "meta.alpha", "meta.beta", "meta.entropy", "meta.shots",
+                "meta.inner_steps", "meta.inner_lr", "meta.weight_decay", "meta.epsilon")
+
+
+class Backend(Protocol):
+    name: str
+
+    def run(self, theta: StateDict, tasks: list[TaskSpec]) -> list[AdaptResult]: ...
+
+    def close(self) -> None: ...
+
+
+def apply_threads(cfg: Config) -> None:
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+
+
+def load_sources(cfg: Config, names: list[str] | None = None) -> list[SourceData]:
+    """Open each source and index its crops at the source stride."""
+    names = names if names is not None else resolve_sources(cfg)
+    out = []
+    for name in names:
+        images = load_dataset(name, cfg)
+        crops = build_crop_index(images, cfg.data.crop_size, cfg.data.stride(name, "source"), cfg.data.min_foreground)
+        out.append(SourceData(name, images, crops))
+    return out
+
+
+def inner_settings(cfg: Config) -> InnerSettings:
+    alpha, beta = cfg.meta.loss_weights()
+    m = cfg.meta
+    return InnerSettings(m.inner_steps, m.inner_lr, m.weight_decay, alpha, beta, m.entropy)
+
+
+def initial_theta(arch: str, seed: int) -> StateDict:
+    """Seeded random initialisation, non-affine batch norm."""
+    torch.manual_seed(seed)
+    return clone_state(build_model(arch))
+
+
+def make_backend(cfg: Config, sources: list[SourceData]) -> Backend:
+    if cfg.meta.backend == "sequential":
+        return SequentialBackend(cfg.arch, sources, inner_settings(cfg))
+    if cfg.meta.backend == "ray":
+        try:
+            from fsmeta.meta.driver import RayBackend  # the execution layer, when installed
+        except ImportError as exc:
+            raise FsmetaError(f"meta.backend=ray is not available in this build ({exc}); use sequential") from None
+        return RayBackend(cfg, sources)
+    raise FsmetaError(f"unknown meta.backend {cfg.meta.backend!r}")
+
+
+def _resume_view(flat: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in flat.items() if any(k == key or k.startswith(key + ".") for key in _RESUME_KEYS)
+            and not k.startswith("data.root")}
+
+
+def checkpoint_meta(cfg: Config, kind: str, sources: list[str], **extra: Any) -> dict[str, Any]:
+    return {"arch": cfg.arch, "bn_affine": False, "kind": kind, "target": cfg.data.target,
+            "sources": sources, "config": cfg.to_dict(), **extra}
+
+
+def meta_train(
+    cfg: Config,
+    out_dir: str | Path,
+    tracker: Tracker,
+    *,
+    resume: bool = False,
+    parent_run_id: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Reptile meta-training on the sources of ``cfg``; returns the final checkpoint ``OUT/meta.safetensors``.
+
+    With ``resume``, continues from ``OUT/checkpoints/meta-last.safetensors`` and
+    the MLflow run recorded in it, to the same final θ as an uninterrupted run.
+    """
+    apply_threads(cfg)
+    out = Path(out_dir)
+    last = out / "checkpoints" / "meta-last.safetensors"
+    final = out / "meta.safetensors"
+    sources = load_sources(cfg)
+    names = [s.name for s in sources]
+    pool_sizes = [len(s.crops) for s in sources]
+    flat = cfg.flat()
+    start, run_id = 0, ""
+    if resume and last.is_file():
+        theta, meta = load_checkpoint(last)
+        saved = _resume_view(_flatten(meta.get("config", {})))
+        now = _resume_view(flat)
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if changed:
+            raise FsmetaError(f"cannot resume {last}: configuration differs in {', '.join(changed[:5])}")
+        start, run_id = int(meta["iteration"]), meta.get("mlflow_run_id", "")
+        tracker.resume_run(run_id, system_metrics=True)
+        log.info("resuming meta-training at iteration %d of %d from %s", start, cfg.meta.iterations, last)
+    else:
+        if resume:
+            log.info("no checkpoint at %s; starting meta-training from scratch", last)
+        theta = initial_theta(cfg.arch, cfg.seed)
+        params = {**flat, "sources": ",".join(names), "crops": ",".join(map(str, pool_sizes))}
+        run_id = tracker.start_run("meta-train", params=params, parent_run_id=parent_run_id,
+                                   tags={"fsmeta.kind": "meta", "fsmeta.target": cfg.data.target}, system_metrics=True)
+    status = "FAILED"
+    backend = make_backend(cfg, sources)
+    bar = Progress(cfg.meta.iterations, f"meta-train {cfg.meta.variant} → {cfg.data.target}", start=start, enabled=progress)
+    try:
+        for it in range(start, cfg.meta.iterations):
+            t0 = time.perf_counter()
+            tasks = [make_task(cfg.seed, it, m, pool_sizes, cfg.meta.shots) for m in range(len(sources))]
+            results = backend.run(theta, tasks)
+            theta = meta_update(theta, [r.theta for r in results], cfg.meta.epsilon)
+            seconds = time.perf_counter() - t0
+            metrics = {k: float(np.mean([r.losses[k] for r in results])) for k in ("loss", "bce", "er", "d")}
+            metrics.update({f"loss.{names[r_i]}": r.losses["loss"] for r_i, r in enumerate(results)})
+            metrics["sec_per_iter"] = seconds
+            tracker.log_metrics(run_id, metrics, step=it + 1)
+            done = it + 1
+            if done % cfg.meta.checkpoint_every == 0 or done == cfg.meta.iterations:
+                save_checkpoint(last, theta, checkpoint_meta(cfg, "meta", names, iteration=done, mlflow_run_id=run_id))
+            per_source = " ".join(f"{n}={r.losses['loss']:.3f}" for n, r in zip(names, results))
+            bar.update(detail=f"loss {metrics['loss']:.4f} (bce {metrics['bce']:.4f} er {metrics['er']:.4f} d {metrics['d']:.4f}) [{per_source}]")
+        save_checkpoint(final, theta, checkpoint_meta(cfg, "meta", names, iteration=cfg.meta.iterations, mlflow_run_id=run_id))
+        tracker.log_artifact(run_id, final, "checkpoints")
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        backend.close()
+        tracker.end_run(run_id, status)
+    return final
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def transfer_train(
+    cfg: Config,
+    out_dir: str | Path,
+    tracker: Tracker,
+    *,
+    parent_run_id: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train one model on the union of the source crops (§4.4); returns ``OUT/transfer.safetensors``.
+
+    Epochs are seeded permutations of the union; ``transfer.steps`` Adam steps of
+    ``transfer.batch_size`` crops.
+    """
+    apply_threads(cfg)
+    sources = load_sources(cfg)
+    names = [s.name for s in sources]
+    sizes = np.array([len(s.crops) for s in sources])
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    total = int(offsets[-1])
+    model = build_model(cfg.arch)
+    model.load_state_dict(initial_theta(cfg.arch, cfg.seed))
+    model.train()
+    tc = cfg.transfer
+    optimiser = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    run_id = tracker.start_run("transfer-train", params={**cfg.flat(), "sources": ",".join(names), "crops": total},
+                               parent_run_id=parent_run_id, tags={"fsmeta.kind": "transfer", "fsmeta.target": cfg.data.target})
+    bar = Progress(tc.steps, f"transfer-train → {cfg.data.target}", enabled=progress)
+    out = Path(out_dir) / "transfer.safetensors"
+    status = "FAILED"
+    try:
+        order = np.zeros(0, dtype=np.int64)
+        epoch = 0
+        for step in range(tc.steps):
+            if len(order) < tc.batch_size:
+                order = np.concatenate([order, np.random.default_rng([cfg.seed, 4242, epoch]).permutation(total)])
+                epoch += 1
+            batch, order = order[: tc.batch_size], order[tc.batch_size :]
+            xs, ys = [], []
+            which = np.searchsorted(offsets, batch, side="right") - 1
+            for s in np.unique(which):
+                x, y = sources[s].gather(batch[which == s] - offsets[s])
+                xs.append(x)
+                ys.append(y)
+            x_t, y_t = torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+            optimiser.zero_grad(set_to_none=True)
+            loss = weighted_bce(model(x_t), y_t)
+            value = float(loss.detach())
+            if not np.isfinite(value):
+                raise NonFiniteLossError(f"transfer training loss is {value} at step {step}; lower transfer.lr")
+            loss.backward()
+            optimiser.step()
+            if (step + 1) % 10 == 0 or step + 1 == tc.steps:
+                tracker.log_metrics(run_id, {"loss": value}, step=step + 1)
+            bar.update(detail=f"loss {value:.4f}")
+        save_checkpoint(out, clone_state(model), checkpoint_meta(cfg, "transfer", names, steps=tc.steps, mlflow_run_id=run_id))
+        tracker.log_artifact(run_id, out, "checkpoints")
+        status = "FINISHED"
+    finally:
+        tracker.end_run(run_id, status)
+    return out
+
+
+def scratch_checkpoint(cfg: Config, out_dir: str | Path) -> Path:
+    """The lower bound's starting point: the seeded random initialisation, saved like a pre-training."""
+    out = Path(out_dir) / "scratch.safetensors"
+    return save_checkpoint(out, initial_theta(cfg.arch, cfg.seed), checkpoint_meta(cfg, "scratch", []))

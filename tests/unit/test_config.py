@@ -1,0 +1,80 @@
+from pathlib import Path
+
+import pytest
+
+from fsmeta.config import Config, dump_config, load_config
+from fsmeta.errors import ConfigError
+from fsmeta.study import DEMO_OVERRIDES, demo_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_are_the_papers_values():
+    cfg = load_config()
+    assert (cfg.meta.shots, cfg.meta.inner_steps, cfg.meta.inner_lr, cfg.meta.epsilon) == (5, 30, 1e-3, 1.0)
+    assert (cfg.meta.iterations, cfg.meta.checkpoint_every, cfg.meta.weight_decay) == (300, 25, 5e-4)
+    assert (cfg.finetune.epochs, cfg.finetune.lr, cfg.finetune.batch_size) == (20, 1e-4, 64)
+    assert cfg.data.stride("tnbc", "source") == 20 and cfg.data.stride("b5", "finetune") == 30
+    assert cfg.data.min_foreground == 360 and cfg.data.crop_size == 256
+
+
+@pytest.mark.parametrize("variant,weights", [("bce", (0, 0)), ("bce-er", (0.1, 0)), ("bce-d", (0, 0.01)), ("all", (0.01, 0.01))])
+def test_loss_weights_follow_the_variant(variant, weights):
+    assert load_config(None, [f"meta.variant={variant}"]).meta.loss_weights() == weights
+
+
+def test_explicit_weights_win_but_unused_terms_stay_off():
+    cfg = load_config(None, ["meta.variant=bce-er", "meta.alpha=0.3", "meta.beta=0.5"])
+    assert cfg.meta.loss_weights() == (0.3, 0.0)
+
+
+def test_overrides_parse_yaml_values_and_merge_stride_tables():
+    cfg = load_config(None, ["eval.shots=[1, 3]", "data.source_stride={tnbc: 7}", "meta.alpha=1e-2"])
+    assert cfg.eval.shots == [1, 3]
+    assert cfg.data.stride("tnbc", "source") == 7 and cfg.data.stride("em", "source") == 85
+    assert cfg.meta.alpha == 0.01
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("meta.alpah=0.1", "unknown configuration key meta.alpah"),
+        ("meta.shots=2.5", "meta.shots must be a whole number"),
+        ("meta.variant=bce-xx", "meta.variant='bce-xx'"),
+        ("arch=resnet", "arch='resnet'"),
+        ("meta.alpha=-1", "meta.alpha=-1.0 must be a non-negative"),
+        ("tracking.enabled=maybe", "tracking.enabled must be true or false"),
+        ("nokey", "--set expects key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config(None, [override])
+
+
+def test_target_listed_as_source_is_rejected():
+    with pytest.raises(ConfigError, match="target 'synth-he' is also listed as a source"):
+        load_config(None, ["data.target=synth-he", "data.sources=[synth-em, synth-he]"])
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config(None, ["meta.variant=bce-d", "seed=3"])
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("meta: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_shipped_configs_load_and_demo_yaml_matches_the_builtin_demo():
+    assert demo_config(ROOT / "configs" / "demo.yaml") == demo_config()
+    paper = load_config(ROOT / "configs" / "paper.yaml")
+    assert paper.meta.iterations == 300 and paper.eval.seeds == list(range(10))
+    assert isinstance(paper, Config) and DEMO_OVERRIDES

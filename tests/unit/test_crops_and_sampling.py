@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+
+from fsmeta.data.crops import build_crop_index, gather, window_foreground
+from fsmeta.data.sampling import draw_support, make_task, protocol_split, held_out_images
+from fsmeta.data.store import ImageSet
+from fsmeta.errors import DataError, FsmetaError
+
+
+def _set(images, masks):
+    n = len(images)
+    return ImageSet("toy", [f"i{k}" for k in range(n)], images, masks, ["train"] * n, [""] * n)
+
+
+def test_window_foreground_counts_match_direct_sums():
+    rng = np.random.default_rng(1)
+    mask = (rng.random((37, 50)) > 0.5).astype(np.uint8)
+    ys, xs, counts = window_foreground(mask, 16, 7)
+    assert list(ys) == [0, 7, 14, 21] and list(xs) == [0, 7, 14, 21, 28]
+    for a, y in enumerate(ys):
+        for b, x in enumerate(xs):
+            assert counts[a, b] == mask[y : y + 16, x : x + 16].sum()
+
+
+def test_crops_are_inside_the_image_and_filtered_by_foreground():
+    mask = np.zeros((8, 12), np.uint8)
+    mask[0:4, 0:4] = 1  # 16 foreground pixels, all in the top-left 4×4
+    img = np.arange(96, dtype=np.uint8).reshape(8, 12)
+    s = _set([img], [mask])
+    idx = build_crop_index(s, size=4, stride=4, min_foreground=1)
+    assert list(zip(idx.y, idx.x)) == [(0, 0)]  # the only window with foreground; none past the edge
+    idx = build_crop_index(s, size=4, stride=2, min_foreground=4)  # (0,0):16, (0,2):8, (2,0):8, (2,2):4
+    assert sorted(zip(idx.y.tolist(), idx.x.tolist())) == [(0, 0), (0, 2), (2, 0), (2, 2)]
+    x, y = gather(s, idx, [0])
+    assert x.shape == (1, 1, 4, 4) and x.dtype == np.float32
+    y0, x0 = idx.y[0], idx.x[0]
+    assert np.allclose(x[0, 0], (img[y0 : y0 + 4, x0 : x0 + 4] / 255.0 - 0.5) / 0.5)
+    assert np.array_equal(y[0, 0], mask[y0 : y0 + 4, x0 : x0 + 4])
+
+
+def test_no_crops_is_a_clear_error():
+    s = _set([np.zeros((10, 10), np.uint8)], [np.zeros((10, 10), np.uint8)])
+    with pytest.raises(DataError, match="toy: no training crops.*360 foreground"):
+        build_crop_index(s, 8, 2, 360)
+    with pytest.raises(DataError, match="smaller than 16×16"):
+        build_crop_index(s, 16, 2, 0)
+
+
+def test_support_draws_are_seeded_nested_and_bounded():
+    pool = np.arange(10, 30)
+    a = draw_support(pool, 5, seed=3)
+    assert np.array_equal(a, draw_support(pool, 5, seed=3))
+    assert not np.array_equal(a, draw_support(pool, 5, seed=4))
+    assert set(draw_support(pool, 1, 3)) <= set(draw_support(pool, 3, 3)) <= set(a)
+    assert len(set(a)) == 5 and set(a) <= set(pool)
+    with pytest.raises(FsmetaError, match="K=21 is larger than the pool of 20 image"):
+        draw_support(pool, 21, 0)
+
+
+def test_protocols_never_test_on_support_images():
+    pool, fixed = protocol_split(50, "2020")
+    support = draw_support(pool, 5, 0)
+    assert fixed is None and set(held_out_images(50, pool, fixed, support)) == set(range(50)) - set(support)
+    pool, fixed = protocol_split(50, "2023", 0.2, split_seed=1)
+    assert len(fixed) == 10 and not set(pool) & set(fixed) and len(pool) == 40
+    assert np.array_equal(protocol_split(50, "2023", 0.2, split_seed=1)[1], fixed)
+    assert not set(draw_support(pool, 10, 2)) & set(held_out_images(50, pool, fixed, draw_support(pool, 10, 2)))
+
+
+def test_tasks_are_a_pure_function_of_seed_iteration_and_source():
+    t1 = make_task(0, 5, 1, [10, 20, 30, 40], 5)
+    t2 = make_task(0, 5, 1, [10, 20, 30, 40], 5)
+    assert t1.n == t2.n and np.array_equal(t1.labelled, t2.labelled) and np.array_equal(t1.unlabelled_p, t2.unlabelled_p)
+    assert t1.n != 1 and t1.p != 1 and t1.labelled.max() < 20
+    ns = {make_task(0, it, 0, [10, 10, 10, 10], 2).n for it in range(50)}
+    assert ns == {1, 2, 3}
+    small = make_task(0, 0, 0, [3, 3], 5)  # fewer crops than K: drawn with replacement
+    assert len(small.labelled) == 5
