@@ -122,6 +122,17 @@ class TrackingConfig:
 
 
 @dataclass
+class RayConfig:
+    """Where and how the Ray execution layer runs (meta.backend=ray)."""
+
+    address: str = ""  # empty: $RAY_ADDRESS, else a new local instance started by ray.init()
+    gpus_per_worker: float = -1.0  # GPUs per source actor; -1: 1 when the cluster has GPUs, else 0
+    cpus_per_worker: float = 1.0  # CPUs reserved per source actor; torch in the actor uses this many threads
+    num_cpus: int = 0  # CPUs of a local instance; 0: all of this machine's
+    include_dashboard: bool = False  # a local instance's dashboard, bound to 127.0.0.1 when on
+
+
+@dataclass
 class Config:
     seed: int = 0
     arch: str = "fcrn"
@@ -132,6 +143,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> "Config":
         from fsmeta.models import ARCHITECTURES
