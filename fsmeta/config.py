@@ -128,8 +128,13 @@ class RayConfig:
     address: str = ""  # empty: $RAY_ADDRESS, else a new local instance started by ray.init()
     gpus_per_worker: float = -1.0  # GPUs per source actor; -1: 1 when the cluster has GPUs, else 0
     cpus_per_worker: float = 1.0  # CPUs reserved per source actor; torch in the actor uses this many threads
-    num_cpus: int = 0  # CPUs of a local instance; 0: all of this machine's
+    num_cpus: int = 0  # CPUs of a local instance; 0: all of this machine's, or enough for every source actor if more
     include_dashboard: bool = False  # a local instance's dashboard, bound to 127.0.0.1 when on
+    placement_strategy: str = "PACK"  # placement group of the source actors: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
+    placement_timeout_s: float = 300.0  # give up (with the cluster's free resources in the message) after this long
+    max_restarts: int = -1  # restarts of a crashed source actor; -1: unlimited
+    max_task_retries: int = -1  # re-runs of a call lost with its actor or node; -1: unlimited (outlasts node-loss detection)
+    recreate_attempts: int = 3  # if an actor is dead for good, the driver re-creates it and re-runs its task this often
 
 
 @dataclass

@@ -55,3 +55,24 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance (2 CPUs, no dashboard) for every Ray test of the session.
+
+    ``address="local"`` always starts a new instance, never one that a ``ray start``
+    on this machine left behind. Tests that need their own cluster shut this one
+    down first (``ray.shutdown()``); the next user starts it again.
+    """
+    import ray
+
+    def start():
+        if not ray.is_initialized():
+            ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        return ray
+
+    start()
+    yield start
+    if ray.is_initialized():
+        ray.shutdown()
