@@ -1,0 +1,252 @@
+"""``fsmeta benchmark``: the leave-one-data-set-out study of the papers, on Ray, resumable.
+
+For every target, architecture and pre-training the model is pre-trained once
+(meta-training on the Ray source actors when ``meta.backend=ray``); then every
+(selection, K, seed) cell fine-tunes from those same weights and is evaluated,
+each cell a Ray task (``study.cell_cpus`` / ``study.cell_gpus``, so several cells
+share a GPU) or, with ``study.executor=local``, one after another in-process.
+
+Resumability: each finished cell is recorded as ``OUT/cells/<key>.json``
+(written atomically, with its MLflow run id) the moment its result reaches the
+driver; ``--resume`` skips recorded cells and finished pre-trainings, resumes an
+interrupted meta-training from its checkpoint, and continues the same MLflow
+parent run. Since every cell is a pure function of (configuration, pre-trained
+weights, cell), the final table equals that of an uninterrupted run.
+
+Tracking: the driver alone logs. One parent run per benchmark; nested under it,
+one run per pre-training (with its checkpoint as an artifact) and one per cell
+with params (target, arch, pretraining, selection, shots, seed) and metrics
+(iou = miou, pooled_iou, f1, precision, recall, n_test).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+
+from fsmeta.checkpoint import atomic_write_bytes
+from fsmeta.config import Config, config_from_dict
+from fsmeta.data.registry import load_dataset, resolve_sources
+from fsmeta.errors import FsmetaError
+from fsmeta.evaluate import predict_probability
+from fsmeta.progress import Progress
+from fsmeta.report import RESULT_COLUMNS, format_table, overlay, render_report, summarize, write_png, write_results
+from fsmeta.study import Cell, run_cell
+from fsmeta.tracking import Tracker
+from fsmeta.train import apply_threads, meta_train, scratch_checkpoint, transfer_train
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "benchmark.json"
+# Settings that may change between an interrupted run and its resumption: where and how it runs.
+_RESUMABLE_CHANGES = ("study.executor", "study.cell_cpus", "study.cell_gpus", "ray.", "tracking.", "threads", "meta.backend")
+
+
+def cell_key(cell: Cell) -> str:
+    return f"{cell.target}__{cell.arch}__{cell.pretraining}__{cell.selection}__K{cell.shots}__s{cell.seed}"
+
+
+def target_config(cfg: Config, target: str, arch: str, pretraining: str | None = None) -> Config:
+    """The configuration of one (target, arch, pre-training): the target left out of the sources."""
+    data = dataclasses.replace(cfg.data, target=target)
+    if cfg.study.datasets:
+        if target not in cfg.study.datasets:
+            raise FsmetaError(f"target {target!r} is not among study.datasets {cfg.study.datasets}")
+        data = dataclasses.replace(data, sources=[d for d in cfg.study.datasets if d != target])
+    elif target in cfg.data.sources:
+        data = dataclasses.replace(data, sources=[d for d in cfg.data.sources if d != target])
+    meta = cfg.meta
+    if pretraining and pretraining.startswith("meta-"):
+        meta = dataclasses.replace(meta, variant=pretraining[len("meta-"):])
+    return dataclasses.replace(cfg, data=data, arch=arch, meta=meta)
+
+
+def grid(cfg: Config) -> list[Cell]:
+    targets = cfg.study.targets or [cfg.data.target]
+    return [
+        Cell(t, a, p, sel, k, s)
+        for t in targets
+        for a in cfg.study.archs
+        for p in cfg.study.pretrainings
+        for sel in cfg.study.selections
+        for k in cfg.eval.shots
+        for s in cfg.eval.seeds
+    ]
+
+
+def _comparable(flat: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in flat.items() if not any(k == c or k.startswith(c) for c in _RESUMABLE_CHANGES)}
+
+
+def _check_resume(state: dict[str, Any], cfg: Config, out: Path) -> None:
+    saved = _comparable(state["config"])
+    now = _comparable(cfg.flat())
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if changed:
+        raise FsmetaError(f"cannot resume the benchmark in {out}: its configuration differs in {', '.join(changed[:5])}")
+
+
+def pretrain(cfg: Config, target: str, arch: str, pretraining: str, out: Path, tracker: Tracker, parent: str, progress: bool = True) -> Path:
+    """Pre-train once per (target, arch, pre-training); a finished checkpoint is reused, an interrupted
+    meta-training resumes from its last checkpoint."""
+    tcfg = target_config(cfg, target, arch, pretraining)
+    folder = out / "pretrained" / target / arch / pretraining
+    kind = "meta" if pretraining.startswith("meta-") else pretraining
+    final = folder / f"{kind}.safetensors"
+    if final.is_file():
+        return final
+    if kind == "meta":
+        return meta_train(tcfg, folder, tracker, resume=True, parent_run_id=parent, progress=progress)
+    if kind == "transfer":
+        return transfer_train(tcfg, folder, tracker, parent_run_id=parent, progress=progress)
+    return scratch_checkpoint(tcfg, folder)
+
+
+def _cell_job(cfg_dict: dict[str, Any], checkpoint: str, cell: dict[str, Any], overlays: int) -> dict[str, Any]:
+    """One cell, as run in a Ray task or in-process: metrics, plus overlays of the first test images."""
+    cfg = config_from_dict(cfg_dict)
+    apply_threads(cfg)
+    c = Cell(**cell)
+    try:
+        target = load_dataset(c.target, cfg)
+        metrics, model, test = run_cell(cfg, target, Path(checkpoint), c)
+    except FsmetaError as exc:
+        return {"error": f"{c.name()}: {exc}"}
+    drawn = []
+    for i in test[:overlays]:
+        prob = predict_probability(model, target.image(int(i)))
+        drawn.append((target.ids[int(i)], overlay(prob >= cfg.eval.threshold, target.masks[int(i)])))
+    return {"metrics": metrics, "overlays": drawn}
+
+
+def _cell_config(cfg: Config, cell: Cell) -> dict[str, Any]:
+    tcfg = target_config(cfg, cell.target, cell.arch)
+    threads = max(1, int(cfg.study.cell_cpus))
+    return dataclasses.replace(tcfg, threads=threads).to_dict()
+
+
+class _LocalCells:
+    def __init__(self) -> None:
+        self.queue: list[tuple[Any, tuple]] = []
+
+    def submit(self, token: Any, args: tuple) -> None:
+        self.queue.append((token, args))
+
+    def results(self):
+        for token, args in self.queue:
+            yield token, _cell_job(*args)
+
+
+class _RayCells:
+    def __init__(self, cfg: Config) -> None:
+        from fsmeta.meta.driver import connect
+
+        import ray
+
+        self.ray = ray
+        self.started = connect(cfg)
+        self.remote = ray.remote(num_cpus=cfg.study.cell_cpus, num_gpus=cfg.study.cell_gpus, max_retries=3)(_cell_job)
+        self.refs: dict[Any, Any] = {}
+
+    def submit(self, token: Any, args: tuple) -> None:
+        self.refs[self.remote.remote(*args)] = token
+
+    def results(self):
+        while self.refs:
+            done, _ = self.ray.wait(list(self.refs), num_returns=1)
+            for ref in done:
+                yield self.refs.pop(ref), self.ray.get(ref)
+
+    def close(self) -> None:
+        for ref in self.refs:
+            self.ray.cancel(ref, force=True)
+        if self.started:
+            self.ray.shutdown()
+
+
+def run_benchmark(cfg: Config, out_dir: str | Path, tracker: Tracker, *, resume: bool = False, progress: bool = True) -> list[dict[str, Any]]:
+    """Run (or resume) the whole grid and write the results, summary and figures into ``out_dir``."""
+    out = Path(out_dir)
+    cells_dir = out / "cells"
+    state_path = out / STATE_FILE
+    cells = grid(cfg)
+    targets = list(dict.fromkeys(c.target for c in cells))
+    # Validate every target's sources and prepare every data set before any work starts
+    # (and before tasks run in parallel, so no two of them generate the same synthetic store).
+    for t in targets:
+        for a in cfg.study.archs:
+            tcfg = target_config(cfg, t, a)
+            for name in [t, *resolve_sources(tcfg)]:
+                load_dataset(name, tcfg)
+
+    if state_path.is_file():
+        if not resume:
+            raise FsmetaError(f"{out} already holds a benchmark; pass --resume to continue it or choose another --out")
+        state = json.loads(state_path.read_text())
+        _check_resume(state, cfg, out)
+        parent = tracker.resume_run(state.get("parent_run_id", ""))
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        parent = tracker.start_run("benchmark", params={**cfg.flat(), "cells": len(cells)}, tags={"fsmeta.kind": "study"})
+        state = {"parent_run_id": parent, "config": cfg.flat()}
+        atomic_write_bytes(state_path, (json.dumps(state, indent=2, default=str) + "\n").encode())
+
+    status = "FAILED"
+    executor: Any = None
+    try:
+        checkpoints = {}
+        for t in targets:
+            for a in cfg.study.archs:
+                for p in cfg.study.pretrainings:
+                    checkpoints[(t, a, p)] = pretrain(cfg, t, a, p, out, tracker, parent, progress)
+
+        done = {cell_key(c) for c in cells if (cells_dir / f"{cell_key(c)}.json").is_file()}
+        todo = [c for c in cells if cell_key(c) not in done]
+        if done:
+            log.info("benchmark: %d of %d cells already recorded, %d to run", len(done), len(cells), len(todo))
+        executor = _RayCells(cfg) if cfg.study.executor == "ray" and todo else _LocalCells()
+        first_seed = cfg.eval.seeds[0]
+        max_k = max(cfg.eval.shots)
+        for c in todo:
+            n_overlays = cfg.study.overlays if (c.seed == first_seed and c.shots == max_k) else 0
+            executor.submit(c, (_cell_config(cfg, c), str(checkpoints[(c.target, c.arch, c.pretraining)]), dataclasses.asdict(c), n_overlays))
+        bar = Progress(len(cells), "benchmark cells", start=len(done), every=0.0, enabled=progress)
+        for c, result in executor.results():
+            if "error" in result:
+                raise FsmetaError(result["error"])
+            m = result["metrics"]
+            with tracker.run(c.name(), params=c.params(), parent_run_id=parent, tags={"fsmeta.kind": "cell"}) as run_id:
+                tracker.log_metrics(run_id, {"iou": m["miou"], **m})
+            for image_id, rgb in result["overlays"]:
+                write_png(out / "overlays" / c.target / f"{c.arch}-{c.pretraining}-{c.selection}-K{c.shots}-{image_id}.png", rgb)
+            record = {**c.params(), **m, "run_id": run_id}
+            atomic_write_bytes(cells_dir / f"{cell_key(c)}.json", (json.dumps(record, indent=2) + "\n").encode())
+            bar.update(detail=f"{c.name()}: mIoU {m['miou']:.3f}")
+
+        rows = [json.loads((cells_dir / f"{cell_key(c)}.json").read_text()) for c in cells]
+        rows = [{k: r[k] for k in RESULT_COLUMNS} for r in rows]
+        paths = [*write_results(rows, out), *render_report(out, rows)]
+        for path in paths:
+            tracker.log_artifact(parent, path)
+        if (out / "overlays").is_dir():
+            tracker.log_artifact(parent, out / "overlays", "overlays")
+        status = "FINISHED"
+        return rows
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if isinstance(executor, _RayCells):
+            executor.close()
+        tracker.end_run(parent, status)
+
+
+def benchmark_table(rows: list[dict[str, Any]]) -> str:
+    return format_table(summarize(rows))
+
+
+__all__ = ["run_benchmark", "grid", "cell_key", "target_config", "benchmark_table"]

@@ -1,0 +1,132 @@
+"""The benchmark grid: resumable to the same table, Ray cells equal in-process cells,
+and a real MLflow server receiving one nested child run per cell."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from fsmeta import benchmark
+from fsmeta.errors import FsmetaError
+from fsmeta.tracking import Tracker
+
+OFF = Tracker(enabled=False)
+GRID = [
+    "data.sources=[]",
+    "study.datasets=[synth-fluo, synth-nuclei, synth-he]",
+    "study.targets=[synth-he, synth-fluo]",
+    "study.pretrainings=[meta-bce, scratch]",
+    "study.overlays=1",
+    "eval.seeds=[0, 1]",
+]
+
+
+def _without_run_ids(rows):
+    return [{k: v for k, v in r.items() if k != "run_id"} for r in rows]
+
+
+def test_interrupted_benchmark_resumes_to_the_same_table(tiny_config, tmp_path, monkeypatch):
+    cfg = tiny_config(*GRID, "study.executor=local")
+    full = benchmark.run_benchmark(cfg, tmp_path / "full", OFF, progress=False)
+    assert len(full) == 2 * 2 * 2 * 2  # targets × pre-trainings × K × seeds
+    assert (tmp_path / "full" / "summary.csv").is_file() and (tmp_path / "full" / "fig3_fcrn.png").is_file()
+    assert len(list((tmp_path / "full" / "overlays" / "synth-he").glob("*.png"))) == 2  # K=2, seed 0, 1 image per pre-training
+
+    calls, crashed = [], []
+    original = benchmark._cell_job
+
+    class Crash(Exception):
+        pass
+
+    def flaky(*args):
+        calls.append(args[2])
+        if len(calls) == 6 and not crashed:
+            crashed.append(True)
+            raise Crash("the machine went away")
+        return original(*args)
+
+    monkeypatch.setattr(benchmark, "_cell_job", flaky)
+    with pytest.raises(Crash):
+        benchmark.run_benchmark(cfg, tmp_path / "resumed", OFF, progress=False)
+    assert len(list((tmp_path / "resumed" / "cells").glob("*.json"))) == 5
+    with pytest.raises(FsmetaError, match="already holds a benchmark; pass --resume"):
+        benchmark.run_benchmark(cfg, tmp_path / "resumed", OFF, progress=False)
+    calls.clear()
+    resumed = benchmark.run_benchmark(cfg, tmp_path / "resumed", OFF, resume=True, progress=False)
+    assert len(calls) == len(full) - 5  # recorded cells are never recomputed
+    assert _without_run_ids(resumed) == _without_run_ids(full)
+    with pytest.raises(FsmetaError, match="configuration differs in finetune.lr"):
+        benchmark.run_benchmark(tiny_config(*GRID, "finetune.lr=0.5"), tmp_path / "resumed", OFF, resume=True, progress=False)
+
+
+def test_ray_cells_equal_in_process_cells(tiny_config, tmp_path, ray_session):
+    grid = [*GRID, "study.targets=[synth-he]", "study.overlays=0"]
+    local = benchmark.run_benchmark(tiny_config(*grid, "study.executor=local"), tmp_path / "local", OFF, progress=False)
+    on_ray = benchmark.run_benchmark(tiny_config(*grid, "study.executor=ray"), tmp_path / "ray", OFF, progress=False)
+    assert _without_run_ids(on_ray) == _without_run_ids(local)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    log = open(tmp_path / "mlflow-server.log", "w")
+    mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    proc = subprocess.Popen(
+        [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    pytest.fail(f"mlflow server exited: {(tmp_path / 'mlflow-server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not answer within 60 s")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_benchmark_logs_one_child_run_per_cell_to_a_real_server(tiny_config, tmp_path, mlflow_server):
+    cfg = tiny_config(*GRID, "study.targets=[synth-he]", "study.executor=local", "tracking.enabled=true",
+                      f"tracking.uri={mlflow_server}", "tracking.experiment=bench-test")
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    rows = benchmark.run_benchmark(cfg, tmp_path / "out", tracker, progress=False)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("bench-test")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    (parent,) = [r for r in runs if r.data.tags.get("fsmeta.kind") == "study"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    cells = [r for r in children if r.data.tags.get("fsmeta.kind") == "cell"]
+    assert len(cells) == len(rows) == 8
+    assert sorted(r.info.run_id for r in cells) == sorted(r["run_id"] for r in rows)
+    keys = {(r.data.params["pretraining"], r.data.params["shots"], r.data.params["seed"]) for r in cells}
+    assert len(keys) == 8  # exactly one child per cell
+    assert all({"iou", "pooled_iou", "f1"} <= set(r.data.metrics) for r in cells)
+    assert [r for r in children if r.data.tags.get("fsmeta.kind") == "meta"]  # the pre-training is nested too
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.csv", "results.parquet", "summary.csv", "fig3_fcrn.png", "fig4_fcrn.png"} <= artifacts
+    assert all(r.info.status == "FINISHED" for r in runs)
