@@ -1,0 +1,452 @@
+"""Reading microscopy images and masks from files, pairing them by name, importing a user's folders.
+
+Formats: TIFF (``.tif``/``.tiff``, single page or a multi-page stack) and PNG;
+8- or 16-bit (or float TIFF), grey, grey+alpha, RGB or RGBA. Every reader raises
+:class:`~fsmeta.errors.DataError` naming the file and what is wrong with it,
+never a decoder's traceback.
+
+Intensities (:func:`image_to_unit`): 8-bit images are divided by 255 and kept as
+uint8; any other depth (16-bit, 32-bit, float) is scaled by the image's own
+range, ``(x - min) / (max - min)``, to float32 in [0, 1], never clipped to 8 bits.
+Colour becomes grey by ITU-R 601 luminance (0.299 R + 0.587 G + 0.114 B); alpha
+is dropped.
+
+Masks (:func:`mask_to_binary`): binary or instance masks; foreground is every
+non-zero pixel (any non-zero colour channel of an RGB(A) mask), unless a
+preparer asks for the ``"half"`` rule (an 8-bit value above 127).
+
+Pairing (:func:`pair_by_name`): a mask belongs to the image with the same file
+stem, ignoring letter case and the extension; a mask stem may also end in one of
+:data:`MASK_SUFFIXES` (``cell01_mask.png`` pairs with ``cell01.tif``). Every
+image needs exactly one mask and every mask one image.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from fsmeta.data.store import ImageSet, Record, write_store
+from fsmeta.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+# Tried in this order after an exact stem match fails; the separator may be "_", "-", "." or " ".
+MASK_SUFFIXES = ("mask", "masks", "label", "labels", "labelled", "gt", "groundtruth", "ground_truth", "seg", "annotation")
+_MASK_SUFFIX_RE = re.compile(r"[_\-. ](?:" + "|".join(MASK_SUFFIXES) + r")$", re.IGNORECASE)
+# Files an operating system leaves in folders; never data.
+_SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
+MIN_SIDE = 8  # the smallest image side fsmeta accepts: one cell of the models' 8× pooling
+_LISTED = 20  # how many offending files an error message names before summarising
+
+
+def _names(paths: Iterable[object], limit: int = _LISTED) -> str:
+    items = [str(p) for p in paths]
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_planes(path: str | Path) -> list[np.ndarray]:
+    """The image planes of one file: a list of (H, W) or (H, W, C) arrays (C = 2, 3 or 4).
+
+    A single image gives one plane; a multi-page TIFF stack gives one per page.
+    Raises :class:`DataError` for a missing, empty, truncated, corrupt or
+    unsupported file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path} is empty (0 bytes)")
+    suffix = path.suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        planes = _read_tiff(path)
+    elif suffix == ".png":
+        planes = [_read_png(path)]
+    else:
+        raise DataError(f"{path} is not a TIFF or PNG image (fsmeta reads {', '.join(IMAGE_SUFFIXES)})")
+    for plane in planes:
+        h, w = plane.shape[:2]
+        if h < MIN_SIDE or w < MIN_SIDE:
+            raise DataError(f"{path} is {w}×{h} pixels; fsmeta needs images of at least {MIN_SIDE}×{MIN_SIDE}")
+    return planes
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """One 2-D image plane (H, W) or (H, W, C); a multi-page stack is an error here."""
+    planes = read_planes(path)
+    if len(planes) != 1:
+        raise DataError(f"{path} is a stack of {len(planes)} pages; expected a single image")
+    return planes[0]
+
+
+def _read_tiff(path: Path) -> list[np.ndarray]:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not tif.series:
+                raise DataError(f"{path} holds no image data")
+            series = tif.series[0]
+            _check_tiff_size(path, tif)
+            data = series.asarray()
+            axes = series.axes
+    except DataError:
+        raise
+    except Exception as exc:  # tifffile, zlib, struct and numpy errors all mean the same to a user
+        raise DataError(f"{path} is not a readable TIFF (corrupt or truncated): {exc}") from None
+    data = np.asarray(data)
+    # Drop singleton axes (e.g. a 1-sample channel) but keep Y, X and any samples axis.
+    keep = [i for i, a in enumerate(axes) if data.shape[i] != 1 or a in "YX"]
+    data = data.reshape([data.shape[i] for i in keep])
+    axes = "".join(axes[i] for i in keep)
+    if "Y" not in axes or "X" not in axes:
+        raise DataError(f"{path} has axes {axes!r} without both Y and X; not a 2-D image")
+    if "S" in axes:  # colour samples: move them last
+        data = np.moveaxis(data, axes.index("S"), -1)
+        axes = axes.replace("S", "") + "S"
+    stack_axes = [a for a in axes if a not in "YXS"]
+    if len(stack_axes) > 1:
+        raise DataError(f"{path} has {len(stack_axes) + 2}-D data (axes {axes}); fsmeta reads 2-D images or one stack of pages")
+    if stack_axes:
+        data = np.moveaxis(data, axes.index(stack_axes[0]), 0)
+        planes = [np.ascontiguousarray(p) for p in data]
+    else:
+        planes = [data]
+    for p in planes:
+        if p.ndim == 3 and p.shape[-1] not in (2, 3, 4):
+            raise DataError(f"{path} has {p.shape[-1]} colour samples per pixel; fsmeta reads grey, RGB or RGBA")
+    return planes
+
+
+def _check_tiff_size(path: Path, tif) -> None:
+    """A TIFF cut short (an interrupted copy or download) names the bytes it lacks."""
+    size = path.stat().st_size
+    for page in tif.pages:
+        offsets = getattr(page, "dataoffsets", ()) or ()
+        counts = getattr(page, "databytecounts", ()) or ()
+        end = max((o + c for o, c in zip(offsets, counts)), default=0)
+        if end > size:
+            raise DataError(f"{path} is truncated: its image data ends at byte {end} but the file has {size} bytes")
+
+
+def _read_png(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode == "P":
+                # A palette image: label masks keep their indices, pictures become RGB(A).
+                arr = np.asarray(im)
+                if not _palette_is_grey(im):
+                    arr = np.asarray(im.convert("RGBA" if "transparency" in im.info else "RGB"))
+            elif mode == "1":
+                # 1-bit PNGs (3 of the 20 ssTEM masks) read as 0/255 like every other 8-bit mask,
+                # so a "> 127" rule cannot silently empty them.
+                arr = np.asarray(im, dtype=np.uint8) * np.uint8(255)
+            elif mode in ("L", "LA", "RGB", "RGBA", "I;16", "I;16B", "I;16L", "I", "F"):
+                arr = np.asarray(im)
+            else:
+                arr = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path} is not a readable PNG (corrupt or truncated): {exc}") from None
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    if arr.dtype == np.int32 and arr.size and arr.min() >= 0 and arr.max() < 65536:
+        arr = arr.astype(np.uint16)  # 16-bit PNGs open as 32-bit "I" in some Pillow versions
+    return np.ascontiguousarray(arr)
+
+
+def _palette_is_grey(im) -> bool:
+    pal = im.getpalette() or []
+    rgb = np.asarray(pal[: 3 * 256], dtype=np.int32).reshape(-1, 3)
+    return bool(rgb.size) and bool((rgb == np.arange(len(rgb))[:, None]).all())
+
+
+# ---------------------------------------------------------------- conversion
+
+
+def to_grey(plane: np.ndarray) -> np.ndarray:
+    """(H, W) from grey, grey+alpha, RGB or RGBA; 8-bit stays uint8, other depths become float32."""
+    if plane.ndim == 2:
+        return plane
+    if plane.shape[-1] == 2:  # grey + alpha
+        return plane[..., 0]
+    rgb = plane[..., :3].astype(np.float32)
+    grey = rgb[..., 0] * np.float32(0.299) + rgb[..., 1] * np.float32(0.587) + rgb[..., 2] * np.float32(0.114)
+    if plane.dtype == np.uint8:
+        return np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+    return grey
+
+
+def image_to_unit(plane: np.ndarray, where: str = "image") -> np.ndarray:
+    """A grey image ready for a store: uint8 kept as is (read as x/255), any other depth
+    scaled by its own range to float32 in [0, 1]."""
+    grey = to_grey(plane)
+    if grey.dtype == np.uint8:
+        return grey
+    if grey.dtype == np.bool_:
+        return grey.astype(np.uint8) * np.uint8(255)
+    x = grey.astype(np.float64)
+    if not np.isfinite(x).all():
+        raise DataError(f"{where} has NaN or infinite pixel values")
+    lo, hi = float(x.min()), float(x.max())
+    if hi <= lo:
+        log.warning("%s is constant (every pixel %g); it becomes an all-zero image", where, lo)
+        return np.zeros(grey.shape, np.float32)
+    return ((x - lo) / (hi - lo)).astype(np.float32)
+
+
+def unit_float(image: np.ndarray) -> np.ndarray:
+    """A store-ready image (uint8 or float32 [0, 1]) as float32 in [0, 1]."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) * np.float32(1.0 / 255.0)
+    return image.astype(np.float32, copy=False)
+
+
+def mask_to_binary(plane: np.ndarray, rule: str = "nonzero") -> np.ndarray:
+    """Binary mask (H, W) uint8 {0, 1} from a binary or instance mask.
+
+    Args:
+        plane: grey (H, W), grey+alpha, or RGB(A) colour-coded instances (alpha ignored).
+        rule: ``"nonzero"`` (foreground = any non-zero value) or ``"half"``
+            (foreground = above half the 8-bit range, > 127, for masks with stray low values).
+    """
+    if plane.ndim == 3:
+        channels = plane[..., :1] if plane.shape[-1] == 2 else plane[..., :3]
+        fg = (channels != 0).any(axis=-1) if rule == "nonzero" else (channels > 127).any(axis=-1)
+    elif rule == "nonzero":
+        fg = plane != 0
+    elif rule == "half":
+        fg = plane > 127
+    else:
+        raise ValueError(f"unknown mask rule {rule!r}")
+    return fg.astype(np.uint8)
+
+
+# ---------------------------------------------------------------- listing and pairing
+
+
+def list_images(folder: str | Path, what: str = "image") -> list[Path]:
+    """The TIFF/PNG files of a folder (not recursive), sorted by name.
+
+    Hidden files and operating-system clutter are ignored; any other file is an
+    error naming it, as is an empty folder.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise DataError(f"{what} folder {folder} does not exist")
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder")
+    files, others = [], []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or p.name.lower() in _SYSTEM_FILES or p.is_dir():
+            continue
+        (files if p.suffix.lower() in IMAGE_SUFFIXES else others).append(p)
+    if others:
+        raise DataError(
+            f"{what} folder {folder} holds file(s) that are not TIFF or PNG images: {_names(p.name for p in others)} "
+            f"(fsmeta reads {', '.join(IMAGE_SUFFIXES)}; move other files out)"
+        )
+    if not files:
+        raise DataError(f"{what} folder {folder} is empty: no {', '.join(IMAGE_SUFFIXES)} files")
+    return files
+
+
+def _key(stem: str) -> str:
+    return stem.lower()
+
+
+def mask_keys(stem: str) -> list[str]:
+    """Keys a mask file stem may pair by: itself, then without a mask suffix."""
+    keys = [_key(stem)]
+    stripped = _MASK_SUFFIX_RE.sub("", stem)
+    if stripped and stripped != stem:
+        keys.append(_key(stripped))
+    return keys
+
+
+def pair_by_name(images: list[Path], masks: list[Path]) -> list[tuple[Path, Path]]:
+    """Pair image and mask files by stem (see the module docstring for the rule).
+
+    Raises one :class:`DataError` naming every image without a mask, every mask
+    without an image, and every ambiguous name.
+    """
+    by_key: dict[str, Path] = {}
+    clashes = []
+    for p in images:
+        k = _key(p.stem)
+        if k in by_key:
+            clashes.append(f"{by_key[k].name} and {p.name}")
+        by_key[k] = p
+    paired: dict[Path, Path] = {}
+    orphans = []
+    for m in masks:
+        hit = next((by_key[k] for k in mask_keys(m.stem) if k in by_key), None)
+        if hit is None:
+            orphans.append(m)
+        elif hit in paired:
+            clashes.append(f"{paired[hit].name} and {m.name} (both masks of {hit.name})")
+        else:
+            paired[hit] = m
+    lonely = [p for p in images if p not in paired]
+    problems = []
+    if clashes:
+        problems.append(f"ambiguous names: {_names(clashes)}")
+    if lonely:
+        problems.append(f"{len(lonely)} image(s) without a mask: {_names(p.name for p in lonely)}")
+    if orphans:
+        problems.append(f"{len(orphans)} mask(s) without an image: {_names(m.name for m in orphans)}")
+    if problems:
+        folder_i = images[0].parent if images else "?"
+        folder_m = masks[0].parent if masks else "?"
+        raise DataError(
+            f"images in {folder_i} and masks in {folder_m} do not pair by name; " + "; ".join(problems)
+            + f". A mask pairs with the image of the same name, optionally ending in _{'/_'.join(MASK_SUFFIXES[:5])}/…"
+        )
+    return [(p, paired[p]) for p in images]
+
+
+# ---------------------------------------------------------------- a user's folders
+
+
+@dataclass
+class PairedPlane:
+    """One image/mask pair as it will be stored."""
+
+    id: str
+    image: np.ndarray  # uint8, or float32 in [0, 1]
+    mask: np.ndarray  # uint8 {0, 1}
+    source: str
+
+
+def _read_pair(image_path: Path, mask_path: Path) -> list[PairedPlane]:
+    planes = read_planes(image_path)
+    mplanes = read_planes(mask_path)
+    if len(planes) != len(mplanes):
+        raise DataError(f"{mask_path} has {len(mplanes)} page(s) but {image_path} has {len(planes)}")
+    out = []
+    for k, (img, m) in enumerate(zip(planes, mplanes)):
+        where = f"{image_path}" + (f" page {k}" if len(planes) > 1 else "")
+        if img.shape[:2] != m.shape[:2]:
+            raise DataError(
+                f"{mask_path}{f' page {k}' if len(planes) > 1 else ''} is {m.shape[1]}×{m.shape[0]} "
+                f"but {where} is {img.shape[1]}×{img.shape[0]}"
+            )
+        mask = mask_to_binary(m)
+        if not mask.any():
+            log.warning("%s has no foreground pixels; its weighted BCE uses w = 1", mask_path)
+        ident = image_path.stem + (f"-p{k:03d}" if len(planes) > 1 else "")
+        out.append(PairedPlane(ident, image_to_unit(img, where), mask, f"{image_path}:{mask_path}" + (f"#{k}" if len(planes) > 1 else "")))
+    return out
+
+
+def scan_pairs(images_dir: str | Path, masks_dir: str | Path) -> list[tuple[Path, Path]]:
+    """List and pair a user's folders; raises naming every unpaired file."""
+    return pair_by_name(list_images(images_dir, "image"), list_images(masks_dir, "mask"))
+
+
+def iter_folder_pairs(pairs: list[tuple[Path, Path]]) -> Iterator[PairedPlane]:
+    for image_path, mask_path in pairs:
+        yield from _read_pair(image_path, mask_path)
+
+
+def check_folder_pairs(pairs: list[tuple[Path, Path]]) -> str:
+    """Read every pair once, collecting every unreadable or mismatched file into one error.
+
+    Returns the store dtype the pairs need: "uint8" when every image is 8-bit, else "float32".
+    """
+    errors, dtype = [], "uint8"
+    for image_path, mask_path in pairs:
+        try:
+            for plane in _read_pair(image_path, mask_path):
+                if plane.image.dtype != np.uint8:
+                    dtype = "float32"
+        except DataError as exc:
+            errors.append(str(exc))
+    if errors:
+        head = "\n  ".join(errors[:_LISTED])
+        more = f"\n  … and {len(errors) - _LISTED} more" if len(errors) > _LISTED else ""
+        raise DataError(f"{len(errors)} of {len(pairs)} image/mask pair(s) cannot be used:\n  {head}{more}")
+    return dtype
+
+
+def _as_dtype(image: np.ndarray, dtype: str) -> np.ndarray:
+    return image if str(image.dtype) == dtype else unit_float(image)
+
+
+def load_folder(images_dir: str | Path, masks_dir: str | Path, name: str = "support") -> ImageSet:
+    """A user's annotated folders as an in-memory :class:`ImageSet` (for fine-tuning without a store)."""
+    pairs = scan_pairs(images_dir, masks_dir)
+    dtype = check_folder_pairs(pairs)
+    planes = list(iter_folder_pairs(pairs))
+    return ImageSet(
+        name=name,
+        ids=[p.id for p in planes],
+        images=[_as_dtype(p.image, dtype) for p in planes],
+        masks=[p.mask for p in planes],
+        splits=["train"] * len(planes),
+        sources=[p.source for p in planes],
+        meta={"kind": "folder", "images_dir": str(images_dir), "masks_dir": str(masks_dir)},
+    )
+
+
+def import_folder(root: str | Path, name: str, images_dir: str | Path, masks_dir: str | Path) -> Path:
+    """Import a user's images and masks into the store ``root/name`` (kind "imported").
+
+    Every file is checked before anything is written, so a bad folder leaves no
+    store behind and one error names every bad file.
+    """
+    from fsmeta.data import synth
+
+    if name in synth.DOMAINS:
+        raise DataError(f"{name!r} is the name of a synthetic domain; choose another name for imported data")
+    pairs = scan_pairs(images_dir, masks_dir)
+    dtype = check_folder_pairs(pairs)
+    records = (
+        Record(id=p.id, image=_as_dtype(p.image, dtype), mask=p.mask, split="train", source=p.source)
+        for p in iter_folder_pairs(pairs)
+    )
+    return write_store(
+        root, name, records, kind="imported", image_dtype=dtype,
+        extra_meta={"provenance": {"images_dir": str(Path(images_dir).resolve()), "masks_dir": str(Path(masks_dir).resolve()),
+                                   "files": len(pairs)}},
+    )
+
+
+def support_crop_index(images: ImageSet, crop_size: int, stride: int, min_foreground: int):
+    """Training crops of a user's support images: ``crop_size`` windows at ``stride``.
+
+    Images smaller than the crop are common in a lab's own data; then the crop
+    shrinks to the smallest image side (rounded down to a multiple of 8, the
+    models' pooling stride) and ``min_foreground`` shrinks with the crop's area.
+    Returns (crop index, a note for the user or ""). Raises :class:`DataError`
+    when no window has enough foreground.
+    """
+    from fsmeta.data.crops import build_crop_index
+
+    smallest = min(min(m.shape) for m in images.masks)
+    size, minimum, note = crop_size, min_foreground, ""
+    if smallest < crop_size:
+        size = max(8, (smallest // 8) * 8)
+        minimum = max(1, int(round(min_foreground * (size / crop_size) ** 2)))
+        note = (f"the smallest support image side is {smallest} px, less than the {crop_size}-px crop; "
+                f"fine-tuning on {size}×{size} crops with at least {minimum} foreground pixels instead")
+    try:
+        return build_crop_index(images, size, stride, minimum), note
+    except DataError:
+        raise DataError(
+            f"no {size}×{size} window of the support images in {images.meta.get('images_dir', images.name)} has "
+            f"{minimum} foreground pixels; annotate more cells or lower the threshold, e.g. --set data.min_foreground={max(1, minimum // 4)}"
+        ) from None
