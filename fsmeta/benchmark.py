@@ -31,6 +31,7 @@ from typing import Any
 from fsmeta.checkpoint import atomic_write_bytes
 from fsmeta.config import Config, config_from_dict
 from fsmeta.data.registry import load_dataset, resolve_sources
+from fsmeta.data.sampling import protocol_split
 from fsmeta.errors import FsmetaError
 from fsmeta.evaluate import predict_probability
 from fsmeta.progress import Progress
@@ -168,7 +169,15 @@ class _RayCells:
             self.ray.shutdown()
 
 
-def run_benchmark(cfg: Config, out_dir: str | Path, tracker: Tracker, *, resume: bool = False, progress: bool = True) -> list[dict[str, Any]]:
+def run_benchmark(
+    cfg: Config,
+    out_dir: str | Path,
+    tracker: Tracker,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    name: str = "benchmark",
+) -> list[dict[str, Any]]:
     """Run (or resume) the whole grid and write the results, summary and figures into ``out_dir``."""
     out = Path(out_dir)
     cells_dir = out / "cells"
@@ -180,8 +189,12 @@ def run_benchmark(cfg: Config, out_dir: str | Path, tracker: Tracker, *, resume:
     for t in targets:
         for a in cfg.study.archs:
             tcfg = target_config(cfg, t, a)
-            for name in [t, *resolve_sources(tcfg)]:
-                load_dataset(name, tcfg)
+            for dataset in [t, *resolve_sources(tcfg)]:
+                load_dataset(dataset, tcfg)
+        n_images = len(load_dataset(t, cfg))
+        pool, _ = protocol_split(n_images, cfg.eval.protocol, cfg.eval.test_fraction, cfg.eval.split_seed)
+        if max(cfg.eval.shots) > len(pool):
+            raise FsmetaError(f"K={max(cfg.eval.shots)} is larger than the pool of {len(pool)} image(s) of target {t}")
 
     if state_path.is_file():
         if not resume:
@@ -191,7 +204,7 @@ def run_benchmark(cfg: Config, out_dir: str | Path, tracker: Tracker, *, resume:
         parent = tracker.resume_run(state.get("parent_run_id", ""))
     else:
         out.mkdir(parents=True, exist_ok=True)
-        parent = tracker.start_run("benchmark", params={**cfg.flat(), "cells": len(cells)}, tags={"fsmeta.kind": "study"})
+        parent = tracker.start_run(name, params={**cfg.flat(), "cells": len(cells)}, tags={"fsmeta.kind": "study"})
         state = {"parent_run_id": parent, "config": cfg.flat()}
         atomic_write_bytes(state_path, (json.dumps(state, indent=2, default=str) + "\n").encode())
 
@@ -245,8 +258,17 @@ def run_benchmark(cfg: Config, out_dir: str | Path, tracker: Tracker, *, resume:
         tracker.end_run(parent, status)
 
 
+def run_demo(cfg: Config, out_dir: str | Path, tracker: Tracker, progress: bool = True) -> list[dict[str, Any]]:
+    """``fsmeta demo``: the benchmark of one target with the meta-learned, transfer and
+    from-scratch pre-trainings. A re-run in the same folder continues it (or says why it can't)."""
+    study = dataclasses.replace(
+        cfg.study, targets=[cfg.data.target], archs=[cfg.arch], pretrainings=[f"meta-{cfg.meta.variant}", "transfer", "scratch"]
+    )
+    return run_benchmark(dataclasses.replace(cfg, study=study), out_dir, tracker, resume=True, progress=progress, name="demo")
+
+
 def benchmark_table(rows: list[dict[str, Any]]) -> str:
     return format_table(summarize(rows))
 
 
-__all__ = ["run_benchmark", "grid", "cell_key", "target_config", "benchmark_table"]
+__all__ = ["run_benchmark", "grid", "cell_key", "target_config", "benchmark_table", "run_demo"]

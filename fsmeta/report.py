@@ -227,4 +227,8 @@ def render_report(out_dir: str | Path, rows: list[dict[str, Any]] | None = None)
     rows = rows if rows is not None else read_results(out_dir)
     paths = [write_summary(rows, out_dir)]
     paths += plot_study(rows, out_dir)
+    pairs = {(r["target"], r["arch"]) for r in rows}
+    if len(pairs) == 1:
+        ((target, arch),) = pairs
+        paths.append(plot_miou_vs_shots(rows, Path(out_dir) / "miou_vs_shots.png", title=f"{arch}, target {target}"))
     return paths

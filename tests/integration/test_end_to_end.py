@@ -6,7 +6,7 @@ import torch
 
 from fsmeta.checkpoint import load_checkpoint, model_from_checkpoint
 from fsmeta.meta import sequential
-from fsmeta.study import run_demo
+from fsmeta.benchmark import run_demo
 from fsmeta.tracking import Tracker
 from fsmeta.train import meta_train, transfer_train
 
