@@ -150,6 +150,12 @@ class _RayCells:
 
         self.ray = ray
         self.started = connect(cfg)
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        if cfg.study.cell_gpus > 0 and gpus == 0:
+            if self.started:
+                ray.shutdown()
+            # A task asking for a GPU on a cluster without one would wait forever.
+            raise FsmetaError(f"study.cell_gpus={cfg.study.cell_gpus} but the Ray cluster has no GPU; set study.cell_gpus=0")
         self.remote = ray.remote(num_cpus=cfg.study.cell_cpus, num_gpus=cfg.study.cell_gpus, max_retries=3)(_cell_job)
         self.refs: dict[Any, Any] = {}
 
