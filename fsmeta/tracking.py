@@ -148,3 +148,25 @@ class Tracker:
 
 def tracker_from_config(tracking_cfg: Any) -> Tracker:
     return Tracker(tracking_cfg.uri, tracking_cfg.experiment, tracking_cfg.enabled)
+
+
+def download_artifact(uri: str, tracking_uri: str = "", dst: str | Path | None = None) -> Path:
+    """Download an MLflow artifact (``runs:/<run id>/<path>``, ``models:/<name>/<version>``,
+    ``mlflow-artifacts:/…``) to ``dst`` (default: a new temporary folder) and return its local path.
+
+    Raises :class:`~fsmeta.errors.FsmetaError` naming the URI when the run or artifact does not exist.
+    """
+    import tempfile
+
+    import mlflow.artifacts
+
+    from fsmeta.errors import FsmetaError
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="fsmeta-artifact-"))
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target), tracking_uri=resolve_uri(tracking_uri))
+    except Exception as exc:  # MlflowException, OSError: the message says which run or path is missing
+        raise FsmetaError(f"cannot download {uri} from MLflow at {resolve_uri(tracking_uri)}: {exc}") from None
+    return Path(local)
