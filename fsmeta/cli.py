@@ -106,6 +106,73 @@ def cmd_data_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_root(args: argparse.Namespace) -> Path:
+    return Path(args.data_root or os.environ.get("FSMETA_DATA") or "data")
+
+
+def _refuse_existing(root: Path, name: str, replace: bool) -> None:
+    from fsmeta.data.store import read_meta
+
+    meta = read_meta(root, name)
+    if meta is not None and not replace:
+        raise FsmetaError(f"data set {name!r} already exists under {root} ({meta.get('kind')}, {meta.get('images')} images); "
+                          "pass --replace to overwrite it")
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from fsmeta.data.prepare import prepare
+
+    if bool(args.source) == bool(args.download):
+        raise FsmetaError("give exactly one of --from PATH (an unpacked or downloaded copy) and --download")
+    root = _data_root(args)
+    _refuse_existing(root, args.name, args.replace)
+    t0 = time.perf_counter()
+    path = prepare(args.name, root, args.source, download_files=args.download, mirror=args.mirror, downloads=args.downloads)
+    from fsmeta.data.store import read_meta
+
+    meta = read_meta(root, args.name) or {}
+    print(f"{args.name}: {meta.get('images')} images, foreground {100 * meta.get('foreground_fraction', 0):.1f}% → {path} "
+          f"({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_data_import(args: argparse.Namespace) -> int:
+    from fsmeta.data.io import import_folder
+    from fsmeta.data.store import read_meta
+
+    root = _data_root(args)
+    _refuse_existing(root, args.name, args.replace)
+    path = import_folder(root, args.name, args.images, args.masks)
+    meta = read_meta(root, args.name) or {}
+    print(f"{args.name}: imported {meta.get('images')} image/mask pairs ({meta.get('image_dtype')}), "
+          f"foreground {100 * meta.get('foreground_fraction', 0):.1f}% → {path}")
+    print(f"use it with --target {args.name} or --sources {args.name},…")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fsmeta.checkpoint import model_from_checkpoint
+    from fsmeta.predict import PredictSettings, list_inputs, predict_files, resolve_weights
+
+    settings = PredictSettings(tile=args.tile, overlap=args.overlap, batch=args.batch, threshold=args.threshold,
+                               watershed=args.watershed, min_distance=args.min_distance, min_size=args.min_size).check()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    inputs = list_inputs(args.input)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fsmeta-weights-") as cache:  # an MLflow download lives only until loaded
+        model, meta = model_from_checkpoint(resolve_weights(args.weights, tracking_uri=args.tracking_uri or "", cache=cache))
+    rows = predict_files(model, inputs, args.output, settings)
+    out = Path(args.output)
+    total = sum(r.cells for r in rows)
+    print(f"{len(rows)} image(s), {total} cells ({meta.get('arch')} weights {args.weights}); "
+          f"masks/, labels/, overlays/ and counts.csv in {out}")
+    return 0
+
+
 def cmd_meta_train(args: argparse.Namespace) -> int:
     from fsmeta.train import meta_train
 
@@ -146,6 +213,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     model, meta = model_from_checkpoint(args.weights)
     if meta.get("bn_affine"):
         raise FsmetaError(f"{args.weights} is already fine-tuned; fine-tune from a pre-trained checkpoint")
+    if bool(args.support_images) != bool(args.support_masks):
+        raise FsmetaError("--support-images and --support-masks go together: give both folders")
+    if args.support_images:
+        return _finetune_on_folders(args, cfg, model, meta)
     target, support, _ = _cell_images(cfg, args.shots, args.seed)
     index = build_crop_index(target, cfg.data.crop_size, cfg.data.stride(cfg.data.target, "finetune"),
                              cfg.data.min_foreground, subset=support)
@@ -162,6 +233,37 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             "pretraining": meta.get("kind", ""), "target": cfg.data.target, "shots": args.shots, "seed": args.seed,
             "support": [target.ids[i] for i in support], "config": cfg.to_dict(), "mlflow_run_id": run_id})
     print(f"fine-tuned on {args.shots} image(s) of {cfg.data.target} ({len(x)} crops, final loss {history[-1]:.4f}): {out}")
+    return 0
+
+
+def _finetune_on_folders(args: argparse.Namespace, cfg, model, meta) -> int:
+    """Fine-tune on every image of a user's annotated folders (no store, no K-shot draw)."""
+    from fsmeta.checkpoint import save_checkpoint
+    from fsmeta.data.io import load_folder
+    from fsmeta.data.io import support_crop_index
+    from fsmeta.finetune import finetune, support_crops
+    from fsmeta.meta.reptile import clone_state
+
+    images = load_folder(args.support_images, args.support_masks)
+    index, note = support_crop_index(images, cfg.data.crop_size, cfg.data.stride("default", "finetune"), cfg.data.min_foreground)
+    if note:
+        print(f"note: {note}")
+    x, y = support_crops(images, index)
+    tracker = _tracker(cfg)
+    label = Path(args.support_images).resolve().name
+    params = {"target": f"folder:{Path(args.support_images).resolve()}", "arch": meta["arch"], "pretraining": meta.get("kind", ""),
+              "shots": len(images), "seed": args.seed, "weights": str(args.weights), "support_crops": len(x), "crop_size": index.size}
+    with tracker.run(f"finetune/{label}/K{len(images)}/s{args.seed}", params=params, tags={"fsmeta.kind": "finetune"}) as run_id:
+        _, history = finetune(model, x, y, cfg.finetune, seed=args.seed)
+        for epoch, loss in enumerate(history, 1):
+            tracker.log_metrics(run_id, {"loss": loss}, step=epoch)
+        out = save_checkpoint(args.out, clone_state(model), {
+            **{k: v for k, v in meta.items() if k not in ("fsmeta_version",)}, "bn_affine": True, "kind": "finetuned",
+            "pretraining": meta.get("kind", ""), "target": f"folder:{Path(args.support_images).resolve()}",
+            "shots": len(images), "seed": args.seed, "support": list(images.ids), "crop_size": index.size,
+            "config": cfg.to_dict(), "mlflow_run_id": run_id})
+    print(f"fine-tuned on {len(images)} annotated image(s) of {args.support_images} ({len(x)} crops of {index.size}×{index.size}, "
+          f"final loss {history[-1]:.4f}): {out}")
     return 0
 
 
@@ -226,6 +328,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("list", help="show the prepared data sets")
     p.add_argument("--data-root", metavar="DIR", help="data root (default: $FSMETA_DATA or ./data)")
     p.set_defaults(func=cmd_data_list)
+    p = data.add_parser("prepare", help="prepare a public data set (b5, b39, sstem, em, tnbc) into the data root")
+    p.add_argument("name", choices=["b5", "b39", "sstem", "em", "tnbc"], metavar="NAME", help="b5, b39, sstem, em or tnbc")
+    src = p.add_argument_group("input")
+    src.add_argument("--from", dest="source", metavar="PATH",
+                     help="the download as it unpacks, or the folder holding its .zip files (default: none; or use --download)")
+    src.add_argument("--download", action="store_true", help="download the public files first, resumably (default: off)")
+    src.add_argument("--mirror", metavar="URL", help="with --download: fetch the same file names from this base URL (default: the public URLs)")
+    src.add_argument("--downloads", metavar="DIR", help="where downloads and unpacked archives go (default: DATA_ROOT/.downloads/NAME)")
+    dst = p.add_argument_group("output")
+    dst.add_argument("--data-root", metavar="DIR", help="where to write (default: $FSMETA_DATA or ./data)")
+    dst.add_argument("--replace", action="store_true", help="overwrite an existing data set of that name (default: refuse)")
+    p.set_defaults(func=cmd_data_prepare)
+    p = data.add_parser("import", help="import your own folders of images and masks as a data set")
+    p.add_argument("name", metavar="NAME", help="the data set's name, then usable with --target/--sources")
+    src = p.add_argument_group("input")
+    src.add_argument("--images", required=True, metavar="DIR", help="folder of images: .tif/.tiff/.png, 8/16-bit, grey or RGB (required)")
+    src.add_argument("--masks", required=True, metavar="DIR",
+                     help="folder of binary or instance masks named like the images, optionally ending _mask/_label/_gt (required)")
+    dst = p.add_argument_group("output")
+    dst.add_argument("--data-root", metavar="DIR", help="where to write (default: $FSMETA_DATA or ./data)")
+    dst.add_argument("--replace", action="store_true", help="overwrite an existing data set of that name (default: refuse)")
+    p.set_defaults(func=cmd_data_import)
+
 
     p = sub.add_parser("meta-train", help="Reptile meta-training on the source data sets")
     _config_args(p)
@@ -245,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, default=5, metavar="K", help="annotated target images (default: 5)")
     p.add_argument("--seed", type=int, default=0, help="which seeded K-shot draw (default: 0)")
     p.add_argument("--out", default="runs/finetuned.safetensors", metavar="CKPT", help="output checkpoint (default: runs/finetuned.safetensors)")
+    u = p.add_argument_group("your own annotated images (instead of --target's K-shot draw)")
+    u.add_argument("--support-images", metavar="DIR", help="fine-tune on every image of this folder (default: none; use --target)")
+    u.add_argument("--support-masks", metavar="DIR", help="their masks, paired by name as in `fsmeta data import` (default: none)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="score weights on the target's test images at full resolution")
@@ -254,6 +382,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="the seed of that draw (default: recorded in the checkpoint)")
     p.add_argument("--out", metavar="JSON", help="also write the summary and per-image metrics here (default: print only)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="segment new images: masks, instance labels, cell counts and overlays")
+    g = p.add_argument_group("model")
+    g.add_argument("--weights", required=True, metavar="W", help="a .safetensors checkpoint or an MLflow URI such as runs:/<run id>/<path> (required)")
+    g.add_argument("--tracking-uri", metavar="URI", help="MLflow server for runs:/ URIs (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    g = p.add_argument_group("input and output")
+    g.add_argument("--input", required=True, metavar="DIR_OR_FILE", help="an image or a folder of .tif/.tiff/.png images (required)")
+    g.add_argument("--output", required=True, metavar="DIR", help="where masks/, labels/, overlays/ and counts.csv go (required)")
+    g = p.add_argument_group("tiling")
+    g.add_argument("--tile", type=int, default=512, metavar="PX", help="tile side in pixels (default: 512)")
+    g.add_argument("--overlap", type=int, default=64, metavar="PX", help="overlap of neighbouring tiles; ≥ 64 matches a whole-image pass (default: 64)")
+    g.add_argument("--batch", type=int, default=4, metavar="N", help="tiles per forward pass (default: 4)")
+    g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    g = p.add_argument_group("cells")
+    g.add_argument("--threshold", type=float, default=0.5, help="foreground where probability ≥ this (default: 0.5)")
+    g.add_argument("--watershed", action="store_true", help="split touching cells by a distance-transform watershed (default: off)")
+    g.add_argument("--min-distance", type=int, default=5, metavar="PX", help="watershed: minimum distance between cell centres (default: 5)")
+    g.add_argument("--min-size", type=int, default=0, metavar="PX", help="drop cells smaller than this many pixels (default: 0, keep all)")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="the whole method end to end on synthetic domains, at laptop scale")
     _config_args(p, default_help="the demo's reduced scale, as configs/demo.yaml")

@@ -104,6 +104,81 @@ class FinetuneConfig:
     weight_decay: float = 5e-4
 
 
+# Support-set selection (SPEC §4.6, Dawoud et al. 2023). γ is the pseudo-label
+# threshold on the histogram-equalised scale [0, 1] (an equalised value is the
+# fraction of the image's pixels at or below it). TNBC, EM and ssTEM keep the
+# values of the paper's public code (20/255, 140/255, 140/255); the rest were
+# measured on the synthetic domains (docs/selection.md, bench/select_gamma.py).
+# Fluorescent data sets have BRIGHT objects on dark ("bright" polarity): the
+# image is inverted before the inverse threshold, so γ keeps its meaning.
+SELECT_GAMMA = {
+    "tnbc": 0.08, "em": 0.55, "sstem": 0.55, "b5": 0.15, "b39": 0.15,
+    "synth-fluo": 0.15, "synth-nuclei": 0.15, "synth-em": 0.05, "synth-he": 0.1, "synth-phase": 0.05,
+    "default": 0.15,
+}
+SELECT_POLARITY = {"b5": "bright", "b39": "bright", "synth-fluo": "bright", "synth-nuclei": "bright", "default": "dark"}
+PATCHES_PER_SHOT = {"tnbc": 100, "em": 400, "sstem": 500, "b5": 100, "b39": 100}
+SELECT_METHODS = ("random", "entropy", "mc-dropout", "consistency")
+
+
+@dataclass
+class SelectConfig:
+    """Which target images or patches to annotate (``fsmeta select``, the benchmark's selection axis)."""
+
+    method: str = "consistency"  # random | entropy | mc-dropout | consistency
+    unit: str = "patch"  # patch | image: budgets count patches or whole images
+    patch_size: int = 256
+    patch_stride: int = 0  # 0: the data set's fine-tune stride (the paper's overlapping grid)
+    image_score: str = "mean"  # unit=image: "mean" of the image's patch scores, or "whole" (one full-resolution score)
+    patches_per_shot: dict[str, int] = field(default_factory=lambda: dict(PATCHES_PER_SHOT, default=100))
+    pseudo: str = "threshold"  # threshold (equalise, inverse threshold γ, 2×2 dilation) | kmeans (k=2, darker cluster)
+    gamma: dict[str, float] = field(default_factory=lambda: dict(SELECT_GAMMA))
+    auto_gamma: bool = False  # γ per image by Otsu (``--gamma auto``) instead of the table
+    polarity: dict[str, str] = field(default_factory=lambda: dict(SELECT_POLARITY))
+    psi: dict[str, float] = field(default_factory=lambda: {"b5": 1.6, "synth-fluo": 1.6, "default": 1.3})
+    mc_passes: int = 10
+    dropout: float = 0.5  # Dropout2d before the last conv, MC-dropout scoring only
+    pretext_epochs: int = 100  # 0: score with the pre-trained model as it is
+    pretext_images: str = "all"  # all: every target image (the paper); pool: the selection pool only
+    pretext_stride: int = 0  # 0: the data set's fine-tune stride
+    pretext_batch_size: int = 64
+    pretext_lr: float = 1e-4
+    pretext_weight_decay: float = 5e-4
+    batch_size: int = 32  # patches per forward pass when scoring
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.method in SELECT_METHODS, f"select.method={self.method!r} is not one of {', '.join(SELECT_METHODS)}"),
+            (self.unit in ("patch", "image"), f"select.unit={self.unit!r} is not 'patch' or 'image'"),
+            (self.image_score in ("mean", "whole"), f"select.image_score={self.image_score!r} is not 'mean' or 'whole'"),
+            (self.pseudo in ("threshold", "kmeans"), f"select.pseudo={self.pseudo!r} is not 'threshold' or 'kmeans'"),
+            (self.pretext_images in ("all", "pool"), f"select.pretext_images={self.pretext_images!r} is not 'all' or 'pool'"),
+            (self.patch_size >= 8, f"select.patch_size={self.patch_size} is too small (at least 8)"),
+            (self.patch_stride >= 0 and self.pretext_stride >= 0, "select.patch_stride and select.pretext_stride must be >= 0"),
+            (self.mc_passes >= 1, f"select.mc_passes={self.mc_passes} must be at least 1"),
+            (0.0 <= self.dropout < 1.0, f"select.dropout={self.dropout} must lie in [0, 1)"),
+            (self.pretext_epochs >= 0, f"select.pretext_epochs={self.pretext_epochs} must be >= 0"),
+            (all(0.0 <= g <= 1.0 for g in self.gamma.values()), f"select.gamma={self.gamma} must lie in [0, 1]"),
+            (all(v in ("dark", "bright") for v in self.polarity.values()), f"select.polarity={self.polarity} must be 'dark' or 'bright'"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def lookup(self, table: str, dataset: str):
+        """A per-data-set value of ``gamma``, ``polarity``, ``psi`` or ``patches_per_shot``.
+
+        Order: the configured entry for ``dataset``, the built-in one (so ``--set
+        select.gamma={em: 0.3}`` keeps the other data sets' defaults), the configured
+        ``default``, the built-in ``default``.
+        """
+        values, builtin = getattr(self, table), getattr(SelectConfig(), table)
+        for source in (values, builtin):
+            if dataset in source:
+                return source[dataset]
+        return values.get("default", builtin["default"])
+
+
 @dataclass
 class EvalConfig:
     protocol: str = "2020"  # "2020": test on every non-support image; "2023": fixed test split
@@ -146,6 +221,7 @@ class Config:
     meta: MetaConfig = field(default_factory=MetaConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
