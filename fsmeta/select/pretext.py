@@ -1,0 +1,91 @@
+"""The pretext task (Dawoud et al. 2023, §3.2, Eq. 3): fine-tune the pre-trained
+model on target crops labelled by :mod:`fsmeta.select.pseudo`, so that it scores
+target patches from a representation adapted to the target.
+
+Defaults are the paper's: every target image (``select.pretext_images = all``;
+only pixels, never a mask, so test images may take part, as in the paper — set
+``pool`` to keep them out), 256×256 crops at the data set's fine-tune stride,
+100 epochs, Adam lr 1e-4, weight decay 5e-4, batch 64, weighted BCE. Crops are
+gathered batch by batch, so thousands of crops never sit in memory at once.
+Batch norm becomes affine (identity) first, exactly as in fine-tuning.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from fsmeta.config import Config
+from fsmeta.data.crops import build_crop_index, gather
+from fsmeta.data.store import ImageSet
+from fsmeta.errors import NonFiniteLossError
+from fsmeta.losses import weighted_bce
+from fsmeta.models import SegmentationModel, make_bn_affine
+from fsmeta.select.pseudo import pseudo_label
+
+log = logging.getLogger(__name__)
+
+
+def pseudo_labelled(images: ImageSet, cfg: Config, indices: Iterable[int] | None = None, gamma: float | str | None = None) -> ImageSet:
+    """A copy of ``images`` whose masks are pseudo-labels (the true masks are not read).
+
+    ``gamma`` overrides the configuration: a number, or ``"auto"``; None takes
+    ``select.auto_gamma`` / ``select.gamma[data set]``.
+    """
+    sel = cfg.select
+    name = images.name  # the per-data-set tables (γ, polarity) are looked up by it
+    if gamma is None:
+        gamma = "auto" if sel.auto_gamma else float(sel.lookup("gamma", name))
+    polarity = str(sel.lookup("polarity", name))
+    rows = list(range(len(images))) if indices is None else [int(i) for i in indices]
+    masks = [pseudo_label(images.image(i), gamma, polarity=polarity, method=sel.pseudo) for i in rows]
+    sub = images.subset(rows)
+    return ImageSet(sub.name, sub.ids, sub.images, masks, sub.splits, sub.sources, {**sub.meta, "pseudo_labels": True})
+
+
+def pretext_finetune(
+    model: SegmentationModel,
+    images: ImageSet,
+    cfg: Config,
+    seed: int = 0,
+    *,
+    indices: Iterable[int] | None = None,
+    gamma: float | str | None = None,
+) -> SegmentationModel:
+    """Fine-tune ``model`` in place on pseudo-labelled crops of ``images``; returns it.
+
+    Args:
+        model: pre-trained (non-affine BN) or already affine; BN is made affine here.
+        images: the target data set; only its pixels are used.
+        cfg: ``select.pretext_*``, ``data.crop_size``, the fine-tune stride of the data set.
+        seed: the crop order of every epoch.
+        indices: images to use; None: every image (``pretext_images=all``).
+        gamma: see :func:`pseudo_labelled`.
+    """
+    sel = cfg.select
+    make_bn_affine(model)
+    if sel.pretext_epochs == 0:
+        return model
+    labelled = pseudo_labelled(images, cfg, indices, gamma)
+    stride = sel.pretext_stride or cfg.data.stride(images.name, "finetune")
+    # Every window counts: a window with no pseudo-foreground is still target texture to adapt to.
+    index = build_crop_index(labelled, cfg.data.crop_size, stride, min_foreground=0)
+    log.info("pretext: %d pseudo-labelled crops of %s, %d epochs", len(index), images.name, sel.pretext_epochs)
+    model.train()
+    optimiser = torch.optim.Adam(model.parameters(), lr=sel.pretext_lr, weight_decay=sel.pretext_weight_decay)
+    for epoch in range(sel.pretext_epochs):
+        order = np.random.default_rng([seed, 4242, epoch]).permutation(len(index))
+        for start in range(0, len(order), sel.pretext_batch_size):
+            x, y = gather(labelled, index, order[start : start + sel.pretext_batch_size])
+            optimiser.zero_grad(set_to_none=True)
+            loss = weighted_bce(model(torch.from_numpy(x)), torch.from_numpy(y))
+            value = float(loss.detach())
+            if not np.isfinite(value):
+                raise NonFiniteLossError(f"pretext on {images.name}: loss is {value} in epoch {epoch}; lower select.pretext_lr")
+            loss.backward()
+            optimiser.step()
+    model.eval()
+    return model

@@ -1,0 +1,174 @@
+"""Four scores of how much a patch is worth annotating, behind one interface.
+
+Every scorer maps a stack of [0, 1] patches to one number per patch; a higher
+number means "annotate this first" (the selection takes the top |B|):
+
+``random``       a seeded uniform draw (the baseline).
+``entropy``      one forward pass; mean over pixels of the binary entropy
+                 ``-p log p - (1-p) log(1-p)`` of ``p = σ(logit)``.
+``mc-dropout``   Dropout2d (p = ``dropout``, 0.5) before the last conv switched on,
+                 ``passes`` (10) stochastic forward passes; the binary entropy of
+                 the mean probability, averaged over pixels. Seeded: the same
+                 seed gives the same masks, different passes differ.
+``consistency``  Dawoud et al. 2023, Eq. 4: the sum over the augmentations
+                 {auto-contrast, brightness ψ, sharpness ψ} (PIL ``ImageOps`` /
+                 ``ImageEnhance``) of the weighted BCE between the prediction on
+                 the augmented patch and the (soft) prediction on the original.
+
+Augmentations work on 8-bit patches, as PIL does: a patch is rounded to uint8
+once and *both* the original and the augmented predictions are made from that
+rounded patch, so rounding itself never counts as inconsistency.
+
+The model runs in eval mode (batch norm on running statistics) under no_grad;
+MC-dropout switches on only its dropout module and restores it afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageEnhance, ImageOps
+
+from fsmeta.data.crops import normalise
+from fsmeta.errors import FsmetaError
+from fsmeta.losses import weighted_bce
+from fsmeta.models import SegmentationModel
+
+AUGMENTATIONS = ("autocontrast", "brightness", "sharpness")
+
+
+@dataclass(frozen=True)
+class ScoreContext:
+    """What a scorer needs besides the model and the patches.
+
+    ``key`` identifies the batch (e.g. the image index) so that seeded scorers
+    give each image its own reproducible stream, whatever else is in the pool.
+    """
+
+    seed: int = 0
+    key: int = 0
+    psi: float = 1.3
+    passes: int = 10
+    dropout: float = 0.5
+    batch_size: int = 32
+
+
+def to_uint8(patch: np.ndarray) -> np.ndarray:
+    """[0, 1] float → uint8 by rounding (lossless for images stored as 8-bit)."""
+    return np.clip(np.rint(np.asarray(patch, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+def augment(patch_u8: np.ndarray, name: str, psi: float) -> np.ndarray:
+    """One augmentation of an 8-bit (H, W) patch with PIL, returned as uint8 (H, W).
+
+    ``autocontrast``: ``ImageOps.autocontrast``; ``brightness`` / ``sharpness``:
+    ``ImageEnhance.Brightness(img).enhance(psi)`` / ``ImageEnhance.Sharpness(img).enhance(psi)``.
+    """
+    img = Image.fromarray(np.ascontiguousarray(patch_u8, dtype=np.uint8), mode="L")
+    if name == "autocontrast":
+        out = ImageOps.autocontrast(img)
+    elif name == "brightness":
+        out = ImageEnhance.Brightness(img).enhance(psi)
+    elif name == "sharpness":
+        out = ImageEnhance.Sharpness(img).enhance(psi)
+    else:
+        raise FsmetaError(f"unknown augmentation {name!r}; valid: {', '.join(AUGMENTATIONS)}")
+    return np.asarray(out, dtype=np.uint8)
+
+
+def _logits(model: SegmentationModel, patches: np.ndarray, batch_size: int) -> torch.Tensor:
+    """Logits (N, 1, H, W) of [0, 1] patches (N, H, W), in batches."""
+    out = []
+    for start in range(0, len(patches), batch_size):
+        x = torch.from_numpy(normalise(np.ascontiguousarray(patches[start : start + batch_size], dtype=np.float32)))[:, None]
+        out.append(model(x))
+    return torch.cat(out) if out else torch.zeros((0, 1) + patches.shape[1:])
+
+
+def binary_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean binary entropy of σ(logits), stable at saturated logits. (N, 1, H, W) → (N,)."""
+    h = -(torch.sigmoid(logits) * F.logsigmoid(logits) + torch.sigmoid(-logits) * F.logsigmoid(-logits))
+    return h.flatten(1).mean(1)
+
+
+def _entropy_of_probability(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp(1e-7, 1 - 1e-7)
+    return (-(p * p.log() + (1 - p) * (1 - p).log())).flatten(1).mean(1)
+
+
+def random_score(model: SegmentationModel, patches: np.ndarray, ctx: ScoreContext) -> np.ndarray:
+    """Uniform [0, 1) draws from ``(seed, key)``; every patch equally likely to be chosen."""
+    return np.random.default_rng([ctx.seed, ctx.key, 17]).random(len(patches))
+
+
+@torch.no_grad()
+def entropy_score(model: SegmentationModel, patches: np.ndarray, ctx: ScoreContext) -> np.ndarray:
+    model.eval()
+    return binary_entropy(_logits(model, patches, ctx.batch_size)).numpy().astype(np.float64)
+
+
+@torch.no_grad()
+def mc_dropout_score(model: SegmentationModel, patches: np.ndarray, ctx: ScoreContext) -> np.ndarray:
+    """Entropy of the mean of ``passes`` dropout predictions; dropout seeded by ``(seed, key)``."""
+    dropout = getattr(model, "dropout", None)
+    if not isinstance(dropout, torch.nn.Dropout2d):
+        raise FsmetaError(f"{type(model).__name__} has no Dropout2d before its last conv; MC-dropout needs one")
+    if ctx.dropout <= 0.0:
+        raise FsmetaError("MC-dropout needs select.dropout > 0 (0 makes every pass identical)")
+    model.eval()
+    old_p = dropout.p
+    dropout.p = ctx.dropout
+    dropout.train()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(np.random.default_rng([ctx.seed, ctx.key, 29]).integers(2**62)))
+            mean = None
+            for _ in range(ctx.passes):
+                p = torch.sigmoid(_logits(model, patches, ctx.batch_size))
+                mean = p if mean is None else mean + p
+        return _entropy_of_probability(mean / ctx.passes).numpy().astype(np.float64)
+    finally:
+        dropout.p = old_p
+        dropout.eval()
+
+
+@torch.no_grad()
+def consistency_score(model: SegmentationModel, patches: np.ndarray, ctx: ScoreContext) -> np.ndarray:
+    """Σ over augmentations A of weighted BCE(logits on A(x), σ(logits on x)), per patch (Eq. 4)."""
+    model.eval()
+    u8 = np.stack([to_uint8(p) for p in patches]) if len(patches) else np.zeros((0,) + patches.shape[1:], np.uint8)
+    scale = np.float32(1.0 / 255.0)
+    target = torch.sigmoid(_logits(model, u8 * scale, ctx.batch_size))
+    total = np.zeros(len(patches), dtype=np.float64)
+    for name in AUGMENTATIONS:
+        aug = np.stack([augment(p, name, ctx.psi) for p in u8]) * scale
+        logits = _logits(model, aug, ctx.batch_size)
+        # The foreground weight w is per patch (from its own soft target), so reduce patch by patch.
+        total += np.array([float(weighted_bce(logits[i : i + 1], target[i : i + 1])) for i in range(len(patches))])
+    return total
+
+
+Scorer = Callable[[SegmentationModel, np.ndarray, ScoreContext], np.ndarray]
+
+SCORERS: dict[str, Scorer] = {
+    "random": random_score,
+    "entropy": entropy_score,
+    "mc-dropout": mc_dropout_score,
+    "consistency": consistency_score,
+}
+
+
+def score_patches(method: str, model: SegmentationModel, patches: np.ndarray, ctx: ScoreContext) -> np.ndarray:
+    """Scores (N,) float64 of patches (N, H, W) in [0, 1] by ``method``; higher = annotate first."""
+    try:
+        scorer = SCORERS[method]
+    except KeyError:
+        raise FsmetaError(f"unknown selection method {method!r}; choose one of {', '.join(SCORERS)}") from None
+    patches = np.asarray(patches, dtype=np.float32)
+    if patches.ndim != 3:
+        raise FsmetaError(f"scorers take a stack of (H, W) patches, got shape {patches.shape}")
+    return scorer(model, patches, ctx)

@@ -1,0 +1,250 @@
+"""Choosing what to annotate: a patch grid over the pool, scored and ranked.
+
+Candidates are ``select.patch_size`` windows (256×256) on a grid with stride
+``select.patch_stride`` (0: the data set's fine-tune stride, the paper's
+overlapping grid; the user command defaults to non-overlapping tiles), fully
+inside the image, over the pool images only. An image smaller than a patch is
+one candidate of its own size.
+
+``unit="patch"``: the budget counts patches; the top-|B| patches by score.
+``unit="image"``: the budget counts whole images; an image's score is the
+**mean of its patch scores** (``select.image_score = mean``, so large and small
+images compete on the same footing) or one score of the whole image at full
+resolution (``whole``).
+
+Ranks break ties by (image, y, x), so a ranking is a pure function of the
+scores. Nothing outside ``pool_indices`` is ever a candidate: a test image
+cannot be selected.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from fsmeta.config import Config
+from fsmeta.data.crops import build_crop_index, gather, normalise
+from fsmeta.data.store import ImageSet, to_unit_float
+from fsmeta.errors import FsmetaError
+from fsmeta.models import SegmentationModel
+from fsmeta.select.scorers import SCORERS, ScoreContext, score_patches
+
+UNITS = ("patch", "image")
+_CHUNK = 256  # patches scored per call, so an image's whole grid never sits in memory at once
+
+
+@dataclass(frozen=True)
+class Item:
+    """One candidate: a window of image ``image`` (an index into the ImageSet), with its score."""
+
+    image: int
+    y: int
+    x: int
+    height: int
+    width: int
+    score: float
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Every candidate of the pool ranked best first; the first ``budget`` are selected."""
+
+    method: str
+    unit: str
+    budget: int
+    ranking: tuple[Item, ...]
+
+    @property
+    def selected(self) -> tuple[Item, ...]:
+        return self.ranking[: self.budget]
+
+    def image_indices(self) -> np.ndarray:
+        """Sorted distinct images that the selected items come from."""
+        return np.unique(np.array([it.image for it in self.selected], dtype=np.int64))
+
+    def annotated_pixels(self) -> int:
+        return sum(it.height * it.width for it in self.selected)
+
+
+def item_name(images: ImageSet, item: Item, unit: str) -> str:
+    """``ID`` for a whole image, ``ID@yY_xX`` for a patch."""
+    base = images.ids[item.image]
+    return base if unit == "image" else f"{base}@y{item.y}_x{item.x}"
+
+
+def patch_grid(height: int, width: int, size: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """(y, x, h, w) of every ``size`` window fully inside the image on a ``stride`` grid
+    (the grid of :func:`fsmeta.data.crops.build_crop_index`); an image smaller than
+    ``size`` on a side gives windows of its own extent on that side."""
+    ph, pw = min(size, height), min(size, width)
+    ys = range(0, height - ph + 1, stride)
+    xs = range(0, width - pw + 1, stride)
+    return [(y, x, ph, pw) for y in ys for x in xs]
+
+
+def patch_budget(dataset: str, shots: int, cfg: Config) -> int:
+    """The paper's patch budget |B| = patches-per-shot × K (TNBC 100, EM 400, ssTEM 500, B5 100, B39 100)."""
+    if shots < 1:
+        raise FsmetaError(f"K must be at least 1, got {shots}")
+    return int(cfg.select.lookup("patches_per_shot", dataset)) * shots
+
+
+def _check_pool(images: ImageSet, pool_indices: Iterable[int], exclude: Iterable[int] | None) -> np.ndarray:
+    pool = np.asarray(list(pool_indices), dtype=np.int64)
+    if pool.size == 0:
+        raise FsmetaError(f"the selection pool of {images.name} is empty")
+    if pool.min() < 0 or pool.max() >= len(images):
+        raise FsmetaError(f"pool index out of range for {images.name} ({len(images)} images): {pool.min()}..{pool.max()}")
+    if len(np.unique(pool)) != len(pool):
+        raise FsmetaError(f"the selection pool of {images.name} lists an image twice")
+    if exclude is not None:
+        clash = np.intersect1d(pool, np.asarray(list(exclude), dtype=np.int64))
+        if clash.size:
+            raise FsmetaError(f"the selection pool of {images.name} contains test image(s) {[images.ids[i] for i in clash[:5]]}")
+    return pool
+
+
+def _resolve_model(model_or_ckpt: SegmentationModel | str | Path) -> SegmentationModel:
+    if isinstance(model_or_ckpt, SegmentationModel):
+        return model_or_ckpt
+    from fsmeta.checkpoint import model_from_checkpoint
+
+    return model_from_checkpoint(model_or_ckpt)[0]
+
+
+def score_image(model: SegmentationModel, images: ImageSet, i: int, method: str, cfg: Config, seed: int,
+                whole: bool = False) -> list[Item]:
+    """Score the grid windows of image ``i`` (or the whole image as one item)."""
+    sel = cfg.select
+    img = images.image(i)
+    h, w = img.shape
+    ctx = dict(seed=seed, psi=float(sel.lookup("psi", images.name)), passes=sel.mc_passes, dropout=sel.dropout,
+               batch_size=sel.batch_size)
+    if whole:
+        (s,) = score_patches(method, model, img[None], ScoreContext(key=int(i) * 1_000_003, **ctx))
+        return [Item(int(i), 0, 0, h, w, float(s))]
+    stride = sel.patch_stride or cfg.data.stride(images.name, "finetune")
+    grid = patch_grid(h, w, sel.patch_size, stride)
+    items = []
+    for c, start in enumerate(range(0, len(grid), _CHUNK)):
+        part = grid[start : start + _CHUNK]
+        patches = np.stack([img[y : y + ph, x : x + pw] for y, x, ph, pw in part])
+        scores = score_patches(method, model, patches, ScoreContext(key=int(i) * 1_000_003 + c, **ctx))
+        items += [Item(int(i), y, x, ph, pw, float(s)) for (y, x, ph, pw), s in zip(part, scores)]
+    return items
+
+
+def rank(items: list[Item]) -> tuple[Item, ...]:
+    """Highest score first; ties by (image, y, x)."""
+    if not items:
+        return ()
+    keys = np.lexsort(([it.x for it in items], [it.y for it in items], [it.image for it in items], [-it.score for it in items]))
+    return tuple(items[k] for k in keys)
+
+
+def select_support(
+    model_or_ckpt: SegmentationModel | str | Path,
+    images: ImageSet,
+    pool_indices: Iterable[int],
+    budget: int,
+    method: str,
+    unit: str,
+    cfg: Config,
+    seed: int = 0,
+    *,
+    run_pretext: bool = True,
+    gamma: float | str | None = None,
+    exclude: Iterable[int] | None = None,
+) -> Selection:
+    """Rank the pool's candidates by ``method`` and select the top ``budget``.
+
+    Args:
+        model_or_ckpt: the pre-trained model (or its checkpoint path).
+        images: the target data set; masks are never read here.
+        pool_indices: the images that may be selected (2023 protocol: the non-test images).
+        budget: patches (``unit="patch"``) or whole images (``unit="image"``).
+        method: ``random``, ``entropy``, ``mc-dropout`` or ``consistency``.
+        unit: ``patch`` or ``image``.
+        cfg: ``select.*`` (patch grid, ψ, passes, pretext), ``data.crop_size``/strides.
+        seed: random and MC-dropout draws, and the pretext's crop order.
+        run_pretext: fine-tune a copy of the model on pseudo-labels first
+            (:func:`fsmeta.select.pretext.pretext_finetune`). Pass False when the
+            model is already the pretext model θ' (compute it once per target and
+            reuse it across methods, budgets and splits); the caller's model is
+            never modified.
+        gamma: pretext pseudo-label γ override (number or ``"auto"``).
+        exclude: image indices that must not be in the pool (e.g. the test split); checked.
+
+    Returns:
+        a :class:`Selection` with every candidate ranked and ``budget`` selected.
+    """
+    if method not in SCORERS:
+        raise FsmetaError(f"unknown selection method {method!r}; choose one of {', '.join(SCORERS)}")
+    if unit not in UNITS:
+        raise FsmetaError(f"unknown selection unit {unit!r}; choose 'patch' or 'image'")
+    pool = _check_pool(images, pool_indices, exclude)
+    if budget < 1:
+        raise FsmetaError(f"the selection budget must be at least 1, got {budget}")
+    sel = cfg.select
+    if unit == "image" and budget > len(pool):
+        raise FsmetaError(f"a budget of {budget} image(s) is larger than the pool of {len(pool)} image(s) of {images.name}")
+    model = _resolve_model(model_or_ckpt)
+    if run_pretext and method != "random" and sel.pretext_epochs > 0:
+        from fsmeta.select.pretext import pretext_finetune
+
+        model = pretext_finetune(copy.deepcopy(model), images, cfg, seed,
+                                 indices=None if sel.pretext_images == "all" else pool, gamma=gamma)
+    whole = unit == "image" and sel.image_score == "whole"
+    items: list[Item] = []
+    per_image: list[Item] = []
+    for i in pool:
+        scored = score_image(model, images, int(i), method, cfg, seed, whole=whole)
+        if unit == "patch":
+            items += scored
+        else:
+            img_h, img_w = images.images[int(i)].shape[:2]
+            per_image.append(Item(int(i), 0, 0, img_h, img_w, float(np.mean([it.score for it in scored]))))
+    candidates = items if unit == "patch" else per_image
+    if budget > len(candidates):
+        raise FsmetaError(
+            f"a budget of {budget} patches is larger than the {len(candidates)} candidate patches of the pool "
+            f"({len(pool)} image(s) of {images.name}, {sel.patch_size}×{sel.patch_size} patches)"
+        )
+    return Selection(method, unit, int(budget), rank(candidates))
+
+
+def selection_crops(
+    images: ImageSet, selection: Selection, cfg: Config, min_foreground: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fine-tuning crops of a selection, labelled with the TRUE masks (the annotation).
+
+    ``unit="image"``: every ``data.crop_size`` crop of the selected images at the
+    data set's fine-tune stride, keeping crops with at least ``min_foreground``
+    foreground pixels (None: ``data.min_foreground``), exactly as a K-shot
+    support set (§4.5). ``unit="patch"``: the selected patches themselves
+    (None: all of them, 0 foreground pixels allowed — each cost the annotator).
+
+    Returns:
+        x (N, 1, S, S) float32 in [-1, 1] and y (N, 1, S, S) float32 in {0, 1}.
+    """
+    if selection.unit == "image":
+        index = build_crop_index(images, cfg.data.crop_size, cfg.data.stride(images.name, "finetune"),
+                                 cfg.data.min_foreground if min_foreground is None else min_foreground,
+                                 subset=selection.image_indices())
+        x, y = gather(images, index)
+        return torch.from_numpy(x), torch.from_numpy(y)
+    keep = [it for it in selection.selected
+            if int(np.count_nonzero(images.masks[it.image][it.y : it.y + it.height, it.x : it.x + it.width])) >= (min_foreground or 0)]
+    if not keep:
+        raise FsmetaError(f"none of the {selection.budget} selected patches of {images.name} has {min_foreground} foreground pixels")
+    shapes = {(it.height, it.width) for it in keep}
+    if len(shapes) > 1:
+        raise FsmetaError(f"selected patches of {images.name} differ in size {sorted(shapes)}; images smaller than select.patch_size?")
+    xs = np.stack([to_unit_float(images.images[it.image][it.y : it.y + it.height, it.x : it.x + it.width]) for it in keep])[:, None]
+    ys = np.stack([images.masks[it.image][it.y : it.y + it.height, it.x : it.x + it.width] for it in keep])[:, None]
+    return torch.from_numpy(normalise(xs.astype(np.float32))), torch.from_numpy(ys.astype(np.float32))

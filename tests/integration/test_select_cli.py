@@ -1,0 +1,122 @@
+"""``fsmeta select`` as a user meets it: a folder of their own images (or a prepared
+data set) in, ranking.csv + to_annotate/ + contact_sheet.png out; clear errors."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from fsmeta.checkpoint import save_checkpoint
+from fsmeta.cli import main
+from fsmeta.data import synth
+from fsmeta.models import build_model
+from tests.conftest import TINY
+
+FAST = ["--set", "select.pretext_epochs=1", "--set", "data.crop_size=64", "--set", "data.finetune_stride={default: 32}",
+        "--threads", "2"]
+
+
+@pytest.fixture
+def user_folder(tmp_path):
+    """Four 96×96 images as a lab would have them: 8-bit PNGs, a 16-bit TIFF, an RGB PNG."""
+    folder = tmp_path / "my images"
+    folder.mkdir()
+    imgs, _ = synth.generate("synth-he", 4, 96, seed=0)
+    Image.fromarray((imgs[0] * 255).astype(np.uint8)).save(folder / "a0.png")
+    Image.fromarray((imgs[1] * 255).astype(np.uint8)).save(folder / "a1.png")
+    tifffile.imwrite(folder / "b16.tif", (imgs[2] * 60000).astype(np.uint16))
+    Image.fromarray(np.stack([(imgs[3] * 255).astype(np.uint8)] * 3, -1)).save(folder / "c_rgb.png")
+    return folder
+
+
+@pytest.fixture
+def weights(tmp_path):
+    import torch
+
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path / "w.safetensors", build_model("fcrn").state_dict(), {"arch": "fcrn", "bn_affine": False, "kind": "meta"})
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_select_whole_images_from_a_folder(tmp_path, capsys, user_folder, weights):
+    out = tmp_path / "sel"
+    code, stdout, err = _run(capsys, "select", "--weights", weights, "--target", user_folder, "--budget", 2,
+                             "--method", "consistency", "--unit", "image", "--patch-size", 64, "--out", out, *FAST)
+    assert code == 0, err
+    rows = _rows(out / "ranking.csv")
+    assert [r["rank"] for r in rows] == ["1", "2", "3", "4"]
+    assert sorted(r["item"] for r in rows) == ["a0", "a1", "b16", "c_rgb"]
+    assert [r["selected"] for r in rows] == ["1", "1", "0", "0"]
+    scores = [float(r["score"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    chosen = sorted(p.name for p in (out / "to_annotate").iterdir())
+    assert len(chosen) == 2
+    for name in chosen:  # the original files, byte for byte, ready for an annotation tool
+        assert (out / "to_annotate" / name).read_bytes() == (user_folder / name).read_bytes()
+    assert (out / "contact_sheet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in out.rglob(".*")]  # no temporary leftovers
+    assert "selected 2 of 4 image(s)" in stdout
+
+
+def test_select_patches_keeps_bit_depth_and_colour(tmp_path, capsys, user_folder, weights):
+    out = tmp_path / "sel"
+    code, _, err = _run(capsys, "select", "--weights", weights, "--target", user_folder, "--budget", 16,
+                        "--method", "entropy", "--unit", "patch", "--patch-size", 64, "--patch-stride", 32, "--out", out, *FAST)
+    assert code == 0, err
+    rows = _rows(out / "ranking.csv")
+    assert len(rows) == 16 and all(r["selected"] == "1" for r in rows)  # 4 images × 4 patches, all selected
+    files = {p.name: p for p in (out / "to_annotate").iterdir()}
+    assert len(files) == 16
+    tif = tifffile.imread(files["b16_y32_x0.tif"])
+    assert tif.dtype == np.uint16 and tif.shape == (64, 64)
+    np.testing.assert_array_equal(tif, tifffile.imread(user_folder / "b16.tif")[32:96, 0:64])
+    rgb = np.asarray(Image.open(files["c_rgb_y0_x32.png"]))
+    assert rgb.shape == (64, 64, 3)
+    # A second run replaces to_annotate/ whole: nothing of the first run remains.
+    code, _, err = _run(capsys, "select", "--weights", weights, "--target", user_folder, "--budget", 1,
+                        "--method", "random", "--unit", "image", "--out", out, *FAST)
+    assert code == 0, err
+    assert len(list((out / "to_annotate").iterdir())) == 1
+
+
+def test_select_from_a_prepared_data_set(tmp_path, capsys, weights):
+    args = []
+    for item in TINY:
+        args += ["--set", item]
+    out = tmp_path / "sel"
+    code, _, err = _run(capsys, "select", "--weights", weights, "--target", "synth-he", "--data-root", tmp_path / "data",
+                        *args, "--budget", 3, "--method", "mc-dropout", "--unit", "image", "--gamma", "auto",
+                        "--set", "select.mc_passes=2", "--patch-size", 64, "--out", out, *FAST)
+    assert code == 0, err
+    assert len(_rows(out / "ranking.csv")) == 8
+    assert sorted(p.suffix for p in (out / "to_annotate").iterdir()) == [".png"] * 3
+
+
+def test_select_errors_are_clear(tmp_path, capsys, user_folder, weights):
+    base = ["select", "--weights", weights, "--method", "random", "--out", tmp_path / "o", *FAST]
+    code, _, err = _run(capsys, *base, "--target", user_folder, "--budget", 9)
+    assert code == 2 and "budget of 9 image(s) is larger than the pool of 4 image(s)" in err and "Traceback" not in err
+    code, _, err = _run(capsys, *base, "--target", user_folder, "--budget", 99, "--unit", "patch", "--patch-size", 64)
+    assert code == 2 and "budget of 99 patches is larger than the 4 candidate patches" in err
+    code, _, err = _run(capsys, *base, "--target", tmp_path / "nowhere", "--budget", 1)
+    assert code == 2 and "nowhere does not exist" in err
+    (user_folder / "notes.txt").write_text("hello")
+    code, _, err = _run(capsys, *base, "--target", user_folder, "--budget", 1)
+    assert code == 2 and "notes.txt" in err
+    code, _, err = _run(capsys, *base, "--target", user_folder, "--budget", 1, "--gamma", "bright")
+    assert code == 2 and "--gamma must be 'auto' or a number" in err
+    assert not (tmp_path / "o" / "ranking.csv").exists()  # nothing half-written

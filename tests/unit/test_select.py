@@ -1,0 +1,304 @@
+"""Support-set selection on cases with known answers: pseudo-labels, PIL augmentations,
+each scorer, budgets, and the 2023 split's test images never selected."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+from torch import nn
+
+from fsmeta.config import ConfigError, SelectConfig, load_config
+from fsmeta.data.sampling import protocol_split
+from fsmeta.data.store import ImageSet
+from fsmeta.errors import FsmetaError
+from fsmeta.models import SegmentationModel, build_model
+from fsmeta.select import (
+    ScoreContext,
+    augment,
+    auto_gamma,
+    dilate_2x2,
+    kmeans_foreground,
+    patch_budget,
+    patch_grid,
+    pretext_finetune,
+    pseudo_label,
+    pseudo_labelled,
+    score_patches,
+    select_support,
+    selection_crops,
+)
+from fsmeta.select.scorers import to_uint8
+
+
+def disc_image(size: int = 48, radius: int = 9, inside: float = 0.2, outside: float = 0.8) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - size // 2) ** 2 + (xx - size // 2) ** 2 <= radius**2
+    return np.where(disc, inside, outside).astype(np.float32), disc
+
+
+def dilate_reference(m: np.ndarray) -> np.ndarray:
+    """out[r, c] = any(m[r-1..r, c-1..c]): the 2×2 square anchored at its lower-right cell."""
+    h, w = m.shape
+    out = np.zeros_like(m, dtype=bool)
+    for r in range(h):
+        for c in range(w):
+            out[r, c] = m[max(r - 1, 0) : r + 1, max(c - 1, 0) : c + 1].any()
+    return out
+
+
+# ---------------------------------------------------------------- pseudo-labels
+
+
+def test_dark_disc_is_found_and_dilated_by_exactly_2x2():
+    img, disc = disc_image()
+    bare = pseudo_label(img, 0.5, dilate=False)
+    np.testing.assert_array_equal(bare, disc.astype(np.uint8))
+    full = pseudo_label(img, 0.5)
+    np.testing.assert_array_equal(full, dilate_reference(disc).astype(np.uint8))
+    # A disc spanning 19 rows and 19 columns gains, by the shift down and right, at least a row and a column.
+    assert full.sum() >= disc.sum() + 19
+    lone = np.zeros((5, 5), bool)
+    lone[2, 2] = True
+    grown = dilate_2x2(lone)
+    assert grown.sum() == 4 and grown[2:4, 2:4].all()
+
+
+def test_gamma_below_the_disc_fraction_finds_nothing_and_auto_finds_the_disc():
+    img, disc = disc_image()
+    fraction = disc.mean()  # the equalised value of every disc pixel
+    assert pseudo_label(img, fraction * 0.9, dilate=False).sum() == 0
+    assert auto_gamma(img) == pytest.approx(fraction)
+    np.testing.assert_array_equal(pseudo_label(img, "auto", dilate=False), disc.astype(np.uint8))
+
+
+def test_bright_objects_need_bright_polarity():
+    img, disc = disc_image(inside=0.9, outside=0.1)  # fluorescence: bright cell on dark
+    np.testing.assert_array_equal(pseudo_label(img, 0.5, polarity="bright", dilate=False), disc.astype(np.uint8))
+    # The paper's inverse threshold on a fluorescent image labels the background instead.
+    np.testing.assert_array_equal(pseudo_label(img, 0.99, polarity="dark", dilate=False), (~disc).astype(np.uint8))
+
+
+def test_kmeans_takes_the_darker_cluster():
+    rng = np.random.default_rng(0)
+    img, disc = disc_image()
+    noisy = np.clip(img + rng.normal(0, 0.05, img.shape), 0, 1).astype(np.float32)
+    np.testing.assert_array_equal(kmeans_foreground(noisy), disc)
+    np.testing.assert_array_equal(pseudo_label(noisy, method="kmeans", dilate=False), disc.astype(np.uint8))
+
+
+def test_degenerate_inputs_give_clear_answers():
+    flat = np.full((16, 16), 0.4, np.float32)
+    assert pseudo_label(flat, 0.5).sum() == 0 and pseudo_label(flat, "auto").sum() == 0
+    with pytest.raises(FsmetaError, match="must lie in"):
+        pseudo_label(flat, 1.5)
+    with pytest.raises(FsmetaError, match="'auto'"):
+        pseudo_label(flat, "otsu")
+
+
+# ---------------------------------------------------------------- augmentations
+
+
+@pytest.mark.parametrize("name", ["autocontrast", "brightness", "sharpness"])
+def test_augmentations_equal_pil(name):
+    rng = np.random.default_rng(1)
+    patch = rng.integers(30, 200, (40, 40), dtype=np.uint8)
+    pil = Image.fromarray(patch)
+    expected = {
+        "autocontrast": ImageOps.autocontrast(pil),
+        "brightness": ImageEnhance.Brightness(pil).enhance(1.3),
+        "sharpness": ImageEnhance.Sharpness(pil).enhance(1.3),
+    }[name]
+    np.testing.assert_array_equal(augment(patch, name, 1.3), np.asarray(expected))
+    # The float path the scorer takes is lossless for 8-bit data.
+    np.testing.assert_array_equal(to_uint8(patch.astype(np.float32) / 255.0), patch)
+
+
+# ---------------------------------------------------------------- scorers
+
+
+class Pixelwise(SegmentationModel):
+    """logit = gain × (mean of 8 channels of the normalised input): certain where the image is
+    near black or white, uncertain at mid-grey. Dropout2d sits before the last conv."""
+
+    def __init__(self, gain: float = 20.0) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 1, bias=False)
+        self.dropout = nn.Dropout2d(0.0)
+        self.head = nn.Conv2d(8, 1, 1, bias=False)
+        with torch.no_grad():
+            self.stem.weight.fill_(1.0)
+            self.head.weight.fill_(gain / 8)
+
+    def _forward(self, x):
+        return self.head(self.dropout(self.stem(x))), x
+
+
+def two_images(certain: int = 250, unsure: int = 128, size: int = 32) -> ImageSet:
+    imgs = [np.full((size, size), certain, np.uint8), np.full((size, size), unsure, np.uint8)]
+    return ImageSet("hand", ["certain", "unsure"], imgs, [np.zeros((size, size), np.uint8)] * 2, ["train"] * 2, ["", ""])
+
+
+@pytest.fixture
+def cfg(tiny_config):
+    return tiny_config("select.patch_size=16", "select.patch_stride=16", "select.pretext_epochs=1", "select.mc_passes=4")
+
+
+@pytest.mark.parametrize("method", ["entropy", "mc-dropout", "consistency"])
+def test_certain_image_ranks_below_uncertain(cfg, method):
+    images = two_images()
+    for unit, budget in (("image", 1), ("patch", 4)):
+        sel = select_support(Pixelwise(), images, [0, 1], budget, method, unit, cfg, seed=0, run_pretext=False)
+        assert [it.image for it in sel.selected] == [1] * budget, (unit, sel.ranking)
+        scores = {it.image: it.score for it in sel.ranking}
+        assert scores[1] > scores[0]
+    cfg.select.image_score = "whole"  # one full-resolution score per image instead of the mean of its patches
+    sel = select_support(Pixelwise(), images, [0, 1], 1, method, "image", cfg, seed=0, run_pretext=False)
+    assert [it.image for it in sel.selected] == [1] and len(sel.ranking) == 2
+
+
+def test_consistency_is_zero_for_a_prediction_augmentations_cannot_move():
+    # White saturates: auto-contrast, brightness and sharpness leave it white, and the model is sure.
+    scores = score_patches("consistency", Pixelwise(), np.ones((2, 16, 16), np.float32), ScoreContext(psi=1.3))
+    assert np.all(scores < 1e-6)
+
+
+def test_mc_dropout_is_stochastic_but_seeded():
+    torch.manual_seed(0)
+    model = build_model("fcrn").eval()
+    probe = torch.zeros(1, 1, 32, 32)
+    with torch.no_grad():
+        reference = model(probe)
+    patches = np.random.default_rng(2).random((3, 32, 32)).astype(np.float32)
+    one_pass = lambda seed: score_patches("mc-dropout", model, patches, ScoreContext(seed=seed, passes=1, dropout=0.5))  # noqa: E731
+    np.testing.assert_array_equal(one_pass(0), one_pass(0))
+    assert not np.allclose(one_pass(0), one_pass(1))  # different dropout masks, different predictions
+    ten = score_patches("mc-dropout", model, patches, ScoreContext(seed=0, passes=10, dropout=0.5))
+    np.testing.assert_array_equal(ten, score_patches("mc-dropout", model, patches, ScoreContext(seed=0, passes=10, dropout=0.5)))
+    # Dropout is off again afterwards: the model computes exactly what it did before.
+    assert model.dropout.p == 0.0 and not model.dropout.training
+    with torch.no_grad():
+        torch.testing.assert_close(model(probe), reference, rtol=0, atol=0)
+
+
+def test_random_scores_are_seeded_per_image():
+    a = score_patches("random", None, np.zeros((4, 8, 8), np.float32), ScoreContext(seed=3, key=7))
+    b = score_patches("random", None, np.zeros((4, 8, 8), np.float32), ScoreContext(seed=3, key=7))
+    c = score_patches("random", None, np.zeros((4, 8, 8), np.float32), ScoreContext(seed=4, key=7))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_unknown_method_and_unit(cfg):
+    images = two_images()
+    with pytest.raises(FsmetaError, match="unknown selection method 'coreset'"):
+        select_support(Pixelwise(), images, [0, 1], 1, "coreset", "image", cfg)
+    with pytest.raises(FsmetaError, match="unknown selection unit 'slice'"):
+        select_support(Pixelwise(), images, [0, 1], 1, "entropy", "slice", cfg)
+
+
+# ---------------------------------------------------------------- budgets, pools, crops
+
+
+def test_patch_grid_and_paper_budgets(cfg):
+    assert patch_grid(96, 96, 64, 32) == [(0, 0, 64, 64), (0, 32, 64, 64), (32, 0, 64, 64), (32, 32, 64, 64)]
+    assert patch_grid(40, 100, 64, 64) == [(0, 0, 40, 64)]  # an image smaller than a patch on one side
+    assert patch_budget("tnbc", 3, cfg) == 300 and patch_budget("em", 1, cfg) == 400
+    assert patch_budget("sstem", 10, cfg) == 5000 and patch_budget("my-cells", 2, cfg) == 200
+
+
+def test_budgets_in_patches_and_in_images(tiny_config):
+    from fsmeta.data.registry import load_dataset
+
+    cfg = tiny_config("select.patch_size=64", "select.patch_stride=32")  # 96×96 images: 4 patches each
+    images = load_dataset("synth-he", cfg)
+    pool, _ = protocol_split(len(images), "2023")
+    by_patch = select_support(build_model("fcrn"), images, pool, 7, "random", "patch", cfg, seed=0)
+    assert len(by_patch.ranking) == 4 * len(pool) and len(by_patch.selected) == 7
+    assert all((it.height, it.width) == (64, 64) for it in by_patch.selected)
+    x, y = selection_crops(images, by_patch, cfg)
+    assert x.shape == y.shape == (7, 1, 64, 64) and x.min() >= -1 and set(np.unique(y.numpy())) <= {0.0, 1.0}
+    first = by_patch.selected[0]
+    np.testing.assert_array_equal(y[0, 0].numpy(), images.masks[first.image][first.y : first.y + 64, first.x : first.x + 64])
+    by_image = select_support(build_model("fcrn"), images, pool, 2, "random", "image", cfg, seed=0)
+    assert len(by_image.ranking) == len(pool) and len(by_image.image_indices()) == 2
+    assert all((it.height, it.width) == (96, 96) for it in by_image.selected)
+    assert by_image.annotated_pixels() == 2 * 96 * 96
+    x, y = selection_crops(images, by_image, cfg, min_foreground=0)
+    assert x.shape[0] == 2 * 4  # every 64×64 crop at the fine-tune stride 32 of the two images
+
+
+def test_budget_larger_than_the_pool_is_a_clear_error(tiny_config):
+    from fsmeta.data.registry import load_dataset
+
+    cfg = tiny_config("select.patch_size=64", "select.patch_stride=32")
+    images = load_dataset("synth-he", cfg)
+    pool, test = protocol_split(len(images), "2023")
+    with pytest.raises(FsmetaError, match=r"budget of 7 image\(s\) is larger than the pool of 6 image\(s\) of synth-he"):
+        select_support(build_model("fcrn"), images, pool, 7, "random", "image", cfg)
+    with pytest.raises(FsmetaError, match="budget of 25 patches is larger than the 24 candidate patches"):
+        select_support(build_model("fcrn"), images, pool, 25, "random", "patch", cfg)
+    with pytest.raises(FsmetaError, match="at least 1"):
+        select_support(build_model("fcrn"), images, pool, 0, "random", "patch", cfg)
+    with pytest.raises(FsmetaError, match="contains test image"):
+        select_support(build_model("fcrn"), images, range(len(images)), 1, "random", "patch", cfg, exclude=test)
+    with pytest.raises(FsmetaError, match="pool of synth-he is empty"):
+        select_support(build_model("fcrn"), images, [], 1, "random", "patch", cfg)
+
+
+@pytest.mark.parametrize("method", ["random", "entropy", "mc-dropout", "consistency"])
+def test_selection_never_returns_a_test_image(tiny_config, method):
+    from fsmeta.data.registry import load_dataset
+
+    cfg = tiny_config("select.patch_size=64", "select.patch_stride=32", "select.pretext_epochs=1", "select.mc_passes=2",
+                      "select.pretext_images=pool")
+    images = load_dataset("synth-he", cfg)
+    pool, test = protocol_split(len(images), "2023", 0.2, split_seed=3)
+    torch.manual_seed(0)
+    sel = select_support(build_model("fcrn"), images, pool, 4 * len(pool), method, "patch", cfg, seed=1,
+                         run_pretext=method == "consistency", exclude=test)
+    chosen = {it.image for it in sel.ranking}
+    assert chosen == set(pool.tolist()) and not chosen & set(test.tolist())
+
+
+# ---------------------------------------------------------------- pretext
+
+
+def test_pretext_uses_pixels_only_and_is_reproducible(tiny_config):
+    from fsmeta.data.registry import load_dataset
+
+    cfg = tiny_config("select.pretext_epochs=2", "select.pretext_batch_size=4", "select.pretext_images=pool")
+    images = load_dataset("synth-he", cfg)
+    blind = ImageSet(images.name, images.ids, images.images, [np.ones_like(m) for m in images.masks],
+                     images.splits, images.sources)
+    for a, b in zip(pseudo_labelled(images, cfg).masks, pseudo_labelled(blind, cfg).masks):
+        np.testing.assert_array_equal(a, b)
+    torch.manual_seed(0)
+    base = build_model("fcrn")
+    one = pretext_finetune(copy.deepcopy(base), images, cfg, seed=5, indices=[0, 1])  # 8 crops, 2 epochs
+    two = pretext_finetune(copy.deepcopy(base), images, cfg, seed=5, indices=[0, 1])
+    for (k, v1), v2 in zip(one.state_dict().items(), two.state_dict().values()):
+        torch.testing.assert_close(v1, v2, rtol=0, atol=0, msg=k)
+    assert not torch.equal(one.head.weight, base.head.weight)
+    # select_support pretexts a copy: the caller's model is untouched.
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    select_support(base, images, [0, 1], 1, "entropy", "image", cfg)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def test_select_config_tables_and_validation():
+    sel = load_config(None, ["select.gamma={em: 0.3}", "select.polarity={mine: bright}"]).select
+    assert sel.lookup("gamma", "em") == 0.3 and sel.lookup("gamma", "tnbc") == 0.08  # other defaults kept
+    assert sel.lookup("polarity", "mine") == "bright" and sel.lookup("polarity", "b39") == "bright"
+    assert sel.lookup("psi", "b5") == 1.6 and sel.lookup("psi", "tnbc") == 1.3
+    assert sel.lookup("gamma", "unknown") == SelectConfig().gamma["default"]
+    with pytest.raises(ConfigError, match="select.unit='pixels'"):
+        load_config(None, ["select.unit=pixels"])
+    with pytest.raises(ConfigError, match="select.gamma"):
+        load_config(None, ["select.gamma={em: 2.0}"])
