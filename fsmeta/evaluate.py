@@ -14,12 +14,18 @@ from fsmeta.metrics import evaluate_image, summarize
 from fsmeta.models import SegmentationModel
 
 
+def default_device() -> torch.device:
+    """CUDA when this process can see a GPU (in a Ray task: the one Ray assigned), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @torch.no_grad()
 def predict_probability(model: SegmentationModel, image: np.ndarray) -> np.ndarray:
     """Foreground probability (H, W) float32 of one [0, 1] image at full resolution."""
     model.eval()
-    x = torch.from_numpy(normalise(np.ascontiguousarray(image, dtype=np.float32)))[None, None]
-    return torch.sigmoid(model(x))[0, 0].numpy()
+    device = next(model.parameters()).device
+    x = torch.from_numpy(normalise(np.ascontiguousarray(image, dtype=np.float32)))[None, None].to(device)
+    return torch.sigmoid(model(x))[0, 0].float().cpu().numpy()
 
 
 def evaluate(model: SegmentationModel, images: ImageSet, indices: Iterable[int], threshold: float = 0.5) -> tuple[dict[str, Any], list[dict[str, Any]]]:

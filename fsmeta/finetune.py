@@ -42,6 +42,8 @@ def finetune(
         raise FsmetaError(f"{where}: the support set has no crops")
     make_bn_affine(model)
     model.train()
+    # Crops stay in host memory; each batch follows the model to its device.
+    device = next(model.parameters()).device
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = []
     for epoch in range(cfg.epochs):
@@ -50,7 +52,8 @@ def finetune(
         for start in range(0, len(order), cfg.batch_size):
             rows = order[start : start + cfg.batch_size]
             optimiser.zero_grad(set_to_none=True)
-            loss = weighted_bce(model(x[rows]), y[rows])
+            xb, yb = x[rows].to(device, non_blocking=True), y[rows].to(device, non_blocking=True)
+            loss = weighted_bce(model(xb), yb)
             value = float(loss.detach())
             if not np.isfinite(value):
                 raise NonFiniteLossError(f"{where}: loss is {value} in epoch {epoch}; lower finetune.lr")

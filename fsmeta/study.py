@@ -18,7 +18,7 @@ from fsmeta.data.crops import build_crop_index
 from fsmeta.data.sampling import draw_support, protocol_split, held_out_images
 from fsmeta.data.store import ImageSet
 from fsmeta.errors import DataError
-from fsmeta.evaluate import evaluate
+from fsmeta.evaluate import default_device, evaluate
 from fsmeta.finetune import finetune, support_crops
 from fsmeta.models import SegmentationModel
 
@@ -83,6 +83,7 @@ def run_cell(cfg: Config, target: ImageSet, checkpoint: Path, cell: Cell) -> tup
         raise DataError(f"{cell.name()}: support images [{ids}] give no crops: {exc}") from None
     x, y = support_crops(target, index)
     model, _ = model_from_checkpoint(checkpoint)
+    model.to(default_device())
     finetune(model, x, y, cfg.finetune, seed=cell.seed, where=cell.name())
     test = held_out_images(len(target), pool, fixed_test, support)
     summary, _ = evaluate(model, target, test, cfg.eval.threshold)
