@@ -7,14 +7,12 @@ every image against its true mask, for the configured γ, a grid of γ, the
 the masks only score them here.
 
     python bench/select_gamma.py                       # the five synthetic domains
-    python bench/select_gamma.py --em ../shared/data/EM_Hippocampus --em-slices 20
+    python bench/select_gamma.py --data-root DATA --datasets tnbc em sstem   # prepared real data sets
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
 import numpy as np
 from skimage import filters
 
@@ -56,23 +54,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=20, help="images per synthetic domain (default: 20)")
     ap.add_argument("--size", type=int, default=256, help="synthetic image side (default: 256)")
-    ap.add_argument("--em", metavar="DIR", help="EM_Hippocampus folder with training.tif and training_groundtruth.tif (default: skip)")
-    ap.add_argument("--em-slices", type=int, default=20, help="EM slices, evenly spaced (default: 20)")
+    ap.add_argument("--seed", type=int, default=0, help="synthetic generator seed (default: 0; the γ table was read off seed 0)")
+    ap.add_argument("--data-root", metavar="DIR", help="prepared data sets (default: none, synthetic only)")
+    ap.add_argument("--datasets", nargs="*", default=["tnbc", "em", "sstem", "b5", "b39"], metavar="NAME",
+                    help="prepared data sets to measure if present (default: tnbc em sstem b5 b39)")
+    ap.add_argument("--max-images", type=int, default=40, help="evenly spaced images per real data set (default: 40)")
     args = ap.parse_args()
     cfg = SelectConfig()
     for d in synth.DOMAINS:
-        imgs, masks = synth.generate(d, args.images, args.size, seed=0)
+        imgs, masks = synth.generate(d, args.images, args.size, seed=args.seed)
         measure(d, list(imgs), list(masks), cfg)
-    if args.em:
-        import tifffile
+    if args.data_root:
+        from fsmeta.data.store import open_store, read_meta
 
-        folder = Path(args.em)
-        with tifffile.TiffFile(folder / "training.tif") as ti, tifffile.TiffFile(folder / "training_groundtruth.tif") as tg:
-            picks = np.linspace(0, len(ti.pages) - 1, args.em_slices).round().astype(int)
-            imgs = [ti.pages[i].asarray().astype(np.float32) / 255.0 for i in picks]
-            masks = [(tg.pages[i].asarray() > 127).astype(np.uint8) for i in picks]
-        measure("em", imgs, masks, cfg)
-
+        for name in args.datasets:
+            if read_meta(args.data_root, name) is None:
+                print(f"\n{name}: not prepared under {args.data_root}, skipped")
+                continue
+            ds = open_store(args.data_root, name)
+            picks = np.linspace(0, len(ds) - 1, min(args.max_images, len(ds))).round().astype(int)
+            measure(name, [ds.image(int(i)) for i in picks], [ds.masks[int(i)] for i in picks], cfg)
 
 if __name__ == "__main__":
     main()

@@ -75,13 +75,14 @@ def pretext_finetune(
     index = build_crop_index(labelled, cfg.data.crop_size, stride, min_foreground=0)
     log.info("pretext: %d pseudo-labelled crops of %s, %d epochs", len(index), images.name, sel.pretext_epochs)
     model.train()
+    device = next(model.parameters()).device
     optimiser = torch.optim.Adam(model.parameters(), lr=sel.pretext_lr, weight_decay=sel.pretext_weight_decay)
     for epoch in range(sel.pretext_epochs):
         order = np.random.default_rng([seed, 4242, epoch]).permutation(len(index))
         for start in range(0, len(order), sel.pretext_batch_size):
             x, y = gather(labelled, index, order[start : start + sel.pretext_batch_size])
             optimiser.zero_grad(set_to_none=True)
-            loss = weighted_bce(model(torch.from_numpy(x)), torch.from_numpy(y))
+            loss = weighted_bce(model(torch.from_numpy(x).to(device)), torch.from_numpy(y).to(device))
             value = float(loss.detach())
             if not np.isfinite(value):
                 raise NonFiniteLossError(f"pretext on {images.name}: loss is {value} in epoch {epoch}; lower select.pretext_lr")

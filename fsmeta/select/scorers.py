@@ -83,9 +83,10 @@ def augment(patch_u8: np.ndarray, name: str, psi: float) -> np.ndarray:
 def _logits(model: SegmentationModel, patches: np.ndarray, batch_size: int) -> torch.Tensor:
     """Logits (N, 1, H, W) of [0, 1] patches (N, H, W), in batches."""
     out = []
+    device = next(model.parameters()).device  # a model on a GPU scores there; results come back to the CPU
     for start in range(0, len(patches), batch_size):
         x = torch.from_numpy(normalise(np.ascontiguousarray(patches[start : start + batch_size], dtype=np.float32)))[:, None]
-        out.append(model(x))
+        out.append(model(x.to(device)).float().cpu())
     return torch.cat(out) if out else torch.zeros((0, 1) + patches.shape[1:])
 
 
@@ -124,7 +125,8 @@ def mc_dropout_score(model: SegmentationModel, patches: np.ndarray, ctx: ScoreCo
     dropout.p = ctx.dropout
     dropout.train()
     try:
-        with torch.random.fork_rng(devices=[]):
+        device = next(model.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(int(np.random.default_rng([ctx.seed, ctx.key, 29]).integers(2**62)))
             mean = None
             for _ in range(ctx.passes):

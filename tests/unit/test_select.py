@@ -15,6 +15,7 @@ from fsmeta.config import ConfigError, SelectConfig, load_config
 from fsmeta.data.sampling import protocol_split
 from fsmeta.data.store import ImageSet
 from fsmeta.errors import FsmetaError
+from fsmeta.finetune import finetune
 from fsmeta.models import SegmentationModel, build_model
 from fsmeta.select import (
     ScoreContext,
@@ -229,6 +230,8 @@ def test_budgets_in_patches_and_in_images(tiny_config):
     assert by_image.annotated_pixels() == 2 * 96 * 96
     x, y = selection_crops(images, by_image, cfg, min_foreground=0)
     assert x.shape[0] == 2 * 4  # every 64×64 crop at the fine-tune stride 32 of the two images
+    _, history = finetune(build_model("fcrn"), x, y, cfg.finetune, seed=0)  # what the benchmark does next
+    assert len(history) == cfg.finetune.epochs and np.isfinite(history).all()
 
 
 def test_budget_larger_than_the_pool_is_a_clear_error(tiny_config):
