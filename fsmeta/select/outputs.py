@@ -209,15 +209,15 @@ def select_for_annotation(
     """
     from fsmeta.checkpoint import model_from_checkpoint
 
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FsmetaError(f"output {out} exists and is not a folder")
     model, meta = model_from_checkpoint(weights)
     if meta.get("bn_affine") and meta.get("kind") == "finetuned":
         log.warning("%s is already fine-tuned; selection usually starts from pre-trained weights", weights)
     tgt = load_target(target, cfg)
     selection = select_support(model, tgt.images, range(len(tgt.images)), budget, method or cfg.select.method,
                                unit or cfg.select.unit, cfg, seed, gamma=gamma)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FsmetaError(f"output {out} exists and is not a folder")
     to_annotate = _write_to_annotate(tgt, selection, out / "to_annotate")
     ranking = out / "ranking.csv"
     _atomic_write(ranking, ranking_csv(tgt.images, selection))
