@@ -74,16 +74,33 @@ class PredictSettings:
 # ---------------------------------------------------------------- probabilities
 
 
-def tile_starts(length: int, tile: int, step: int, stride: int) -> list[int]:
-    """Tile origins along one axis: multiples of ``stride``, ``step`` apart, the last one flush
-    with the end (rounded down to the stride, so it may be up to ``stride - 1`` longer)."""
+def tile_layout(length: int, tile: int, overlap: int, stride: int) -> tuple[list[int], int]:
+    """Tile origins along one axis and the tile length used, for an axis of ``length`` pixels.
+
+    As few tiles as ``tile`` and ``overlap`` allow, then shrunk to share the axis evenly
+    (a 2048-px axis takes five 464-px tiles, not five 512-px tiles overlapping by up to
+    200 px). Origins are multiples of ``stride``; neighbours overlap by at least
+    ``overlap``; the last tile runs to the end of the axis (up to ``stride - 1`` longer).
+    """
     if length <= tile:
-        return [0]
-    starts = list(range(0, length - tile, step))
-    last = ((length - tile) // stride) * stride
-    if last > starts[-1]:
-        starts.append(last)
-    return starts
+        return [0], length
+    n = -(-(length - overlap) // (tile - overlap))
+    while True:
+        t = -(-(-(-(length - overlap) // n) + overlap) // stride) * stride
+        if t > tile:
+            n += 1
+            continue
+        starts = [((k * (length - t)) // (n - 1)) // stride * stride for k in range(n)]
+        if all(b - a <= t - overlap for a, b in zip(starts, starts[1:])):
+            return starts, t
+        t_next = t + stride  # rounding to the stride widened a gap: grow the tiles a little
+        if t_next > tile:
+            n += 1
+            continue
+        starts = [((k * (length - t_next)) // (n - 1)) // stride * stride for k in range(n)]
+        if all(b - a <= t_next - overlap for a, b in zip(starts, starts[1:])):
+            return starts, t_next
+        n += 1
 
 
 def _ramp(n: int, lo_inner: bool, hi_inner: bool, margin: int, ramp: int) -> np.ndarray:
@@ -109,11 +126,10 @@ def predict_tiled(model: SegmentationModel, image: np.ndarray, tile: int = 512, 
     model.eval()
     stride = int(getattr(model, "stride", 8))
     h, w = image.shape
-    tile = max(stride, (tile // stride) * stride)
-    step = max(stride, ((tile - overlap) // stride) * stride)
+    tile = max(2 * stride, (tile // stride) * stride)
     margin = min(RECEPTIVE_MARGIN, overlap // 2)
     ramp = max(overlap - 2 * margin, 0)
-    ys, xs = tile_starts(h, tile, step, stride), tile_starts(w, tile, step, stride)
+    (ys, ty), (xs, tx) = tile_layout(h, tile, overlap, stride), tile_layout(w, tile, overlap, stride)
     if len(ys) == 1 and len(xs) == 1:
         x = torch.from_numpy(normalise(unit_float(image)))[None, None]
         return torch.sigmoid(model(x))[0, 0].numpy()
@@ -121,9 +137,9 @@ def predict_tiled(model: SegmentationModel, image: np.ndarray, tile: int = 512, 
     norm = np.zeros((h, w), np.float32)
     boxes = []
     for i, y0 in enumerate(ys):
-        y1 = h if i == len(ys) - 1 else min(y0 + tile, h)
+        y1 = h if i == len(ys) - 1 else y0 + ty
         for j, x0 in enumerate(xs):
-            x1 = w if j == len(xs) - 1 else min(x0 + tile, w)
+            x1 = w if j == len(xs) - 1 else x0 + tx
             boxes.append((y0, y1, x0, x1, i > 0, i < len(ys) - 1, j > 0, j < len(xs) - 1))
     # Tiles of one shape go through the model together.
     by_shape: dict[tuple[int, int], list[tuple]] = {}
@@ -349,5 +365,5 @@ def iter_outputs(out: str | Path) -> Iterator[Path]:
 
 __all__: list[Any] = [
     "PredictSettings", "predict_tiled", "predict_whole", "instance_labels", "overlay", "predict_files",
-    "resolve_weights", "list_inputs", "tile_starts", "RECEPTIVE_MARGIN",
+    "resolve_weights", "list_inputs", "tile_layout", "RECEPTIVE_MARGIN",
 ]

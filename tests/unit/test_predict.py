@@ -12,7 +12,7 @@ from fsmeta.checkpoint import model_from_checkpoint, save_checkpoint
 from fsmeta.cli import main
 from fsmeta.models import ARCHITECTURES, build_model
 from fsmeta.predict import (
-    RECEPTIVE_MARGIN, PredictSettings, instance_labels, predict_files, predict_tiled, predict_whole, tile_starts,
+    RECEPTIVE_MARGIN, PredictSettings, instance_labels, predict_files, predict_tiled, predict_whole, tile_layout,
 )
 from fsmeta.errors import FsmetaError
 
@@ -50,12 +50,14 @@ def test_receptive_field_is_inside_the_margin(arch):
     assert 0 < reach < RECEPTIVE_MARGIN
 
 
-def test_tile_starts_cover_and_align():
-    for length in (50, 128, 129, 300, 1000):
-        starts = tile_starts(length, 128, 64, 8)
-        assert starts[0] == 0 and all(s % 8 == 0 for s in starts)
-        assert starts[-1] + 128 + 7 >= length  # the last tile runs to the end, up to stride - 1 longer
-        assert all(b - a <= 64 for a, b in zip(starts, starts[1:]))
+def test_tile_layout_covers_aligns_and_balances():
+    for length in (50, 128, 129, 300, 520, 696, 1000, 2048, 4097):
+        for tile, overlap in ((128, 64), (512, 64), (96, 32)):
+            starts, t = tile_layout(length, tile, overlap, 8)
+            assert starts[0] == 0 and all(s % 8 == 0 for s in starts) and t <= max(tile, length)
+            assert length - 8 < starts[-1] + t  # the last tile runs to the end, at most 7 px longer
+            assert all(b - a <= t - overlap for a, b in zip(starts, starts[1:]))  # every seam keeps the overlap
+    assert tile_layout(2048, 512, 64, 8) == ([0, 392, 792, 1184, 1584], 464)  # five even tiles, not 5 × 512
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
