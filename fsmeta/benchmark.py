@@ -98,13 +98,31 @@ def pretrain(cfg: Config, target: str, arch: str, pretraining: str, out: Path, t
     folder = out / "pretrained" / target / arch / pretraining
     kind = "meta" if pretraining.startswith("meta-") else pretraining
     final = folder / f"{kind}.safetensors"
-    if final.is_file():
+    if not final.is_file():
+        if kind == "meta":
+            final = meta_train(tcfg, folder, tracker, resume=True, parent_run_id=parent, progress=progress)
+        elif kind == "transfer":
+            final = transfer_train(tcfg, folder, tracker, parent_run_id=parent, progress=progress)
+        else:
+            final = scratch_checkpoint(tcfg, folder)
+    if cfg.eval.protocol != "2023":
         return final
-    if kind == "meta":
-        return meta_train(tcfg, folder, tracker, resume=True, parent_run_id=parent, progress=progress)
-    if kind == "transfer":
-        return transfer_train(tcfg, folder, tracker, parent_run_id=parent, progress=progress)
-    return scratch_checkpoint(tcfg, folder)
+    # The 2023 pipeline scores and fine-tunes θ′, the pre-trained model adapted to the
+    # target's pseudo-labels; it sees only pixels, so one θ′ serves every split and method.
+    pretext = folder / "pretext.safetensors"
+    if not pretext.is_file():
+        from fsmeta.checkpoint import model_from_checkpoint, save_checkpoint
+        from fsmeta.meta.reptile import clone_state
+        from fsmeta.select import pretext_finetune
+
+        model, meta = model_from_checkpoint(final)
+        with tracker.run(f"pretext/{target}/{arch}/{pretraining}", parent_run_id=parent,
+                         params={"target": target, "arch": arch, "pretraining": pretraining, "epochs": cfg.select.pretext_epochs},
+                         tags={"fsmeta.kind": "pretext"}) as run_id:
+            pretext_finetune(model, load_dataset(target, tcfg), tcfg, seed=cfg.seed)
+            save_checkpoint(pretext, clone_state(model), {**meta, "bn_affine": True, "kind": "pretext", "pretraining": pretraining})
+            tracker.log_artifact(run_id, pretext, "checkpoints")
+    return pretext
 
 
 def _cell_job(cfg_dict: dict[str, Any], checkpoint: str, cell: dict[str, Any], overlays: int) -> dict[str, Any]:
@@ -190,6 +208,8 @@ def run_benchmark(
     state_path = out / STATE_FILE
     cells = grid(cfg)
     targets = list(dict.fromkeys(c.target for c in cells))
+    if cfg.eval.protocol != "2023" and cfg.study.selections != ["random"]:
+        raise FsmetaError(f"study.selections={cfg.study.selections}: selection methods other than random need eval.protocol=2023")
     # Validate every target's sources and prepare every data set before any work starts
     # (and before tasks run in parallel, so no two of them generate the same synthetic store).
     for t in targets:

@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from fsmeta.checkpoint import model_from_checkpoint
 from fsmeta.config import Config, load_config
 from fsmeta.data.crops import build_crop_index
 from fsmeta.data.sampling import draw_support, protocol_split, held_out_images
 from fsmeta.data.store import ImageSet
-from fsmeta.errors import DataError
+from fsmeta.errors import DataError, FsmetaError
 from fsmeta.evaluate import default_device, evaluate
 from fsmeta.finetune import finetune, support_crops
 from fsmeta.models import SegmentationModel
@@ -68,12 +69,15 @@ class Cell:
         return {k: getattr(self, k) for k in ("target", "arch", "pretraining", "selection", "shots", "seed")}
 
 
-def run_cell(cfg: Config, target: ImageSet, checkpoint: Path, cell: Cell) -> tuple[dict[str, Any], SegmentationModel, np.ndarray]:
-    """Fine-tune the checkpoint on the cell's K-shot support set and evaluate on its test images.
+def cell_split(cfg: Config, n_images: int, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(pool, fixed test) of a cell: in the 2023 protocol each seed is its own split
+    (the paper's 10 splits); in 2020 the seed only changes the K-shot draw."""
+    split_seed = cfg.eval.split_seed + (seed if cfg.eval.protocol == "2023" else 0)
+    return protocol_split(n_images, cfg.eval.protocol, cfg.eval.test_fraction, split_seed)
 
-    Returns the metrics, the fine-tuned model and the indices of the test images.
-    """
-    pool, fixed_test = protocol_split(len(target), cfg.eval.protocol, cfg.eval.test_fraction, cfg.eval.split_seed)
+
+def _random_support(cfg: Config, target: ImageSet, pool: np.ndarray, cell: Cell) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, int]:
+    """The 2020 protocol: K images drawn by the seed, all their crops at the fine-tune stride."""
     support = draw_support(pool, cell.shots, cell.seed, target=cell.target)
     try:
         index = build_crop_index(target, cfg.data.crop_size, cfg.data.stride(cell.target, "finetune"),
@@ -82,14 +86,50 @@ def run_cell(cfg: Config, target: ImageSet, checkpoint: Path, cell: Cell) -> tup
         ids = ", ".join(target.ids[i] for i in support)
         raise DataError(f"{cell.name()}: support images [{ids}] give no crops: {exc}") from None
     x, y = support_crops(target, index)
+    return x, y, support, sum(int(target.masks[i].size) for i in support)
+
+
+def _selected_support(cfg: Config, target: ImageSet, model: SegmentationModel, pool: np.ndarray,
+                      test: np.ndarray, cell: Cell) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, int]:
+    """The 2023 protocol: the selection method picks a budget of patches (patches-per-shot × K)
+    or K whole images from the pool; their true masks are the annotation."""
+    from fsmeta.select import patch_budget, select_support, selection_crops
+
+    unit = cfg.select.unit
+    budget = patch_budget(cell.target, cell.shots, cfg) if unit == "patch" else cell.shots
+    selection = select_support(model, target, pool, budget, cell.selection, unit, cfg, seed=cell.seed,
+                               run_pretext=False, exclude=test)
+    x, y = selection_crops(target, selection, cfg)
+    return x, y, np.asarray(selection.image_indices()), int(selection.annotated_pixels())
+
+
+def run_cell(cfg: Config, target: ImageSet, checkpoint: Path, cell: Cell) -> tuple[dict[str, Any], SegmentationModel, np.ndarray]:
+    """Fine-tune the checkpoint on the cell's support set and evaluate on its test images.
+
+    2020 protocol: a seeded K-image draw, tested on every other image. 2023
+    protocol: ``cell.selection`` chooses the support from the pool of the seed's
+    split (``checkpoint`` is then the pretext-trained θ′ that scores and is
+    fine-tuned), tested on the split's fixed test images.
+
+    Returns the metrics, the fine-tuned model and the indices of the test images.
+    """
+    pool, fixed_test = cell_split(cfg, len(target), cell.seed)
     model, _ = model_from_checkpoint(checkpoint)
     model.to(default_device())
+    if fixed_test is None:
+        if cell.selection != "random":
+            raise FsmetaError(f"{cell.name()}: selection {cell.selection!r} needs eval.protocol=2023 (a fixed test split)")
+        x, y, support, pixels = _random_support(cfg, target, pool, cell)
+        test = held_out_images(len(target), pool, fixed_test, support)
+    else:
+        x, y, support, pixels = _selected_support(cfg, target, model, pool, fixed_test, cell)
+        test = fixed_test
     finetune(model, x, y, cfg.finetune, seed=cell.seed, where=cell.name())
-    test = held_out_images(len(target), pool, fixed_test, support)
     summary, _ = evaluate(model, target, test, cfg.eval.threshold)
     metrics = {
         "miou": summary["miou"], "pooled_iou": summary["pooled_iou"], "f1": summary["f1"],
         "precision": summary["precision"], "recall": summary["recall"], "n_test": int(summary["n_images"]),
-        "support_crops": int(len(x)),
+        "support_crops": int(len(x)), "support_images": int(len(support)),
+        "annotated_pixels": pixels,
     }
     return metrics, model, test

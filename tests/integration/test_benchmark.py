@@ -130,3 +130,26 @@ def test_benchmark_logs_one_child_run_per_cell_to_a_real_server(tiny_config, tmp
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.csv", "results.parquet", "summary.csv", "fig3_fcrn.png", "fig4_fcrn.png"} <= artifacts
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_selection_axis_runs_the_2023_pipeline(tiny_config, tmp_path):
+    cfg = tiny_config(
+        *GRID, "study.targets=[synth-he]", "study.pretrainings=[meta-all]", "study.executor=local", "study.overlays=0",
+        "study.selections=[random, entropy, mc-dropout, consistency]", "eval.protocol=2023", "eval.test_fraction=0.25",
+        "eval.shots=[1]", "select.unit=image", "select.patch_size=32", "select.pretext_epochs=1", "select.mc_passes=2",
+    )
+    rows = benchmark.run_benchmark(cfg, tmp_path / "sel", OFF, progress=False)
+    assert len(rows) == 4 * 2  # selections × seeds
+    assert {r["selection"] for r in rows} == {"random", "entropy", "mc-dropout", "consistency"}
+    assert all(r["n_test"] == 2 for r in rows)  # 25% of 8 images, fixed per split
+    assert (tmp_path / "sel" / "pretrained" / "synth-he" / "fcrn" / "meta-all" / "pretext.safetensors").is_file()
+    import json
+
+    for path in (tmp_path / "sel" / "cells").glob("*.json"):
+        record = json.loads(path.read_text())
+        assert record["support_images"] == 1  # unit=image, K=1
+
+
+def test_selection_needs_the_2023_protocol(tiny_config, tmp_path):
+    with pytest.raises(FsmetaError, match="need eval.protocol=2023"):
+        benchmark.run_benchmark(tiny_config(*GRID, "study.selections=[consistency]"), tmp_path, OFF, progress=False)
