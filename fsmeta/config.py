@@ -136,6 +136,12 @@ class SelectConfig:
     auto_gamma: bool = False  # γ per image by Otsu (``--gamma auto``) instead of the table
     polarity: dict[str, str] = field(default_factory=lambda: dict(SELECT_POLARITY))
     psi: dict[str, float] = field(default_factory=lambda: {"b5": 1.6, "synth-fluo": 1.6, "default": 1.3})
+    consistency_target: str = "hard"  # hard: the prediction on the original binarised at 0.5 (authors' code); soft: Eq. 4 as printed
+    consistency_weighted: bool = True  # the §4.2 per-patch foreground weight (the authors' code used none)
+    # Drop candidate patches whose TRUE mask has fewer foreground pixels (benchmark only). This reads the
+    # annotation before selecting; the authors' code did it (360), which hides that consistency favours
+    # empty patches. 0: no filter, selection sees pixels only.
+    candidate_min_foreground: int = 0
     mc_passes: int = 10
     dropout: float = 0.5  # Dropout2d before the last conv, MC-dropout scoring only
     pretext_epochs: int = 100  # 0: score with the pre-trained model as it is
@@ -152,6 +158,7 @@ class SelectConfig:
             (self.unit in ("patch", "image"), f"select.unit={self.unit!r} is not 'patch' or 'image'"),
             (self.image_score in ("mean", "whole"), f"select.image_score={self.image_score!r} is not 'mean' or 'whole'"),
             (self.pseudo in ("threshold", "kmeans"), f"select.pseudo={self.pseudo!r} is not 'threshold' or 'kmeans'"),
+            (self.consistency_target in ("hard", "soft"), f"select.consistency_target={self.consistency_target!r} is not 'hard' or 'soft'"),
             (self.pretext_images in ("all", "pool"), f"select.pretext_images={self.pretext_images!r} is not 'all' or 'pool'"),
             (self.patch_size >= 8, f"select.patch_size={self.patch_size} is too small (at least 8)"),
             (self.patch_stride >= 0 and self.pretext_stride >= 0, "select.patch_stride and select.pretext_stride must be >= 0"),

@@ -12,8 +12,16 @@ number means "annotate this first" (the selection takes the top |B|):
                  seed gives the same masks, different passes differ.
 ``consistency``  Dawoud et al. 2023, Eq. 4: the sum over the augmentations
                  {auto-contrast, brightness ψ, sharpness ψ} (PIL ``ImageOps`` /
-                 ``ImageEnhance``) of the weighted BCE between the prediction on
-                 the augmented patch and the (soft) prediction on the original.
+                 ``ImageEnhance``) of the weighted BCE (SPEC §4.2: per patch,
+                 w = #background / #foreground of the target, 1 without
+                 foreground) between the logits on the augmented patch and the
+                 prediction on the original, binarised at 0.5 as in the
+                 authors' code (an all-foreground target gets w = 1, not §4.2's 0). Eq. 4 writes the soft prediction; with soft
+                 targets a per-patch w explodes on patches the model is sure are
+                 empty (w·p ≈ 1 on every pixel), and those rank first — measured
+                 on synth-he, they were all empty patches. ``hard_target=False``
+                 and ``weighted=False`` give the other variants (the authors'
+                 code: hard target, no weight).
 
 Augmentations work on 8-bit patches, as PIL does: a patch is rounded to uint8
 once and *both* the original and the augmented predictions are made from that
@@ -35,7 +43,6 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from fsmeta.data.crops import normalise
 from fsmeta.errors import FsmetaError
-from fsmeta.losses import weighted_bce
 from fsmeta.models import SegmentationModel
 
 AUGMENTATIONS = ("autocontrast", "brightness", "sharpness")
@@ -55,6 +62,8 @@ class ScoreContext:
     passes: int = 10
     dropout: float = 0.5
     batch_size: int = 32
+    hard_target: bool = True  # consistency: binarise the prediction on the original at 0.5
+    weighted: bool = True  # consistency: the §4.2 per-patch foreground weight
 
 
 def to_uint8(patch: np.ndarray) -> np.ndarray:
@@ -140,18 +149,33 @@ def mc_dropout_score(model: SegmentationModel, patches: np.ndarray, ctx: ScoreCo
 
 @torch.no_grad()
 def consistency_score(model: SegmentationModel, patches: np.ndarray, ctx: ScoreContext) -> np.ndarray:
-    """Σ over augmentations A of weighted BCE(logits on A(x), σ(logits on x)), per patch (Eq. 4)."""
+    """Σ over augmentations A of weighted BCE(logits on A(x), [σ(logits on x) ≥ 0.5]), per patch (Eq. 4)."""
     model.eval()
     u8 = np.stack([to_uint8(p) for p in patches]) if len(patches) else np.zeros((0,) + patches.shape[1:], np.uint8)
     scale = np.float32(1.0 / 255.0)
     target = torch.sigmoid(_logits(model, u8 * scale, ctx.batch_size))
+    if ctx.hard_target:
+        target = (target >= 0.5).float()
     total = np.zeros(len(patches), dtype=np.float64)
     for name in AUGMENTATIONS:
         aug = np.stack([augment(p, name, ctx.psi) for p in u8]) * scale
         logits = _logits(model, aug, ctx.batch_size)
-        # The foreground weight w is per patch (from its own soft target), so reduce patch by patch.
-        total += np.array([float(weighted_bce(logits[i : i + 1], target[i : i + 1])) for i in range(len(patches))])
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        if ctx.weighted:
+            bce = bce * _foreground_weight(target)
+        total += bce.flatten(1).mean(1).double().numpy()
     return total
+
+
+def _foreground_weight(target: torch.Tensor) -> torch.Tensor:
+    """Per-pixel weights (N, 1, H, W): w = #background / #foreground of each patch's target on its
+    foreground, 1 on background (SPEC §4.2); w = 1 when the target has no foreground *or no
+    background* — §4.2's w = 0 for an all-foreground mask would give a patch predicted all
+    foreground a score of 0 whatever the augmentations do to it."""
+    n = target[0].numel()
+    n_fg = target.flatten(1).sum(1).view(-1, 1, 1, 1)
+    w = torch.where((n_fg > 0) & (n_fg < n), (n - n_fg) / n_fg.clamp_min(1e-12), torch.ones_like(n_fg))
+    return 1 + (w - 1) * target
 
 
 Scorer = Callable[[SegmentationModel, np.ndarray, ScoreContext], np.ndarray]

@@ -124,12 +124,16 @@ def score_image(model: SegmentationModel, images: ImageSet, i: int, method: str,
     img = images.image(i)
     h, w = img.shape
     ctx = dict(seed=seed, psi=float(sel.lookup("psi", images.name)), passes=sel.mc_passes, dropout=sel.dropout,
-               batch_size=sel.batch_size)
+               batch_size=sel.batch_size, hard_target=sel.consistency_target == "hard", weighted=sel.consistency_weighted)
     if whole:
         (s,) = score_patches(method, model, img[None], ScoreContext(key=int(i) * 1_000_003, **ctx))
         return [Item(int(i), 0, 0, h, w, float(s))]
     stride = sel.patch_stride or cfg.data.stride(images.name, "finetune")
     grid = patch_grid(h, w, sel.patch_size, stride)
+    if sel.candidate_min_foreground > 0:
+        # Reads the true mask: reproduces the authors' candidate filter, off by default (see SelectConfig).
+        mask = images.masks[i]
+        grid = [g for g in grid if int(np.count_nonzero(mask[g[0] : g[0] + g[2], g[1] : g[1] + g[3]])) >= sel.candidate_min_foreground]
     items = []
     for c, start in enumerate(range(0, len(grid), _CHUNK)):
         part = grid[start : start + _CHUNK]
@@ -206,10 +210,13 @@ def select_support(
         scored = score_image(model, images, int(i), method, cfg, seed, whole=whole)
         if unit == "patch":
             items += scored
-        else:
+        elif scored:  # an image left without candidate patches (candidate_min_foreground) is not a candidate
             img_h, img_w = images.images[int(i)].shape[:2]
             per_image.append(Item(int(i), 0, 0, img_h, img_w, float(np.mean([it.score for it in scored]))))
     candidates = items if unit == "patch" else per_image
+    if unit == "image" and budget > len(candidates):
+        raise FsmetaError(f"a budget of {budget} image(s) is larger than the {len(candidates)} image(s) of {images.name} "
+                          f"with a patch of {sel.candidate_min_foreground} foreground pixels")
     if budget > len(candidates):
         raise FsmetaError(
             f"a budget of {budget} patches is larger than the {len(candidates)} candidate patches of the pool "

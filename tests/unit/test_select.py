@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageOps
+import torch.nn.functional as F
 from torch import nn
 
 from fsmeta.config import ConfigError, SelectConfig, load_config
@@ -167,6 +168,21 @@ def test_consistency_is_zero_for_a_prediction_augmentations_cannot_move():
     assert np.all(scores < 1e-6)
 
 
+def test_consistency_weight_is_the_weighted_bce_of_section_4_2():
+    from fsmeta.losses import weighted_bce
+    from fsmeta.select.scorers import _foreground_weight
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 1, 8, 8)
+    target = (torch.rand(3, 1, 8, 8) > 0.7).float()
+    target[1] = 0.0  # no foreground: w = 1, as §4.2
+    mine = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * _foreground_weight(target)).flatten(1).mean(1)
+    for i in range(3):
+        torch.testing.assert_close(mine[i], weighted_bce(logits[i : i + 1], target[i : i + 1]))
+    # All foreground: w = 1 too (§4.2 would give 0, silencing the patch).
+    assert torch.equal(_foreground_weight(torch.ones(1, 1, 4, 4)), torch.ones(1, 1, 4, 4))
+
+
 def test_mc_dropout_is_stochastic_but_seeded():
     torch.manual_seed(0)
     model = build_model("fcrn").eval()
@@ -265,6 +281,21 @@ def test_selection_never_returns_a_test_image(tiny_config, method):
                          run_pretext=method == "consistency", exclude=test)
     chosen = {it.image for it in sel.ranking}
     assert chosen == set(pool.tolist()) and not chosen & set(test.tolist())
+
+
+def test_candidate_filter_on_true_masks_is_opt_in(tiny_config):
+    from fsmeta.data.registry import load_dataset
+
+    cfg = tiny_config("select.patch_size=64", "select.patch_stride=32")
+    images = load_dataset("synth-he", cfg)
+    pool, _ = protocol_split(len(images), "2023")
+    fg = lambda it: int(images.masks[it.image][it.y : it.y + 64, it.x : it.x + 64].sum())  # noqa: E731
+    everything = select_support(build_model("fcrn"), images, pool, 1, "random", "patch", cfg)
+    threshold = sorted(fg(it) for it in everything.ranking)[len(everything.ranking) // 2]  # drops about half
+    cfg.select.candidate_min_foreground = threshold
+    filtered = select_support(build_model("fcrn"), images, pool, 1, "random", "patch", cfg)
+    assert 0 < len(filtered.ranking) < len(everything.ranking)
+    assert all(fg(it) >= threshold for it in filtered.ranking)
 
 
 # ---------------------------------------------------------------- pretext
