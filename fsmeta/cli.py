@@ -193,10 +193,11 @@ def cmd_transfer_train(args: argparse.Namespace) -> int:
 
 def _cell_images(cfg, shots: int, seed: int):
     from fsmeta.data.registry import load_dataset
-    from fsmeta.data.sampling import draw_support, protocol_split, held_out_images
+    from fsmeta.data.sampling import draw_support, held_out_images
+    from fsmeta.study import cell_split
 
     target = load_dataset(cfg.data.target, cfg)
-    pool, fixed_test = protocol_split(len(target), cfg.eval.protocol, cfg.eval.test_fraction, cfg.eval.split_seed)
+    pool, fixed_test = cell_split(cfg, len(target), seed)
     support = draw_support(pool, shots, seed, target=cfg.data.target)
     return target, support, held_out_images(len(target), pool, fixed_test, support)
 
@@ -293,7 +294,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fsmeta.study import format_table, run_demo, summarize
+    from fsmeta.report import format_table, summarize
+    from fsmeta.benchmark import run_demo
 
     cfg = _load(args, demo=True)
     t0 = time.perf_counter()
@@ -309,6 +311,62 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         print(f"MLflow runs: {resolve_uri(cfg.tracking.uri)} (view with: mlflow ui --backend-store-uri {resolve_uri(cfg.tracking.uri)} --host 127.0.0.1)")
     print(f"wall time: {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from fsmeta.benchmark import benchmark_table, run_benchmark
+
+    cfg = _load(args)
+    t0 = time.perf_counter()
+    rows = run_benchmark(cfg, args.out, _tracker(cfg), resume=args.resume)
+    print()
+    print(f"mIoU (%), mean ± std over {len(cfg.eval.seeds)} seed(s), {cfg.eval.protocol} protocol:")
+    print(benchmark_table(rows))
+    print(f"\nresults, summary and figures in {args.out}; wall time {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fsmeta.report import format_table, read_results, render_report, summarize
+
+    rows = read_results(args.dir)
+    for path in render_report(args.dir, rows):
+        print(f"wrote {path}")
+    print(format_table(summarize(rows)))
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from fsmeta.select.outputs import select_for_annotation
+    from fsmeta.train import apply_threads
+
+    gamma = None
+    if args.gamma is not None:
+        try:
+            gamma = "auto" if args.gamma == "auto" else float(args.gamma)
+        except ValueError:
+            raise FsmetaError(f"--gamma must be 'auto' or a number in [0, 1], got {args.gamma!r}") from None
+        if gamma != "auto" and not 0.0 <= gamma <= 1.0:
+            raise FsmetaError(f"--gamma={gamma} must lie in [0, 1] (a value of the histogram-equalised image)")
+    cfg = _load(args)
+    if args.patch_size is not None:
+        cfg.select.patch_size = args.patch_size
+    # Tiles for a person do not overlap, unless asked; the benchmark keeps the paper's overlapping grid.
+    if args.patch_stride is not None or cfg.select.patch_stride == 0:
+        cfg.select.patch_stride = args.patch_stride or cfg.select.patch_size
+    if cfg.select.patch_size < 8 or cfg.select.patch_stride < 1:
+        raise FsmetaError(f"--patch-size must be at least 8 and --patch-stride at least 1, got {cfg.select.patch_size} and {cfg.select.patch_stride}")
+    apply_threads(cfg)
+    t0 = time.perf_counter()
+    report = select_for_annotation(args.weights, args.select_target, cfg, args.budget, args.out, method=args.method,
+                                   unit=args.unit, gamma=gamma, seed=args.seed)
+    sel = report.selection
+    print(f"{sel.method}: selected {sel.budget} of {len(sel.ranking)} {sel.unit}(s) in {time.perf_counter() - t0:.0f} s")
+    for k, (it, name) in enumerate(zip(sel.selected[:10], report.names), 1):
+        print(f"  #{k:<3} score {it.score:.4g}  {name}")
+    print(f"ranking: {report.ranking}\nto annotate: {report.to_annotate[0].parent}/ ({len(report.to_annotate)} file(s))\n"
+          f"contact sheet: {report.contact_sheet}")
     return 0
 
 
@@ -351,7 +409,6 @@ def build_parser() -> argparse.ArgumentParser:
     dst.add_argument("--replace", action="store_true", help="overwrite an existing data set of that name (default: refuse)")
     p.set_defaults(func=cmd_data_import)
 
-
     p = sub.add_parser("meta-train", help="Reptile meta-training on the source data sets")
     _config_args(p)
     p.add_argument("--out", default="runs/meta", metavar="DIR", help="output folder (default: runs/meta)")
@@ -383,6 +440,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="JSON", help="also write the summary and per-image metrics here (default: print only)")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("benchmark", help="the leave-one-data-set-out study: targets × pre-trainings × K × seeds on Ray")
+    _config_args(p)
+    p.add_argument("--out", default="runs/benchmark", metavar="DIR", help="output folder (default: runs/benchmark)")
+    p.add_argument("--backend", choices=["sequential", "ray"], help="where meta-training inner loops run (default: from the config)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted benchmark in OUT, skipping recorded cells (default: off)")
+    p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("report", help="re-render summary.csv and the figures of a study folder from its results")
+    p.add_argument("dir", metavar="DIR", help="a benchmark or demo output folder holding results.parquet")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("predict", help="segment new images: masks, instance labels, cell counts and overlays")
     g = p.add_argument_group("model")
     g.add_argument("--weights", required=True, metavar="W", help="a .safetensors checkpoint or an MLflow URI such as runs:/<run id>/<path> (required)")
@@ -401,6 +469,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-distance", type=int, default=5, metavar="PX", help="watershed: minimum distance between cell centres (default: 5)")
     g.add_argument("--min-size", type=int, default=0, metavar="PX", help="drop cells smaller than this many pixels (default: 0, keep all)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("select", help="rank a target's images or patches and pick the ones worth annotating")
+    g = p.add_argument_group("input")
+    g.add_argument("--weights", required=True, metavar="CKPT", help="pre-trained checkpoint (.safetensors) (required)")
+    g.add_argument("--target", dest="select_target", required=True, metavar="NAME_OR_DIR",
+                   help="a prepared data set, or a folder of unlabelled .tif/.tiff/.png images (required)")
+    g.add_argument("--data-root", metavar="DIR", help="prepared data sets (default: $FSMETA_DATA or ./data)")
+    g = p.add_argument_group("selection")
+    g.add_argument("--budget", type=int, required=True, metavar="N", help="how many images or patches to select (required)")
+    g.add_argument("--method", choices=["random", "entropy", "mc-dropout", "consistency"], default="consistency",
+                   help="scoring method (default: consistency, the 2023 paper's)")
+    g.add_argument("--unit", choices=["image", "patch"], default="image", help="select whole images or patches (default: image)")
+    g.add_argument("--patch-size", type=int, metavar="PX", help="patch side (default: select.patch_size, 256)")
+    g.add_argument("--patch-stride", type=int, metavar="PX", help="patch grid step (default: the patch size, non-overlapping tiles)")
+    g.add_argument("--gamma", metavar="auto|FLOAT", help="pseudo-label threshold on the equalised image (default: select.gamma of the data set)")
+    g.add_argument("--seed", type=int, default=0, help="random/MC-dropout draws and the pretext's crop order (default: 0)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, metavar="DIR", help="writes ranking.csv, to_annotate/ and contact_sheet.png here (required)")
+    g = p.add_argument_group("configuration")
+    g.add_argument("--config", metavar="YAML", help="run configuration file (default: the built-in defaults, the paper's values)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one configuration value, e.g. --set select.pretext_epochs=20 (repeatable)")
+    g = p.add_argument_group("hardware")
+    g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=cmd_select, target=None, sources=None, tracking_uri=None, experiment=None, no_tracking=False)
 
     p = sub.add_parser("demo", help="the whole method end to end on synthetic domains, at laptop scale")
     _config_args(p, default_help="the demo's reduced scale, as configs/demo.yaml")

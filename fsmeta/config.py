@@ -196,6 +196,24 @@ class EvalConfig:
     threshold: float = 0.5
 
 
+PRETRAININGS = tuple(f"meta-{v}" for v in VARIANTS) + ("transfer", "scratch")
+
+
+@dataclass
+class StudyConfig:
+    """The grid of ``fsmeta benchmark``: targets × architectures × pre-trainings × selections × K × seeds."""
+
+    targets: list[str] = field(default_factory=list)  # empty: data.target alone
+    datasets: list[str] = field(default_factory=list)  # the sources of target T are these minus T; empty: data.sources rule
+    archs: list[str] = field(default_factory=lambda: ["fcrn"])
+    pretrainings: list[str] = field(default_factory=lambda: ["meta-all", "transfer", "scratch"])
+    selections: list[str] = field(default_factory=lambda: ["random"])
+    executor: str = "ray"  # "ray": every cell a Ray task; "local": cells one after another in this process
+    cell_cpus: float = 1.0  # CPUs per cell task (torch threads in the task)
+    cell_gpus: float = 0.0  # GPUs per cell task; fractions pack several cells on one GPU
+    overlays: int = 3  # test images per target drawn as overlays (TP white, FP red, FN green, TN black)
+
+
 @dataclass
 class TrackingConfig:
     uri: str = ""  # empty: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
@@ -232,6 +250,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
     def validate(self) -> "Config":
         from fsmeta.models import ARCHITECTURES
@@ -253,6 +272,20 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        from fsmeta.models import ARCHITECTURES as _archs
+
+        st = self.study
+        for label, values, allowed in (("study.archs", st.archs, tuple(_archs)), ("study.pretrainings", st.pretrainings, PRETRAININGS)):
+            bad = [v for v in values if v not in allowed]
+            if bad or not values:
+                raise ConfigError(f"{label}={values} must name one or more of {', '.join(allowed)}")
+        bad = [v for v in st.selections if v not in SELECT_METHODS]
+        if bad or not st.selections:
+            raise ConfigError(f"study.selections={st.selections} must name one or more of {', '.join(SELECT_METHODS)}")
+        if st.executor not in ("ray", "local"):
+            raise ConfigError(f"study.executor={st.executor!r} is not 'ray' or 'local'")
+        if st.cell_cpus <= 0 or st.cell_gpus < 0:
+            raise ConfigError(f"study.cell_cpus={st.cell_cpus} must be > 0 and study.cell_gpus={st.cell_gpus} >= 0")
         for name in ("alpha", "beta"):
             value = getattr(self.meta, name)
             if value is not None and not (value >= 0.0):
@@ -384,6 +417,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         for key, defaults in (("source_stride", DataConfig().source_stride), ("finetune_stride", DataConfig().finetune_stride)):
             if isinstance(data.get(key), dict):
                 data[key] = {**defaults, **data[key]}
+    return _build(Config, values).validate()
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a configuration from :meth:`Config.to_dict` output (e.g. inside a Ray task)."""
     return _build(Config, values).validate()
 
 
