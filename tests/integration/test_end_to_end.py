@@ -63,7 +63,8 @@ def test_resume_refuses_a_changed_configuration(tiny_config, tmp_path):
         meta_train(tiny_config("meta.iterations=2", "meta.inner_lr=0.5"), tmp_path, OFF, resume=True, progress=False)
 
 
-def test_tiny_study_end_to_end(tiny_config, tmp_path):
+def test_tiny_study_end_to_end(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an sqlite store keeps artifacts in ./mlruns
     cfg = tiny_config("tracking.enabled=true", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}")
     from fsmeta.tracking import tracker_from_config
 
