@@ -10,8 +10,9 @@ source order; the caller (``fsmeta.train.meta_train``) forms the meta-update.
 Exactness: a worker runs the same ``adapt`` on the same pixels as the
 ``sequential`` backend, so on CPU both give bit-identical θ, provided torch uses
 the same number of threads in both places (``threads`` for the sequential
-backend, ``ray.cpus_per_worker`` rounded down, at least 1, in the actors): some
-CPU kernels sum in a different order with another thread count.
+backend; in the actors the CPUs each reserves, ``ray.cpus_per_worker`` rounded
+down, at least 1; with the automatic 0, one thread): some CPU kernels sum in a
+different order with another thread count.
 
 Fault tolerance: actors restart (``ray.max_restarts``) and a call lost with its
 actor or node is re-run (``ray.max_task_retries``; unlimited by default, since
@@ -54,6 +55,8 @@ def connect(cfg: Config, min_cpus: float = 0.0) -> bool:
     A new local instance gets ``ray.num_cpus`` CPUs, or when that is 0 this
     machine's count raised to ``min_cpus`` (Ray's CPUs are reservations, so
     four source actors may share two cores; they are then slower, not wrong).
+    With ``ray.cpus_per_worker=0`` (automatic) each actor reserves
+    min(1, cluster CPUs / sources), so the default fits any machine.
     """
     if ray.is_initialized():
         return False
@@ -83,22 +86,24 @@ class RayBackend:
         rc = cfg.ray
         if rc.placement_strategy not in STRATEGIES:
             raise FsmetaError(f"ray.placement_strategy={rc.placement_strategy!r} is not one of {', '.join(STRATEGIES)}")
-        if rc.cpus_per_worker <= 0:
-            raise FsmetaError(f"ray.cpus_per_worker={rc.cpus_per_worker} must be positive")
+        if rc.cpus_per_worker < 0:
+            raise FsmetaError(f"ray.cpus_per_worker={rc.cpus_per_worker} must be positive, or 0 for automatic")
         self.cfg = cfg
         self.names = [s.name for s in sources]
         self.settings = inner_settings(cfg)
-        self.threads = max(1, int(rc.cpus_per_worker))
         self.workers: list[Any] = []
         self.pg = None
         self.pool_refs: list[Any] = []
         self.last_compute_seconds: list[float] = []  # adapt() time per source in the last run (benchmarks)
         self._started_ray = connect(cfg, min_cpus=len(sources) * rc.cpus_per_worker)
         try:
+            resources = ray.cluster_resources()
             gpus = rc.gpus_per_worker
             if gpus < 0:
-                gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-            self.cpus, self.gpus = float(rc.cpus_per_worker), float(gpus)
+                gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+            cpus = rc.cpus_per_worker or min(1.0, resources.get("CPU", 1.0) / len(sources))
+            self.cpus, self.gpus = float(cpus), float(gpus)
+            self.threads = max(1, int(self.cpus))
             # Each pool is put once; every worker but its owner gets the reference.
             self.pool_refs = [ray.put(s) for s in sources]
             self._actor_cls = ray.remote(SourceWorker)

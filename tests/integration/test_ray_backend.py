@@ -29,8 +29,9 @@ def assert_same_state(a, b):
 @pytest.mark.parametrize("n_sources", [1, 2, 4])
 def test_ray_and_sequential_give_bit_identical_weights(tiny_config, tmp_path, ray_session, n_sources):
     ray_session()
-    # Four actors share the session's two CPUs: half a CPU each, still one torch thread.
-    common = ["threads=1", _sources(n_sources), "meta.iterations=3", f"ray.cpus_per_worker={2 / max(2, n_sources)}"]
+    # ray.cpus_per_worker=0 (automatic): four actors share the session's two CPUs, half
+    # a CPU and one torch thread each.
+    common = ["threads=1", _sources(n_sources), "meta.iterations=3"]
     seq = tiny_config(*common, "meta.backend=sequential")
     ray_cfg = tiny_config(*common, "meta.backend=ray")
     a, _ = load_checkpoint(meta_train(seq, tmp_path / "seq", OFF, progress=False))
