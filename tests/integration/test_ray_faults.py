@@ -86,7 +86,7 @@ def train_with_fault(monkeypatch, cfg, out: Path, iteration: int, fault) -> tupl
 def test_worker_killed_mid_iteration_is_restarted_with_the_same_result(tiny_config, tmp_path, ray_session, monkeypatch):
     ray = ray_session()
     # 30 inner steps make each call last long enough that the kill lands inside it.
-    cfg = tiny_config("meta.backend=ray", "threads=1", "meta.iterations=3", "meta.inner_steps=30")
+    cfg = tiny_config("meta.backend=ray", "threads=1", "meta.iterations=2", "meta.inner_steps=30")
 
     def kill_second_worker(backend):
         ray.kill(backend.workers[1], no_restart=False)
@@ -125,7 +125,7 @@ def test_node_lost_mid_run_is_survived_with_the_same_result(tiny_config, tmp_pat
 def test_driver_killed_after_a_checkpoint_resumes_to_the_same_weights_and_run(tiny_config, tmp_path, ray_session):
     ray = ray_session()
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
-    cfg = tiny_config("threads=1", "meta.iterations=6", "meta.checkpoint_every=2", "meta.inner_steps=20",
+    cfg = tiny_config("threads=1", "meta.iterations=5", "meta.checkpoint_every=1", "meta.inner_steps=10",
                       "tracking.enabled=true")
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(yaml.safe_dump(cfg.to_dict()))
@@ -150,12 +150,12 @@ def test_driver_killed_after_a_checkpoint_resumes_to_the_same_weights_and_run(ti
         proc.wait()
         proc.stderr.close()
     _, killed_at = load_checkpoint(last)
-    assert killed_at["mlflow_run_id"] and killed_at["iteration"] < 6 and not (out / "meta.safetensors").exists()
+    assert killed_at["mlflow_run_id"] and killed_at["iteration"] < 5 and not (out / "meta.safetensors").exists()
 
     done = subprocess.run([*command, "--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     resumed, meta = load_checkpoint(out / "meta.safetensors")
-    assert meta["iteration"] == 6 and meta["mlflow_run_id"] == killed_at["mlflow_run_id"]
+    assert meta["iteration"] == 5 and meta["mlflow_run_id"] == killed_at["mlflow_run_id"]
     assert_same_state(resumed, reference(cfg, tmp_path / "seq"))
 
     from fsmeta.tracking import Tracker as MlflowTracker
@@ -163,5 +163,5 @@ def test_driver_killed_after_a_checkpoint_resumes_to_the_same_weights_and_run(ti
     client = MlflowTracker(uri=f"sqlite:///{db}").client
     run = client.get_run(meta["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert {m.step for m in client.get_metric_history(run.info.run_id, "loss")} == set(range(1, 7))
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "loss")} == set(range(1, 6))
     assert len(client.search_runs([run.info.experiment_id])) == 1  # continued, not a second run

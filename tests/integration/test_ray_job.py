@@ -46,7 +46,7 @@ def stop_head(temp_dir: str) -> None:
             proc.terminate()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(mine, timeout=15)
+    _, alive = psutil.wait_procs(mine, timeout=5)
     for proc in alive:
         try:
             proc.kill()
