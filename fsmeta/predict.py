@@ -29,7 +29,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -357,13 +357,7 @@ def resolve_weights(weights: str, tracking_uri: str = "", cache: str | Path | No
     return local
 
 
-def iter_outputs(out: str | Path) -> Iterator[Path]:
-    """Every file a prediction wrote (for listing in the CLI)."""
-    for sub in ("masks", "labels", "overlays"):
-        yield from sorted((Path(out) / sub).glob("*"))
-
-
-__all__: list[Any] = [
+__all__ = [
     "PredictSettings", "predict_tiled", "predict_whole", "instance_labels", "overlay", "predict_files",
     "resolve_weights", "list_inputs", "tile_layout", "RECEPTIVE_MARGIN",
 ]
