@@ -11,7 +11,7 @@ Fair use of the cores: sequential runs with torch's default thread count (all
 cores); each Ray actor reserves cores / sources CPUs and runs one torch thread.
 Actor start-up (once per run, not per iteration) is not timed.
 
-    python bench/meta_iteration.py                   # ~10 min on 2 idle cores
+    python bench/meta_iteration.py                   # 38 min on the loaded 2-core machine of docs/benchmarks.md
     python bench/meta_iteration.py --crops 128 --sources 2 --iterations 3
 """
 
