@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from fsmeta.data.registry import load_dataset
 from fsmeta.data.sampling import protocol_split
 from fsmeta.evaluate import evaluate
 from fsmeta.finetune import finetune
+from fsmeta.models import make_bn_affine
 from fsmeta.select import patch_grid, pretext_finetune, select_support, selection_crops
 
 
@@ -38,6 +40,7 @@ def main() -> None:
     ap.add_argument("--splits", type=int, default=3, help="split seeds 0..N-1 (default: 3)")
     ap.add_argument("--methods", nargs="+", default=["random", "entropy", "mc-dropout", "consistency"])
     ap.add_argument("--units", nargs="+", default=["patch", "patch=px", "image"])
+    ap.add_argument("--pretext-cache", metavar="PT", help="load θ′ from this file if it exists, else save it there (default: none)")
     args = ap.parse_args()
     cfg = load_config(None, ["threads=2", f"data.root={args.data_root}", f"data.target={args.target}",
                              "data.crop_size=64", "data.min_foreground=22", "data.finetune_stride={default: 32}",
@@ -47,7 +50,13 @@ def main() -> None:
     images = load_dataset(args.target, cfg)
     base, _ = model_from_checkpoint(args.weights)
     t0 = time.perf_counter()
-    theta1 = pretext_finetune(copy.deepcopy(base), images, cfg, seed=0)
+    if args.pretext_cache and Path(args.pretext_cache).is_file():
+        theta1 = make_bn_affine(copy.deepcopy(base))
+        theta1.load_state_dict(torch.load(args.pretext_cache, weights_only=True))
+    else:
+        theta1 = pretext_finetune(copy.deepcopy(base), images, cfg, seed=0)
+        if args.pretext_cache:
+            torch.save(theta1.state_dict(), args.pretext_cache)
     print(f"pretext: {time.perf_counter() - t0:.0f} s")
     h, w = images.images[0].shape
     stride = cfg.select.patch_stride or cfg.data.stride(args.target, "finetune")
