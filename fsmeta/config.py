@@ -76,7 +76,7 @@ class MetaConfig:
     epsilon: float = 1.0  # meta step size
     iterations: int = 300
     checkpoint_every: int = 25
-    backend: str = "sequential"
+    backend: str = "ray"  # "ray": one actor per source; "sequential": in-process, one source after another
 
     def loss_weights(self) -> tuple[float, float]:
         """(α, β) in force: explicit values win, else the paper's for the variant; off terms are 0."""

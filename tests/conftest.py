@@ -31,6 +31,7 @@ TINY = [
     "meta.inner_steps=2",
     "meta.shots=2",
     "meta.checkpoint_every=1",
+    "meta.backend=sequential",  # the Ray backend has its own tests; in-process keeps these fast
     "transfer.steps=3",
     "transfer.batch_size=8",
     "finetune.epochs=2",
