@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 
-from fsmeta.checkpoint import atomic_write_bytes
+from fsmeta.atomic import atomic_write_bytes
 from fsmeta.config import Config, config_from_dict
 from fsmeta.data.registry import load_dataset, resolve_sources
 from fsmeta.data.sampling import protocol_split

@@ -6,8 +6,6 @@ anywhere is safe to load; writes go to a temporary name and are renamed into pla
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,24 +14,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fsmeta import __version__
+from fsmeta.atomic import atomic_write, atomic_write_bytes
 from fsmeta.errors import FsmetaError
 from fsmeta.models import SegmentationModel, build_model
 
 META_KEY = "fsmeta"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
@@ -44,15 +29,8 @@ def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], meta: dict
             raise ValueError(f"checkpoint metadata needs {key!r}")
     meta = {**meta, "fsmeta_version": __version__}
     text = json.dumps(meta, sort_keys=True, default=str)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata={META_KEY: text})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: text}))
     atomic_write_bytes(path.with_suffix(".json"), (json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n").encode())
     return path
 

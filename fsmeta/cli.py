@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 # Safe, quiet defaults for a tool that runs on laptops without internet; a user can still opt in.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -286,7 +286,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{cfg.data.target}: {summary['n_images']} test image(s)  mIoU {summary['miou']:.4f}  pooled IoU {summary['pooled_iou']:.4f}  "
           f"instance P/R/F1 {summary['precision']:.3f}/{summary['recall']:.3f}/{summary['f1']:.3f}")
     if args.out:
-        from fsmeta.checkpoint import atomic_write_bytes
+        from fsmeta.atomic import atomic_write_bytes
 
         atomic_write_bytes(Path(args.out), (json.dumps({**report, "images": rows}, indent=2, default=float) + "\n").encode())
         print(f"report: {args.out}")

@@ -25,15 +25,13 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
+from fsmeta.atomic import atomic_write
 from fsmeta.data.crops import normalise
 from fsmeta.data.io import IMAGE_SUFFIXES, image_to_unit, list_images, read_planes, unit_float
 from fsmeta.errors import FsmetaError
@@ -228,29 +226,17 @@ def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- writing
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_png(path: Path, array: np.ndarray) -> None:
     from PIL import Image
 
-    _atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def _save_tiff(path: Path, planes: list[np.ndarray]) -> None:
     import tifffile
 
     data = planes[0] if len(planes) == 1 else np.stack(planes)
-    _atomic(path, lambda tmp: tifffile.imwrite(tmp, data, compression="zlib", photometric="minisblack"))
+    atomic_write(path, lambda tmp: tifffile.imwrite(tmp, data, compression="zlib", photometric="minisblack"))
 
 
 @dataclass
@@ -335,7 +321,7 @@ def write_counts(path: Path, rows: list[ImageResult]) -> None:
     for r in rows:
         writer.writerow([r.name, r.cells, f"{r.mean_area:.1f}", f"{r.foreground:.5f}"])
     data = buf.getvalue().encode()
-    _atomic(path, lambda tmp: tmp.write_bytes(data))
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def resolve_weights(weights: str, tracking_uri: str = "", cache: str | Path | None = None) -> Path:

@@ -7,8 +7,6 @@ Files are written to a temporary name and renamed into place.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +15,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from fsmeta.atomic import atomic_write
+
 RESULT_COLUMNS = ["target", "arch", "pretraining", "selection", "shots", "seed", "miou", "pooled_iou", "f1", "n_test", "run_id"]
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def results_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -41,8 +30,8 @@ def write_results(rows: list[dict[str, Any]], out_dir: str | Path) -> tuple[Path
     out.mkdir(parents=True, exist_ok=True)
     table = results_table(rows)
     csv_path, pq_path = out / "results.csv", out / "results.parquet"
-    _atomic(csv_path, lambda p: pacsv.write_csv(table, p))
-    _atomic(pq_path, lambda p: pq.write_table(table, p))
+    atomic_write(csv_path, lambda p: pacsv.write_csv(table, p))
+    atomic_write(pq_path, lambda p: pq.write_table(table, p))
     return csv_path, pq_path
 
 
@@ -102,7 +91,7 @@ def plot_miou_vs_shots(rows: list[dict[str, Any]], path: str | Path, title: str 
         ax.set_title(title)
     fig.tight_layout()
     path = Path(path)
-    _atomic(path, lambda p: fig.savefig(p, format="png"))
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
     return path
 
@@ -115,7 +104,7 @@ def write_summary(rows: list[dict[str, Any]], out_dir: str | Path) -> Path:
     summary = summarize(rows)
     table = pa.table({c: [s[c] for s in summary] for c in SUMMARY_COLUMNS})
     path = Path(out_dir) / "summary.csv"
-    _atomic(path, lambda p: pacsv.write_csv(table, p))
+    atomic_write(path, lambda p: pacsv.write_csv(table, p))
     return path
 
 
@@ -177,7 +166,7 @@ def plot_study(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = out / f"fig3_{arch}.png"
-        _atomic(path, lambda p: fig.savefig(p, format="png"))
+        atomic_write(path, lambda p: fig.savefig(p, format="png"))
         plt.close(fig)
         paths.append(path)
         # Fig. 4: one panel per target.
@@ -195,7 +184,7 @@ def plot_study(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
             ax.axis("off")
         fig.tight_layout()
         path = out / f"fig4_{arch}.png"
-        _atomic(path, lambda p: fig.savefig(p, format="png"))
+        atomic_write(path, lambda p: fig.savefig(p, format="png"))
         plt.close(fig)
         paths.append(path)
     return paths
@@ -218,7 +207,7 @@ def write_png(path: Path, rgb: np.ndarray) -> Path:
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic(path, lambda p: Image.fromarray(rgb).save(p, format="PNG"))
+    atomic_write(path, lambda p: Image.fromarray(rgb).save(p, format="PNG"))
     return path
 
 

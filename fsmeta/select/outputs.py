@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fsmeta.atomic import atomic_write_bytes
 from fsmeta.config import Config
 from fsmeta.data.store import ImageSet
 from fsmeta.errors import DataError, FsmetaError
@@ -40,20 +41,6 @@ class Target:
 
     images: ImageSet
     files: list[Path] | None  # one per image for a folder target; None for a prepared data set
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary name beside ``path`` and rename; readable by others, like any output file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_unlabelled_folder(folder: str | Path) -> Target:
@@ -220,8 +207,8 @@ def select_for_annotation(
                                unit or cfg.select.unit, cfg, seed, gamma=gamma)
     to_annotate = _write_to_annotate(tgt, selection, out / "to_annotate")
     ranking = out / "ranking.csv"
-    _atomic_write(ranking, ranking_csv(tgt.images, selection))
+    atomic_write_bytes(ranking, ranking_csv(tgt.images, selection))
     sheet = out / "contact_sheet.png"
-    _atomic_write(sheet, contact_sheet(tgt.images, selection))
+    atomic_write_bytes(sheet, contact_sheet(tgt.images, selection))
     names = [item_name(tgt.images, it, selection.unit) for it in selection.selected]
     return SelectReport(selection, names, ranking, to_annotate, sheet)

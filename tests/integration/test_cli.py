@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 
 from fsmeta.cli import main
 from tests.conftest import TINY
