@@ -89,8 +89,8 @@ def adapt(model: SegmentationModel, theta: StateDict, batch: TaskBatch, settings
         if not math.isfinite(value):
             raise NonFiniteLossError(
                 f"loss is {value} at inner step {step}{' of ' + where if where else ''} "
-                f"(bce={float(bce):.4g}, er={float(er) if er is not None else 0:.4g}, "
-                f"d={float(d) if d is not None else 0:.4g}); lower inner_lr or the loss weights"
+                f"(bce={float(bce.detach()):.4g}, er={float(er.detach()) if er is not None else 0:.4g}, "
+                f"d={float(d.detach()) if d is not None else 0:.4g}); lower inner_lr or the loss weights"
             )
         loss.backward()
         optimiser.step()
