@@ -72,7 +72,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     from fsmeta.data import synth
     from fsmeta.data.registry import write_synthetic
 
-    root = Path(args.data_root or os.environ.get("FSMETA_DATA") or "data")
+    root = _data_root(args)
     domains = args.domains or list(synth.DOMAINS)
     unknown = [d for d in domains if d not in synth.DOMAINS]
     if unknown:
@@ -89,7 +89,7 @@ def cmd_data_list(args: argparse.Namespace) -> int:
     from fsmeta.data import synth
     from fsmeta.data.store import list_stores
 
-    root = Path(args.data_root or os.environ.get("FSMETA_DATA") or "data")
+    root = _data_root(args)
     stores = list_stores(root)
     print(f"data root: {root.resolve()}")
     if stores:

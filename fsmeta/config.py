@@ -302,17 +302,19 @@ class Config:
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys → values, for MLflow params."""
-        out: dict[str, Any] = {}
+        return flatten(self.to_dict())
 
-        def walk(prefix: str, value: Any) -> None:
-            if isinstance(value, dict):
-                for k, v in value.items():
-                    walk(f"{prefix}.{k}" if prefix else k, v)
-            else:
-                out[prefix] = value
 
-        walk("", self.to_dict())
-        return out
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"meta": {"alpha": 0.1}}`` → ``{"meta.alpha": 0.1}``."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:

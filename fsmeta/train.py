@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fsmeta.checkpoint import load_checkpoint, save_checkpoint
-from fsmeta.config import Config
+from fsmeta.config import Config, flatten
 from fsmeta.data.crops import build_crop_index
 from fsmeta.data.registry import load_dataset, resolve_sources
 from fsmeta.data.sampling import TaskSpec, make_task
@@ -120,7 +120,7 @@ def meta_train(
     start, run_id = 0, ""
     if resume and last.is_file():
         theta, meta = load_checkpoint(last)
-        saved = _resume_view(_flatten(meta.get("config", {})))
+        saved = _resume_view(flatten(meta.get("config", {})))
         now = _resume_view(flat)
         changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         if changed:
@@ -164,17 +164,6 @@ def meta_train(
         backend.close()
         tracker.end_run(run_id, status)
     return final
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, dict):
-            out.update(_flatten(v, key))
-        else:
-            out[key] = v
-    return out
 
 
 def transfer_train(
