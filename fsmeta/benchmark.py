@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 STATE_FILE = "benchmark.json"
 # Settings that may change between an interrupted run and its resumption: where and how it runs.
 _RESUMABLE_CHANGES = ("study.executor", "study.cell_cpus", "study.cell_gpus", "ray.", "tracking.", "threads", "meta.backend")
+# The grid's axes may grow or shrink on --resume: a cell's result depends on its own
+# coordinates and the rest of the configuration, so recorded cells stay valid and only
+# the new ones run (e.g. add selection methods or seeds to a finished benchmark).
+_GRID_AXES = ("study.targets", "study.archs", "study.pretrainings", "study.selections", "study.selection_pretrainings",
+              "eval.shots", "eval.seeds", "study.overlays")
 
 
 def cell_key(cell: Cell) -> str:
@@ -74,13 +79,14 @@ def grid(cfg: Config) -> list[Cell]:
         for a in cfg.study.archs
         for p in cfg.study.pretrainings
         for sel in cfg.study.selections
+        if sel == "random" or not cfg.study.selection_pretrainings or p in cfg.study.selection_pretrainings
         for k in cfg.eval.shots
         for s in cfg.eval.seeds
     ]
 
 
 def _comparable(flat: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in flat.items() if not any(k == c or k.startswith(c) for c in _RESUMABLE_CHANGES)}
+    return {k: v for k, v in flat.items() if not any(k == c or k.startswith(c) for c in (*_RESUMABLE_CHANGES, *_GRID_AXES))}
 
 
 def _check_resume(state: dict[str, Any], cfg: Config, out: Path) -> None:
@@ -132,7 +138,7 @@ def _cell_job(cfg_dict: dict[str, Any], checkpoint: str, cell: dict[str, Any], o
     c = Cell(**cell)
     try:
         target = load_dataset(c.target, cfg)
-        metrics, model, test = run_cell(cfg, target, Path(checkpoint), c)
+        metrics, model, test = run_cell(cfg, target, Path(checkpoint), c, cache_rankings=True)
     except FsmetaError as exc:
         return {"error": f"{c.name()}: {exc}"}
     drawn = []
@@ -228,6 +234,9 @@ def run_benchmark(
         state = json.loads(state_path.read_text())
         _check_resume(state, cfg, out)
         parent = tracker.resume_run(state.get("parent_run_id", ""))
+        if state["config"] != cfg.flat():
+            state["config"] = cfg.flat()  # the grid grew or shrank: the state names the grid now run
+            atomic_write_bytes(state_path, (json.dumps(state, indent=2, default=str) + "\n").encode())
     else:
         out.mkdir(parents=True, exist_ok=True)
         parent = tracker.start_run(name, params={**cfg.flat(), "cells": len(cells)}, tags={"fsmeta.kind": "study"})

@@ -208,6 +208,9 @@ class StudyConfig:
     archs: list[str] = field(default_factory=lambda: ["fcrn"])
     pretrainings: list[str] = field(default_factory=lambda: ["meta-all", "transfer", "scratch"])
     selections: list[str] = field(default_factory=lambda: ["random"])
+    # Pre-trainings that get the selection methods other than random (empty: all of them); the
+    # others run random selection alone, e.g. the baselines of the 2023 paper's Table 2.
+    selection_pretrainings: list[str] = field(default_factory=list)
     executor: str = "ray"  # "ray": every cell a Ray task; "local": cells one after another in this process
     cell_cpus: float = 1.0  # CPUs per cell task (torch threads in the task)
     cell_gpus: float = 0.0  # GPUs per cell task; fractions pack several cells on one GPU
@@ -282,6 +285,9 @@ class Config:
         bad = [v for v in st.selections if v not in SELECT_METHODS]
         if bad or not st.selections:
             raise ConfigError(f"study.selections={st.selections} must name one or more of {', '.join(SELECT_METHODS)}")
+        stray = [p for p in st.selection_pretrainings if p not in st.pretrainings]
+        if stray:
+            raise ConfigError(f"study.selection_pretrainings={st.selection_pretrainings} names {stray}, not in study.pretrainings={st.pretrainings}")
         if st.executor not in ("ray", "local"):
             raise ConfigError(f"study.executor={st.executor!r} is not 'ray' or 'local'")
         if st.cell_cpus <= 0 or st.cell_gpus < 0:

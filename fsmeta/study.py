@@ -5,6 +5,9 @@ configuration. The grid of cells is run by :mod:`fsmeta.benchmark`.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fsmeta.atomic import atomic_write_bytes
 from fsmeta.checkpoint import model_from_checkpoint
 from fsmeta.config import Config, load_config
 from fsmeta.data.crops import build_crop_index
@@ -89,27 +93,56 @@ def _random_support(cfg: Config, target: ImageSet, pool: np.ndarray, cell: Cell)
     return x, y, support, sum(int(target.masks[i].size) for i in support)
 
 
+def _ranking_file(cfg: Config, checkpoint: Path, cell: Cell) -> Path:
+    """Where the ranking of a (checkpoint, method, unit, split seed) is kept. The name hashes
+    everything a ranking depends on: the checkpoint's bytes, select.*, the crop grid and the split."""
+    digest = hashlib.sha256(checkpoint.read_bytes())
+    key = {"select": dataclasses.asdict(cfg.select), "crop": cfg.data.crop_size, "stride": cfg.data.stride(cell.target, "finetune"),
+           "split": [cfg.eval.protocol, cfg.eval.test_fraction, cfg.eval.split_seed], "target": cell.target}
+    digest.update(json.dumps(key, sort_keys=True, default=str).encode())
+    return checkpoint.parent / "rankings" / f"{cell.selection}-{cfg.select.unit}-s{cell.seed}-{digest.hexdigest()[:16]}.json"
+
+
 def _selected_support(cfg: Config, target: ImageSet, model: SegmentationModel, pool: np.ndarray,
-                      test: np.ndarray, cell: Cell) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, int]:
+                      test: np.ndarray, cell: Cell, checkpoint: Path | None = None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, int]:
     """The 2023 protocol: the selection method picks a budget of patches (patches-per-shot × K)
-    or K whole images from the pool; their true masks are the annotation."""
+    or K whole images from the pool; their true masks are the annotation.
+
+    A ranking does not depend on the budget, so with ``checkpoint`` given it is computed once
+    per (checkpoint, method, unit, split) and kept beside the checkpoint: the cells K = 1…10
+    of one split share it (MC-dropout's ten passes over the pool would otherwise run per K)."""
     from fsmeta.select import patch_budget, select_support, selection_crops
+    from fsmeta.select.selection import Item, Selection
 
     unit = cfg.select.unit
     budget = patch_budget(cell.target, cell.shots, cfg) if unit == "patch" else cell.shots
-    selection = select_support(model, target, pool, budget, cell.selection, unit, cfg, seed=cell.seed,
-                               run_pretext=False, exclude=test)
+    cache = _ranking_file(cfg, checkpoint, cell) if checkpoint is not None else None
+    if cache is not None and cache.is_file():
+        ranking = tuple(Item(*row) for row in json.loads(cache.read_text())["ranking"])
+        if budget > len(ranking):
+            raise FsmetaError(f"{cell.name()}: a budget of {budget} {unit}(s) is larger than the {len(ranking)} candidates of the pool")
+        selection = Selection(cell.selection, unit, int(budget), ranking)
+    else:
+        selection = select_support(model, target, pool, budget, cell.selection, unit, cfg, seed=cell.seed,
+                                   run_pretext=False, exclude=test)
+        if cache is not None:
+            rows = [[it.image, it.y, it.x, it.height, it.width, it.score] for it in selection.ranking]
+            atomic_write_bytes(cache, json.dumps({"method": cell.selection, "unit": unit, "seed": cell.seed, "ranking": rows}).encode())
+    if np.intersect1d(selection.image_indices(), test).size:
+        raise FsmetaError(f"{cell.name()}: the selection holds a test image")  # a stale or foreign ranking file
     x, y = selection_crops(target, selection, cfg)
     return x, y, np.asarray(selection.image_indices()), int(selection.annotated_pixels())
 
 
-def run_cell(cfg: Config, target: ImageSet, checkpoint: Path, cell: Cell) -> tuple[dict[str, Any], SegmentationModel, np.ndarray]:
+def run_cell(cfg: Config, target: ImageSet, checkpoint: Path, cell: Cell,
+             cache_rankings: bool = False) -> tuple[dict[str, Any], SegmentationModel, np.ndarray]:
     """Fine-tune the checkpoint on the cell's support set and evaluate on its test images.
 
     2020 protocol: a seeded K-image draw, tested on every other image. 2023
     protocol: ``cell.selection`` chooses the support from the pool of the seed's
     split (``checkpoint`` is then the pretext-trained θ′ that scores and is
-    fine-tuned), tested on the split's fixed test images.
+    fine-tuned), tested on the split's fixed test images; ``cache_rankings`` keeps each
+    split's ranking beside the checkpoint for the other budgets.
 
     Returns the metrics, the fine-tuned model and the indices of the test images.
     """
@@ -122,7 +155,7 @@ def run_cell(cfg: Config, target: ImageSet, checkpoint: Path, cell: Cell) -> tup
         x, y, support, pixels = _random_support(cfg, target, pool, cell)
         test = held_out_images(len(target), pool, fixed_test, support)
     else:
-        x, y, support, pixels = _selected_support(cfg, target, model, pool, fixed_test, cell)
+        x, y, support, pixels = _selected_support(cfg, target, model, pool, fixed_test, cell, checkpoint if cache_rankings else None)
         test = fixed_test
     finetune(model, x, y, cfg.finetune, seed=cell.seed, where=cell.name())
     summary, _ = evaluate(model, target, test, cfg.eval.threshold)

@@ -153,3 +153,31 @@ def test_selection_axis_runs_the_2023_pipeline(tiny_config, tmp_path):
 def test_selection_needs_the_2023_protocol(tiny_config, tmp_path):
     with pytest.raises(FsmetaError, match="need eval.protocol=2023"):
         benchmark.run_benchmark(tiny_config(*GRID, "study.selections=[consistency]"), tmp_path, OFF, progress=False)
+
+
+def test_a_grown_grid_resumes_and_shares_rankings_across_budgets(tiny_config, tmp_path, monkeypatch):
+    """--resume with more selections, shots and seeds runs only the new cells; selection methods
+    other than random go to study.selection_pretrainings alone; one ranking per split serves every
+    K; and the table equals a benchmark of the grown grid run from nothing."""
+    import fsmeta.select as selection_module
+
+    base = [*GRID, "study.targets=[synth-he]", "study.pretrainings=[meta-bce, scratch]", "study.executor=local",
+            "study.overlays=0", "eval.protocol=2023", "eval.test_fraction=0.25", "select.patch_size=32",
+            "select.pretext_epochs=1", "select.mc_passes=2", "select.patches_per_shot={default: 2}"]
+    grown = [*base, "study.selections=[random, mc-dropout]", "study.selection_pretrainings=[meta-bce]",
+             "eval.shots=[1, 2]", "eval.seeds=[0, 1]"]
+    small = benchmark.run_benchmark(tiny_config(*base, "eval.shots=[1]", "eval.seeds=[0]"), tmp_path / "b", OFF, progress=False)
+    assert len(small) == 2  # two pre-trainings, random, K=1, seed 0
+
+    scored, calls = [], []
+    real_select, real_job = selection_module.select_support, benchmark._cell_job
+    monkeypatch.setattr(selection_module, "select_support", lambda *a, **k: scored.append(a[4]) or real_select(*a, **k))
+    monkeypatch.setattr(benchmark, "_cell_job", lambda *a: calls.append(a[2]) or real_job(*a))
+    rows = benchmark.run_benchmark(tiny_config(*grown), tmp_path / "b", OFF, resume=True, progress=False)
+    # meta-bce: 2 selections × 2 K × 2 seeds; scratch: random only, 2 K × 2 seeds
+    assert len(rows) == 8 + 4 and len(calls) == 12 - 2
+    assert {(r["pretraining"], r["selection"]) for r in rows} == {("meta-bce", "random"), ("meta-bce", "mc-dropout"), ("scratch", "random")}
+    # one scoring per (pre-training, method, seed): the cached K=1 ranking of (meta-bce, random, seed 0) is reused
+    assert len(scored) == 2 * 2 + 2 - 2  # (meta-bce: random, mc-dropout; scratch: random) × 2 seeds, less the 2 recorded
+    fresh = benchmark.run_benchmark(tiny_config(*grown), tmp_path / "fresh", OFF, progress=False)
+    assert _without_run_ids(rows) == _without_run_ids(fresh)
