@@ -34,7 +34,7 @@ from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from fsmeta.config import Config
@@ -93,6 +93,8 @@ class RayBackend:
         self.settings = inner_settings(cfg)
         self.workers: list[Any] = []
         self.pg = None
+        self._owns_pg = True  # False when the actors run in bundles of the caller's placement group
+        self.bundle_offset = 0
         self.pool_refs: list[Any] = []
         self.last_compute_seconds: list[float] = []  # adapt() time per source in the last run (benchmarks)
         self._started_ray = connect(cfg, min_cpus=len(sources) * rc.cpus_per_worker)
@@ -107,7 +109,17 @@ class RayBackend:
             # Each pool is put once; every worker but its owner gets the reference.
             self.pool_refs = [ray.put(s) for s in sources]
             self._actor_cls = ray.remote(SourceWorker)
-            self.pg = self._reserve(len(sources))
+            current = get_current_placement_group()
+            if current is not None and len(current.bundle_specs) > len(sources):
+                # Inside a Tune trial reserved with tune.PlacementGroupFactory (fsmeta.tune): the
+                # trial holds bundle 0 and its source actors the last n bundles, sized by the trial.
+                self.bundle_offset = len(current.bundle_specs) - len(sources)
+                spec = current.bundle_specs[self.bundle_offset]
+                self.cpus, self.gpus = float(spec.get("CPU", 0.0)), float(spec.get("GPU", 0.0))
+                self.threads = max(1, int(self.cpus))
+                self.pg, self._owns_pg = current, False
+            else:
+                self.pg = self._reserve(len(sources))
             self.workers = [self._start(i) for i in range(len(sources))]
             where = ray.get([w.ready.remote() for w in self.workers])
             for info in where:
@@ -141,7 +153,7 @@ class RayBackend:
             num_gpus=self.gpus,
             max_restarts=self.cfg.ray.max_restarts,
             max_task_retries=self.cfg.ray.max_task_retries,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=self.bundle_offset + index),
         )
         return actor_cls.remote(self.cfg, index, self.names, pools, self.settings, self.threads)
 
@@ -189,7 +201,7 @@ class RayBackend:
             except Exception:  # already gone: nothing to free
                 pass
         self.workers = []
-        if self.pg is not None:
+        if self.pg is not None and self._owns_pg:
             try:
                 remove_placement_group(self.pg)
             except Exception:
