@@ -90,7 +90,9 @@ def _comparable(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_resume(state: dict[str, Any], cfg: Config, out: Path) -> None:
-    saved = _comparable(state["config"])
+    # A key the saved state lacks was added to fsmeta since: it counts as its default.
+    defaults = Config().flat()
+    saved = _comparable({**defaults, **state["config"]})
     now = _comparable(cfg.flat())
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if changed:

@@ -241,6 +241,28 @@ class RayConfig:
 
 
 @dataclass
+class TuningConfig:
+    """``fsmeta tune``: a Ray Tune study over configuration keys (the space lives in tune_spaces/*.yaml).
+
+    The objective is the mean fine-tuned mIoU over ``shots`` × ``seeds`` on a validation
+    split carved from the target's pool; the 2023 protocol's test split (eval.test_fraction,
+    eval.split_seed) is never read."""
+
+    trials: int = 16  # Tune samples
+    search: str = "random"  # random | optuna
+    scheduler: str = "asha"  # asha (stops weak trials at each evaluation) | fifo (every trial runs to the end)
+    shots: list[int] = field(default_factory=lambda: [1, 5])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    val_fraction: float = 0.25  # of the pool: the validation images; support sets come from the rest
+    eval_every: int = 0  # meta-iterations between validation reports; 0: meta.iterations / 5
+    reduction_factor: int = 3  # ASHA: keep the best 1/3 at each rung
+    trial_cpus: float = 1.0  # the trial's own bundle (fine-tuning and validation); source actors get their own
+    trial_gpus: float = 0.0
+    max_concurrent: int = 0  # 0: as many trials as the cluster's resources hold
+    include_defaults: bool = True  # the first trial runs the base configuration's values (the paper's defaults)
+
+
+@dataclass
 class Config:
     seed: int = 0
     arch: str = "fcrn"
@@ -254,6 +276,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    tune: TuningConfig = field(default_factory=TuningConfig)
 
     def validate(self) -> "Config":
         from fsmeta.models import ARCHITECTURES
@@ -292,6 +315,21 @@ class Config:
             raise ConfigError(f"study.executor={st.executor!r} is not 'ray' or 'local'")
         if st.cell_cpus <= 0 or st.cell_gpus < 0:
             raise ConfigError(f"study.cell_cpus={st.cell_cpus} must be > 0 and study.cell_gpus={st.cell_gpus} >= 0")
+        tu = self.tune
+        tune_checks = [
+            (tu.trials >= 1, f"tune.trials={tu.trials} must be at least 1"),
+            (tu.search in ("random", "optuna"), f"tune.search={tu.search!r} is not 'random' or 'optuna'"),
+            (tu.scheduler in ("asha", "fifo"), f"tune.scheduler={tu.scheduler!r} is not 'asha' or 'fifo'"),
+            (bool(tu.shots) and all(k >= 1 for k in tu.shots), f"tune.shots={tu.shots} must be one or more K >= 1"),
+            (bool(tu.seeds), "tune.seeds must name at least one seed"),
+            (0.0 < tu.val_fraction < 1.0, f"tune.val_fraction={tu.val_fraction} must lie in (0, 1)"),
+            (tu.eval_every >= 0, f"tune.eval_every={tu.eval_every} must be >= 0"),
+            (tu.reduction_factor >= 2, f"tune.reduction_factor={tu.reduction_factor} must be at least 2"),
+            (tu.trial_cpus > 0 and tu.trial_gpus >= 0, f"tune.trial_cpus={tu.trial_cpus} must be > 0 and tune.trial_gpus={tu.trial_gpus} >= 0"),
+        ]
+        for ok, message in tune_checks:
+            if not ok:
+                raise ConfigError(message)
         for name in ("alpha", "beta"):
             value = getattr(self.meta, name)
             if value is not None and not (value >= 0.0):
