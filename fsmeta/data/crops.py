@@ -88,21 +88,43 @@ def build_crop_index(
     return index
 
 
-def normalise(x: np.ndarray) -> np.ndarray:
-    """[0, 1] → [-1, 1], as ``(x - 0.5) / 0.5`` (SPEC §3.1)."""
-    return (x - np.float32(0.5)) / np.float32(0.5)
+def normalise(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """[0, 1] → [-1, 1], as ``(x - 0.5) / 0.5`` (SPEC §3.1); into ``out`` (may be ``x``) when given."""
+    return np.divide(np.subtract(x, np.float32(0.5), out=out), np.float32(0.5), out=out)
 
 
-def gather(images: ImageSet, index: CropIndex, rows: np.ndarray | list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Crops as model input: x (n, 1, s, s) float32 in [-1, 1] and y (n, 1, s, s) float32 {0, 1}."""
+def gather(
+    images: ImageSet,
+    index: CropIndex,
+    rows: np.ndarray | list[int] | None = None,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Crops as model input: x (n, 1, s, s) float32 in [-1, 1] and y (n, 1, s, s) float32 {0, 1}.
+
+    Each crop is read once from its memory-mapped image, converted and written
+    straight into the batch; scaling and normalisation run in place, so a batch
+    costs no temporary arrays of its size.
+
+    Args:
+        out: (x, y) float32 arrays of shape (n, 1, s, s) to fill, e.g. numpy views of
+            pinned torch tensors (:func:`fsmeta.compute.host_buffer`); new arrays when None.
+    """
     sel = np.arange(len(index)) if rows is None else np.asarray(rows, dtype=np.int64)
     s = index.size
-    x = np.empty((len(sel), 1, s, s), dtype=np.float32)
-    y = np.empty((len(sel), 1, s, s), dtype=np.float32)
+    shape = (len(sel), 1, s, s)
+    if out is None:
+        x, y = np.empty(shape, dtype=np.float32), np.empty(shape, dtype=np.float32)
+    else:
+        x, y = out
+        if x.shape != shape or y.shape != shape or x.dtype != np.float32 or y.dtype != np.float32:
+            raise ValueError(f"gather: out arrays must be float32 of shape {shape}, got {x.dtype}{x.shape} and {y.dtype}{y.shape}")
     scale = np.float32(1.0 / 255.0)
     for k, r in enumerate(sel):
         i, y0, x0 = int(index.image[r]), int(index.y[r]), int(index.x[r])
         img = images.images[i][y0 : y0 + s, x0 : x0 + s]
-        x[k, 0] = img * scale if img.dtype == np.uint8 else img
+        if img.dtype == np.uint8:
+            np.multiply(img, scale, out=x[k, 0])
+        else:
+            x[k, 0] = img
         y[k, 0] = images.masks[i][y0 : y0 + s, x0 : x0 + s]
-    return normalise(x), y
+    return normalise(x, out=x), y

@@ -38,6 +38,29 @@ def test_crops_are_inside_the_image_and_filtered_by_foreground():
     assert np.array_equal(y[0, 0], mask[y0 : y0 + 4, x0 : x0 + 4])
 
 
+def test_gather_into_given_memory_equals_the_copying_formula_exactly():
+    rng = np.random.default_rng(3)
+    u8 = rng.integers(0, 256, (20, 24), dtype=np.uint8)
+    f32 = rng.random((20, 24), dtype=np.float32)
+    masks = [(rng.random((20, 24)) > 0.5).astype(np.uint8) for _ in range(2)]
+    s = _set([u8, f32], masks)
+    idx = build_crop_index(s, size=8, stride=4, min_foreground=0)
+    rows = [5, 0, len(idx) - 1, 5]
+    x, y = gather(s, idx, rows)
+    for k, r in enumerate(rows):  # the formula of SPEC §3.1, as fsmeta computed it before gathering in place
+        i, y0, x0 = idx.image[r], idx.y[r], idx.x[r]
+        img = s.images[i][y0 : y0 + 8, x0 : x0 + 8]
+        unit = img * np.float32(1 / 255) if img.dtype == np.uint8 else img
+        assert np.array_equal(x[k, 0], (unit - np.float32(0.5)) / np.float32(0.5))
+        assert np.array_equal(y[k, 0], masks[i][y0 : y0 + 8, x0 : x0 + 8])
+    bx, by = np.full((6, 1, 8, 8), 7, np.float32), np.full((6, 1, 8, 8), 7, np.float32)
+    gx, gy = gather(s, idx, rows, out=(bx[1:5], by[1:5]))  # e.g. a slice of a pinned batch
+    assert np.shares_memory(gx, bx) and np.array_equal(bx[1:5], x) and np.array_equal(by[1:5], y)
+    assert (bx[0] == 7).all() and (bx[5] == 7).all()  # nothing written outside the slice
+    with pytest.raises(ValueError, match="out arrays must be float32 of shape"):
+        gather(s, idx, rows, out=(bx, by))
+
+
 def test_no_crops_is_a_clear_error():
     s = _set([np.zeros((10, 10), np.uint8)], [np.zeros((10, 10), np.uint8)])
     with pytest.raises(DataError, match="toy: no training crops.*360 foreground"):
