@@ -263,6 +263,29 @@ class TuningConfig:
 
 
 @dataclass
+class ComputeConfig:
+    """How training and inference use the device (fsmeta/compute.py); never what they compute.
+
+    On a CPU the defaults change nothing: fp32, the default memory format, no compilation.
+    """
+
+    amp: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast on any device; off: fp32 everywhere
+    channels_last: str = "auto"  # auto: on for CUDA, off on CPU; on | off
+    cudnn_benchmark: bool = True  # let cuDNN pick the fastest convolution per input shape (CUDA only)
+    compile: bool = False  # torch.compile the model's forward (pays a compile per process; for long runs)
+
+    def __post_init__(self) -> None:
+        # YAML reads a bare on/off (yes/no, true/false) as a boolean; take it as the switch it names.
+        switch = {"false": "off", "true": "on"}
+        self.amp = switch.get(str(self.amp).lower(), str(self.amp))
+        self.channels_last = switch.get(str(self.channels_last).lower(), str(self.channels_last))
+        if self.amp not in ("auto", "bf16", "off"):
+            raise ConfigError(f"compute.amp={self.amp!r} is not 'auto', 'bf16' or 'off'")
+        if self.channels_last not in ("auto", "on", "off"):
+            raise ConfigError(f"compute.channels_last={self.channels_last!r} is not 'auto', 'on' or 'off'")
+
+
+@dataclass
 class Config:
     seed: int = 0
     arch: str = "fcrn"
@@ -276,6 +299,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
     tune: TuningConfig = field(default_factory=TuningConfig)
 
     def validate(self) -> "Config":

@@ -8,35 +8,42 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from fsmeta.compute import autocast, channels_last, default_device, to_device
+from fsmeta.config import ComputeConfig
 from fsmeta.data.crops import normalise
 from fsmeta.data.store import ImageSet
 from fsmeta.metrics import evaluate_image, summarize
 from fsmeta.models import SegmentationModel
 
-
-def default_device() -> torch.device:
-    """CUDA when this process can see a GPU (in a Ray task: the one Ray assigned), else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+__all__ = ["default_device", "evaluate", "predict_probability"]
 
 
 @torch.no_grad()
-def predict_probability(model: SegmentationModel, image: np.ndarray) -> np.ndarray:
-    """Foreground probability (H, W) float32 of one [0, 1] image at full resolution."""
+def predict_probability(model: SegmentationModel, image: np.ndarray, compute: ComputeConfig | None = None) -> np.ndarray:
+    """Foreground probability (H, W) float32 of one [0, 1] image at full resolution.
+
+    Runs on the model's device; on CUDA with ``compute``'s defaults under bf16
+    autocast (the sigmoid and the result are fp32), on a CPU in fp32.
+    """
     model.eval()
     device = next(model.parameters()).device
-    x = torch.from_numpy(normalise(np.ascontiguousarray(image, dtype=np.float32)))[None, None].to(device)
-    return torch.sigmoid(model(x))[0, 0].float().cpu().numpy()
+    x = torch.from_numpy(normalise(np.ascontiguousarray(image, dtype=np.float32)))[None, None]
+    with autocast(device, compute):
+        logits = model(to_device(x, device, channels_last(device, compute)))
+    return torch.sigmoid(logits.float())[0, 0].cpu().numpy()
 
 
-def evaluate(model: SegmentationModel, images: ImageSet, indices: Iterable[int], threshold: float = 0.5) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Score ``model`` on the listed images; returns (summary, per-image rows).
+def evaluate(model: SegmentationModel, images: ImageSet, indices: Iterable[int], threshold: float = 0.5,
+             compute: ComputeConfig | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Score ``model`` on the listed images (on its device, see :func:`predict_probability`);
+    returns (summary, per-image rows).
 
     The summary holds ``miou`` (mean of per-image IoU), ``pooled_iou`` (TP, FP, FN
     summed over images first), instance ``precision``, ``recall``, ``f1`` and ``n_images``.
     """
     rows = []
     for i in indices:
-        prob = predict_probability(model, images.image(int(i)))
+        prob = predict_probability(model, images.image(int(i)), compute)
         row = evaluate_image(prob, images.masks[int(i)], threshold)
         rows.append({"image": images.ids[int(i)], **row})
     return summarize(rows), rows

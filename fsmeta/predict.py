@@ -32,6 +32,8 @@ import numpy as np
 import torch
 
 from fsmeta.atomic import atomic_write
+from fsmeta.compute import autocast, channels_last, to_device
+from fsmeta.config import ComputeConfig
 from fsmeta.data.crops import normalise
 from fsmeta.data.io import IMAGE_SUFFIXES, image_to_unit, list_images, read_planes, unit_float
 from fsmeta.errors import FsmetaError
@@ -111,8 +113,17 @@ def _ramp(n: int, lo_inner: bool, hi_inner: bool, margin: int, ramp: int) -> np.
     return w
 
 
+def _probability(model: SegmentationModel, x: np.ndarray, compute: ComputeConfig | None) -> np.ndarray:
+    """σ(model(x)) of a normalised (B, 1, H, W) batch, on the model's device; (B, H, W) float32 on the host."""
+    device = next(model.parameters()).device
+    with autocast(device, compute):
+        logits = model(to_device(torch.from_numpy(x), device, channels_last(device, compute)))
+    return torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+
+
 @torch.no_grad()
-def predict_tiled(model: SegmentationModel, image: np.ndarray, tile: int = 512, overlap: int = 64, batch: int = 4) -> np.ndarray:
+def predict_tiled(model: SegmentationModel, image: np.ndarray, tile: int = 512, overlap: int = 64, batch: int = 4,
+                  compute: ComputeConfig | None = None) -> np.ndarray:
     """Foreground probability (H, W) float32 of one image in [0, 1], by overlapping tiles.
 
     Args:
@@ -120,6 +131,8 @@ def predict_tiled(model: SegmentationModel, image: np.ndarray, tile: int = 512, 
         tile: tile side (rounded down to the model's stride); an image no larger runs whole.
         overlap: pixels shared by neighbouring tiles (see the module docstring).
         batch: tiles per forward pass; bounds the memory with the tile size.
+        compute: precision and memory format on the model's device (default: bf16
+            autocast on CUDA, fp32 on a CPU; see :mod:`fsmeta.compute`).
     """
     model.eval()
     stride = int(getattr(model, "stride", 8))
@@ -129,8 +142,7 @@ def predict_tiled(model: SegmentationModel, image: np.ndarray, tile: int = 512, 
     ramp = max(overlap - 2 * margin, 0)
     (ys, ty), (xs, tx) = tile_layout(h, tile, overlap, stride), tile_layout(w, tile, overlap, stride)
     if len(ys) == 1 and len(xs) == 1:
-        x = torch.from_numpy(normalise(unit_float(image)))[None, None]
-        return torch.sigmoid(model(x))[0, 0].numpy()
+        return _probability(model, normalise(unit_float(image))[None, None], compute)[0]
     acc = np.zeros((h, w), np.float32)
     norm = np.zeros((h, w), np.float32)
     boxes = []
@@ -147,7 +159,7 @@ def predict_tiled(model: SegmentationModel, image: np.ndarray, tile: int = 512, 
         for start in range(0, len(group), batch):
             chunk = group[start : start + batch]
             x = np.stack([unit_float(image[y0:y1, x0:x1]) for y0, y1, x0, x1, *_ in chunk])[:, None]
-            prob = torch.sigmoid(model(torch.from_numpy(normalise(x))))[:, 0].numpy()
+            prob = _probability(model, normalise(x), compute)
             for p, (y0, y1, x0, x1, top, bottom, left, right) in zip(prob, chunk):
                 wy = _ramp(y1 - y0, top, bottom, margin, ramp)
                 wx = _ramp(x1 - x0, left, right, margin, ramp)
@@ -160,11 +172,10 @@ def predict_tiled(model: SegmentationModel, image: np.ndarray, tile: int = 512, 
 
 
 @torch.no_grad()
-def predict_whole(model: SegmentationModel, image: np.ndarray) -> np.ndarray:
+def predict_whole(model: SegmentationModel, image: np.ndarray, compute: ComputeConfig | None = None) -> np.ndarray:
     """Probability of the whole image in one forward pass (memory grows with the image)."""
     model.eval()
-    x = torch.from_numpy(normalise(unit_float(image)))[None, None]
-    return torch.sigmoid(model(x))[0, 0].numpy()
+    return _probability(model, normalise(unit_float(image))[None, None], compute)[0]
 
 
 # ---------------------------------------------------------------- masks to cells

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from fsmeta.checkpoint import load_checkpoint, save_checkpoint
+from fsmeta.compute import autocast, channels_last, default_device, forward_fn, host_buffer, host_values, prepare_model, to_device
 from fsmeta.config import Config, flatten
-from fsmeta.data.crops import build_crop_index
+from fsmeta.data.crops import build_crop_index, gather
 from fsmeta.data.registry import load_dataset, resolve_sources
 from fsmeta.data.sampling import TaskSpec, make_task
 from fsmeta.errors import FsmetaError, NonFiniteLossError
@@ -177,7 +178,8 @@ def transfer_train(
     """Train one model on the union of the source crops (§4.4); returns ``OUT/transfer.safetensors``.
 
     Epochs are seeded permutations of the union; ``transfer.steps`` Adam steps of
-    ``transfer.batch_size`` crops.
+    ``transfer.batch_size`` crops, on CUDA when this process sees a GPU (``cfg.compute``
+    says how), else on the CPU.
     """
     apply_threads(cfg)
     sources = load_sources(cfg)
@@ -188,6 +190,11 @@ def transfer_train(
     model = build_model(cfg.arch)
     model.load_state_dict(initial_theta(cfg.arch, cfg.seed))
     model.train()
+    device = default_device()
+    prepare_model(model, device, cfg.compute)
+    cl = channels_last(device, cfg.compute)
+    forward = forward_fn(model, cfg.compute)
+    size = cfg.data.crop_size
     tc = cfg.transfer
     optimiser = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     run_id = tracker.start_run("transfer-train", params={**cfg.flat(), "sources": ",".join(names), "crops": total},
@@ -198,28 +205,39 @@ def transfer_train(
     try:
         order = np.zeros(0, dtype=np.int64)
         epoch = 0
+        pending: list[torch.Tensor] = []  # losses not yet read back; read every 10 steps (one GPU sync, not ten)
+        value: float | None = None  # the last loss read back
         for step in range(tc.steps):
             if len(order) < tc.batch_size:
                 order = np.concatenate([order, np.random.default_rng([cfg.seed, 4242, epoch]).permutation(total)])
                 epoch += 1
             batch, order = order[: tc.batch_size], order[tc.batch_size :]
-            xs, ys = [], []
+            # The batch is assembled source by source, straight from each memory-mapped store
+            # into one (pinned, on CUDA) buffer: no per-source arrays, no concatenation.
+            x_t, y_t = host_buffer((len(batch), 1, size, size), device), host_buffer((len(batch), 1, size, size), device)
+            x_np, y_np = x_t.numpy(), y_t.numpy()
             which = np.searchsorted(offsets, batch, side="right") - 1
+            filled = 0
             for s in np.unique(which):
-                x, y = sources[s].gather(batch[which == s] - offsets[s])
-                xs.append(x)
-                ys.append(y)
-            x_t, y_t = torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+                rows = batch[which == s] - offsets[s]
+                part = slice(filled, filled + len(rows))
+                gather(sources[s].images, sources[s].crops, rows, out=(x_np[part], y_np[part]))
+                filled += len(rows)
             optimiser.zero_grad(set_to_none=True)
-            loss = weighted_bce(model(x_t), y_t)
-            value = float(loss.detach())
-            if not np.isfinite(value):
-                raise NonFiniteLossError(f"transfer training loss is {value} at step {step}; lower transfer.lr")
+            with autocast(device, cfg.compute):
+                logits, _ = forward(to_device(x_t, device, cl))
+            loss = weighted_bce(logits.float(), to_device(y_t, device, cl))
             loss.backward()
             optimiser.step()
+            pending.append(loss.detach())
             if (step + 1) % 10 == 0 or step + 1 == tc.steps:
+                values = host_values(pending)
+                for k, v in enumerate(values):
+                    if not np.isfinite(v):
+                        raise NonFiniteLossError(f"transfer training loss is {v} at step {step + 1 - len(values) + k}; lower transfer.lr")
+                value, pending = values[-1], []
                 tracker.log_metrics(run_id, {"loss": value}, step=step + 1)
-            bar.update(detail=f"loss {value:.4f}")
+            bar.update(detail=f"loss {value:.4f}" if value is not None else "")
         save_checkpoint(out, clone_state(model), checkpoint_meta(cfg, "transfer", names, steps=tc.steps, mlflow_run_id=run_id))
         tracker.log_artifact(run_id, out, "checkpoints")
         status = "FINISHED"

@@ -70,6 +70,27 @@ def connect(cfg: Config, min_cpus: float = 0.0) -> bool:
     return True
 
 
+def worker_gpus(configured: float, cluster_gpus: float, sources: int) -> float:
+    """GPUs each source actor reserves: ``configured`` when it is ≥ 0, else the automatic share.
+
+    Automatic (-1): 0 without GPUs; one GPU per actor when there are at least as
+    many GPUs as sources; else the actors share the GPUs evenly, 1 / ceil(sources / GPUs)
+    of one each. That is min(1, GPUs / sources) whenever the GPUs divide the sources, and
+    a little less otherwise, because Ray places a fractional share on a single GPU: with
+    3 GPUs and 4 sources, 0.75 each would leave the fourth actor no GPU with 0.75 free,
+    while 0.5 each puts two actors on each of two GPUs. Shares are rounded down to Ray's
+    resolution of 1e-4, so n shares of 1/n never add up to more than one GPU.
+    """
+    if configured >= 0:
+        return float(configured)
+    whole = int(math.floor(cluster_gpus + 1e-9))
+    if whole < 1 or sources < 1:
+        return 0.0
+    if whole >= sources:
+        return 1.0
+    return math.floor(10_000 / math.ceil(sources / whole)) / 10_000
+
+
 class RayBackend:
     """One :class:`SourceWorker` actor per source, in one placement group.
 
@@ -100,9 +121,7 @@ class RayBackend:
         self._started_ray = connect(cfg, min_cpus=len(sources) * rc.cpus_per_worker)
         try:
             resources = ray.cluster_resources()
-            gpus = rc.gpus_per_worker
-            if gpus < 0:
-                gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+            gpus = worker_gpus(rc.gpus_per_worker, resources.get("GPU", 0.0), len(sources))
             cpus = rc.cpus_per_worker or min(1.0, resources.get("CPU", 1.0) / len(sources))
             self.cpus, self.gpus = float(cpus), float(gpus)
             self.threads = max(1, int(self.cpus))
@@ -123,7 +142,7 @@ class RayBackend:
             self.workers = [self._start(i) for i in range(len(sources))]
             where = ray.get([w.ready.remote() for w in self.workers])
             for info in where:
-                log.info("source actor %(source)s: pid %(pid)s on node %(node)s, %(device)s, %(threads)s thread(s), %(crops)s crops", info)
+                log.info("source actor %(source)s: pid %(pid)s on node %(node)s, %(device)s %(precision)s, %(threads)s thread(s), %(crops)s crops", info)
         except BaseException:
             self.close()
             raise

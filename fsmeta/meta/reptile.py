@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fsmeta.compute import autocast, channels_last, forward_fn, host_values, to_device
+from fsmeta.config import ComputeConfig
 from fsmeta.errors import NonFiniteLossError
 from fsmeta.losses import distillation, entropy_regulariser, weighted_bce
 from fsmeta.models import SegmentationModel
@@ -56,48 +58,70 @@ class AdaptResult:
     losses: dict[str, float]  # mean over the inner steps of each loss term
 
 
-def adapt(model: SegmentationModel, theta: StateDict, batch: TaskBatch, settings: InnerSettings, where: str = "") -> AdaptResult:
+def adapt(model: SegmentationModel, theta: StateDict, batch: TaskBatch, settings: InnerSettings, where: str = "",
+          compute: ComputeConfig | None = None) -> AdaptResult:
     """Run ``settings.steps`` Adam steps on L = BCE + α·ER + β·D from θ and return θ'.
 
-    ``model`` is only a workspace of the right architecture: its weights and
-    buffers are overwritten with θ first, so calling twice with the same
-    arguments gives the same θ' bit for bit (on the same device and thread count).
-    Batch norm is in training mode, so its running statistics adapt too and
-    are returned in θ' with the weights (Reptile averages both).
+    ``model`` is only a workspace of the right architecture, on the device to run on
+    (placed there with :func:`fsmeta.compute.prepare_model`): its weights and buffers
+    are overwritten with θ first, so calling twice with the same arguments gives the
+    same θ' bit for bit (on the same device and thread count). The batch follows the
+    model to its device; θ' stays there. Batch norm is in training mode, so its
+    running statistics adapt too and are returned in θ' with the weights (Reptile
+    averages both).
+
+    ``compute`` (default: :class:`~fsmeta.config.ComputeConfig`'s) sets autocast and
+    the memory format; the losses are computed in fp32. Loss values are read back
+    once, after the last step, so the finiteness check names the first bad step but
+    fires only then.
 
     Raises:
         NonFiniteLossError: the loss became NaN or infinite (names ``where`` and the step).
     """
     model.load_state_dict(theta)
     model.train()
+    device = next(model.parameters()).device
+    cl = channels_last(device, compute)
+    x, y, x_n, x_p = (to_device(t, device, cl) for t in (batch.x, batch.y, batch.x_n, batch.x_p))
+    forward = forward_fn(model, compute)
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    sums = {"loss": 0.0, "bce": 0.0, "er": 0.0, "d": 0.0}
+    zero = torch.zeros((), device=device)
+    terms: list[torch.Tensor] = []  # per step: loss, bce, er, d, kept on the device
     for step in range(settings.steps):
         optimiser.zero_grad(set_to_none=True)
-        logits, latent_m = model.forward_with_latent(batch.x)
-        bce = weighted_bce(logits, batch.y)
+        # Forward passes and loss terms in this order: batch norm's running statistics and the
+        # order in which gradients accumulate both depend on it.
+        with autocast(device, compute):
+            logits, latent_m = forward(x)
+        bce = weighted_bce(logits.float(), y)
         loss = bce
-        er = d = None
+        er = d = zero
         if settings.alpha > 0.0:
-            er = entropy_regulariser(model(batch.x_n), settings.entropy)
+            with autocast(device, compute):
+                logits_n = forward(x_n)[0]
+            er = entropy_regulariser(logits_n.float(), settings.entropy)
             loss = loss + settings.alpha * er
         if settings.beta > 0.0:
-            _, latent_p = model.forward_with_latent(batch.x_p)
-            d = distillation(latent_m, latent_p)
+            with autocast(device, compute):
+                _, latent_p = forward(x_p)
+            d = distillation(latent_m.float(), latent_p.float())
             loss = loss + settings.beta * d
-        value = float(loss.detach())
+        loss.backward()
+        optimiser.step()
+        terms.extend(t.detach() for t in (loss, bce, er, d))
+    values = host_values(terms)
+    sums = {"loss": 0.0, "bce": 0.0, "er": 0.0, "d": 0.0}
+    for step in range(settings.steps):
+        value, bce_v, er_v, d_v = values[4 * step : 4 * step + 4]
         if not math.isfinite(value):
             raise NonFiniteLossError(
                 f"loss is {value} at inner step {step}{' of ' + where if where else ''} "
-                f"(bce={float(bce.detach()):.4g}, er={float(er.detach()) if er is not None else 0:.4g}, "
-                f"d={float(d.detach()) if d is not None else 0:.4g}); lower inner_lr or the loss weights"
+                f"(bce={bce_v:.4g}, er={er_v:.4g}, d={d_v:.4g}); lower inner_lr or the loss weights"
             )
-        loss.backward()
-        optimiser.step()
         sums["loss"] += value
-        sums["bce"] += float(bce.detach())
-        sums["er"] += float(er.detach()) if er is not None else 0.0
-        sums["d"] += float(d.detach()) if d is not None else 0.0
+        sums["bce"] += bce_v
+        sums["er"] += er_v
+        sums["d"] += d_v
     theta_prime = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return AdaptResult(theta_prime, {k: v / settings.steps for k, v in sums.items()})
 

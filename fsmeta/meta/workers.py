@@ -28,9 +28,10 @@ import numpy as np
 import ray
 import torch
 
+from fsmeta.compute import autocast_dtype, prepare_model
 from fsmeta.config import Config
 from fsmeta.data.sampling import TaskSpec
-from fsmeta.meta.reptile import InnerSettings, StateDict, TaskBatch, adapt
+from fsmeta.meta.reptile import InnerSettings, StateDict, adapt
 from fsmeta.meta.sequential import SourceData, task_batch
 from fsmeta.models import build_model
 
@@ -83,12 +84,14 @@ class SourceWorker:
         (own,) = load_sources(cfg, [self.name])
         resolved = dict(zip(pools, ray.get(list(pools.values())))) if pools else {}
         self.sources: list[SourceData | None] = [own if j == index else resolved.get(j) for j in range(len(names))]
-        self.model = build_model(cfg.arch).to(self.device)
+        self.compute = cfg.compute
+        self.model = prepare_model(build_model(cfg.arch), self.device, self.compute)
 
     def ready(self) -> dict[str, object]:
         """Where this worker runs; a cheap call that surfaces construction errors."""
         return {"source": self.name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                 "device": str(self.device), "threads": torch.get_num_threads(),
+                "precision": str(autocast_dtype(self.device, self.compute) or torch.float32).replace("torch.", ""),
                 "crops": len(self.sources[self.index].crops)}  # type: ignore[union-attr]
 
     def run(self, theta: NumpyState, task: TaskSpec) -> WorkerResult:
@@ -96,9 +99,9 @@ class SourceWorker:
         if task.m != self.index:
             raise ValueError(f"worker of source {self.name} (index {self.index}) got the task of source index {task.m}")
         batch = task_batch(self.sources, task)  # type: ignore[arg-type]
-        if self.device.type != "cpu":
-            batch = TaskBatch(*(t.to(self.device) for t in (batch.x, batch.y, batch.x_n, batch.x_p)))
         start = time.perf_counter()
-        result = adapt(self.model, state_from_numpy(theta), batch, self.settings, where=f"source {self.name}")
+        # adapt moves the batch to the model's device (pinned, non-blocking on CUDA).
+        result = adapt(self.model, state_from_numpy(theta), batch, self.settings, where=f"source {self.name}",
+                       compute=self.compute)
         seconds = time.perf_counter() - start
         return WorkerResult(state_to_numpy(result.theta), result.losses, seconds)

@@ -1,0 +1,125 @@
+"""The device side of every training and inference loop: precision, memory format, compilation, transfers.
+
+Meta-training (:func:`fsmeta.meta.reptile.adapt`), transfer training, fine-tuning
+and pretext training share one step shape::
+
+    model = prepare_model(model, device, compute)        # once: device, memory format, cuDNN, compile
+    forward = forward_fn(model, compute)                 # model.forward_with_latent, compiled or not
+    x = to_device(x, device, channels_last(device, compute))
+    with autocast(device, compute):
+        logits, latent = forward(x)
+    loss = weighted_bce(logits.float(), y)               # losses in fp32, always
+
+With :class:`~fsmeta.config.ComputeConfig`'s defaults this is bf16 autocast and
+channels_last on CUDA, and on a CPU exactly the fp32 code path it replaced:
+no autocast, the default memory format, ``.float()`` and ``.to("cpu")`` no-ops,
+so CPU results stay bit for bit what they were.
+
+Loss values are read back to the host once per epoch or per inner loop
+(:func:`host_values`), not once per step: on a GPU each read is a
+synchronisation that stalls the queue of kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager, Sequence
+
+import torch
+
+from fsmeta.config import ComputeConfig
+from fsmeta.models import SegmentationModel
+
+Forward = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def default_device() -> torch.device:
+    """CUDA when this process can see a GPU (in a Ray task or actor: the one Ray assigned), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_dtype(device: torch.device, compute: ComputeConfig | None = None) -> torch.dtype | None:
+    """The autocast dtype on ``device``, or None for fp32: ``auto`` is bf16 on CUDA only, ``bf16`` everywhere."""
+    amp = (compute or ComputeConfig()).amp
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, compute: ComputeConfig | None = None) -> ContextManager:
+    """The autocast context for forward passes on ``device``; a no-op context for fp32."""
+    dtype = autocast_dtype(device, compute)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def channels_last(device: torch.device, compute: ComputeConfig | None = None) -> bool:
+    """Whether models and batches on ``device`` use the channels_last memory format (``auto``: on CUDA)."""
+    mode = (compute or ComputeConfig()).channels_last
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+def prepare_model(model: SegmentationModel, device: torch.device, compute: ComputeConfig | None = None) -> SegmentationModel:
+    """Move ``model`` to ``device`` in place and set its memory format; switch on cuDNN autotuning on CUDA.
+
+    Returns the same module. Safe to call again (e.g. after :func:`fsmeta.models.make_bn_affine`
+    added parameters): each step is idempotent. Compilation is separate (:func:`forward_fn`),
+    so the module itself, its state dict and deep copies stay plain.
+    """
+    compute = compute or ComputeConfig()
+    if device.type == "cuda" and compute.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+    model.to(device)
+    if channels_last(device, compute):
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def forward_fn(model: SegmentationModel, compute: ComputeConfig | None = None) -> Forward:
+    """``model.forward_with_latent``, through ``torch.compile`` when ``compute.compile`` is on.
+
+    The compiled function lives as long as the caller's loop; the model is not changed.
+    """
+    if compute is not None and compute.compile:
+        return torch.compile(model.forward_with_latent)
+    return model.forward_with_latent
+
+
+def host_buffer(shape: Sequence[int], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised host tensor to assemble a batch in: page-locked when it is bound for CUDA,
+    so :func:`to_device` copies it without an extra staging copy and without blocking."""
+    return torch.empty(tuple(shape), dtype=dtype, pin_memory=device.type == "cuda" and torch.cuda.is_available())
+
+
+def to_device(t: torch.Tensor, device: torch.device, memory_channels_last: bool = False) -> torch.Tensor:
+    """``t`` on ``device``: host → CUDA through pinned memory with a non-blocking copy; unchanged on the CPU.
+
+    The caching host allocator keeps a pinned block alive until its copy has run, so
+    the caller may drop or reuse its reference at once.
+    """
+    if device.type == "cuda" and t.device.type == "cpu":
+        if not t.is_pinned():
+            t = t.pin_memory()
+        t = t.to(device, non_blocking=True)
+    elif t.device != device:
+        t = t.to(device)
+    if memory_channels_last and t.ndim == 4:
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def host_values(values: Sequence[torch.Tensor]) -> list[float]:
+    """Scalar tensors (e.g. the losses of an epoch) as Python floats, in one device → host transfer.
+
+    Each float is exactly ``float(tensor)``: the same numbers as reading them one by one.
+    """
+    if not values:
+        return []
+    return torch.stack([v.detach().reshape(()) for v in values]).cpu().tolist()
+
+
+__all__ = [
+    "ComputeConfig", "autocast", "autocast_dtype", "channels_last", "default_device", "forward_fn",
+    "host_buffer", "host_values", "prepare_model", "to_device",
+]
