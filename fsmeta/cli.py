@@ -57,6 +57,9 @@ def _load(args: argparse.Namespace, demo: bool = False):
     for name in ("backend",):
         if getattr(args, name, None):
             overrides.append(f"meta.{name}={getattr(args, name)}")
+    for name in ("trials", "scheduler", "search"):
+        if getattr(args, name, None) is not None:
+            overrides.append(f"tune.{name}={getattr(args, name)}")
     cfg = demo_config(args.config, overrides) if demo else load_config(args.config, overrides)
     return cfg
 
@@ -327,6 +330,19 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from fsmeta.tuning import METRIC, run_study
+
+    cfg = _load(args)
+    t0 = time.perf_counter()
+    best = run_study(cfg, args.space, args.out, _tracker(cfg), resume=args.resume, weights=args.weights)
+    values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["values"].items())
+    print(f"\nbest of {best['trials']} trial(s): {METRIC} {best[METRIC]:.4f} after {best['meta_iterations']} meta-iterations ({values})")
+    print(f"trials in {args.out}/trials.csv; the best configuration in {args.out}/best.yaml "
+          f"(fsmeta meta-train --config {args.out}/best.yaml); wall time {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from fsmeta.report import format_table, read_results, render_report, summarize
 
@@ -446,6 +462,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["sequential", "ray"], help="where meta-training inner loops run (default: from the config)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted benchmark in OUT, skipping recorded cells (default: off)")
     p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("tune", help="a Ray Tune study over α, β, ε and learning rates on a validation split (never the test images)")
+    _config_args(p)
+    g = p.add_argument_group("study")
+    g.add_argument("--space", required=True, metavar="YAML", help="search space, e.g. tune_spaces/reptile.yaml (required)")
+    g.add_argument("--trials", type=int, metavar="N", help="trials to sample (default: tune.trials, 16)")
+    g.add_argument("--scheduler", choices=["asha", "fifo"], help="asha stops weak trials at each validation (default: tune.scheduler, asha)")
+    g.add_argument("--search", choices=["random", "optuna"], help="how values are proposed (default: tune.search, random)")
+    g.add_argument("--backend", choices=["sequential", "ray"], help="meta-training inside a trial: its own source actors or in-process (default: from the config, ray)")
+    g.add_argument("--weights", metavar="W", help="tune fine-tuning of this pre-trained checkpoint instead of meta-training per trial (default: meta-train)")
+    g.add_argument("--out", default="runs/tune", metavar="DIR", help="output folder: best.yaml, best.safetensors, trials.csv, Tune's state (default: runs/tune)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted study in OUT with Tune's restore (default: off)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("report", help="re-render summary.csv and the figures of a study folder from its results")
     p.add_argument("dir", metavar="DIR", help="a benchmark or demo output folder holding results.parquet")
