@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 import logging
 from pathlib import Path
 from typing import Any
@@ -89,10 +90,23 @@ def _comparable(flat: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if not any(k == c or k.startswith(c) for c in (*_RESUMABLE_CHANGES, *_GRID_AXES))}
 
 
+def _field_path(key: str) -> str:
+    """The dataclass field of a flat key: ``select.patches_per_shot.b5`` → ``select.patches_per_shot``."""
+    node: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+        node = hints.get(part)
+        if not dataclasses.is_dataclass(node):
+            return ".".join(parts[: i + 1])
+    return key
+
+
 def _check_resume(state: dict[str, Any], cfg: Config, out: Path) -> None:
-    # A key the saved state lacks was added to fsmeta since: it counts as its default.
-    defaults = Config().flat()
-    saved = _comparable({**defaults, **state["config"]})
+    # A configuration field the saved state lacks was added to fsmeta since: it counts as its default.
+    saved_fields = {_field_path(k) for k in state["config"]}
+    added = {k: v for k, v in Config().flat().items() if _field_path(k) not in saved_fields}
+    saved = _comparable({**added, **state["config"]})
     now = _comparable(cfg.flat())
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if changed:
