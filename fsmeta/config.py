@@ -193,6 +193,7 @@ class EvalConfig:
     seeds: list[int] = field(default_factory=lambda: list(range(10)))
     test_fraction: float = 0.2  # 2023 protocol
     split_seed: int = 0  # 2023 protocol: which fixed split
+    vary_split: bool = True  # 2023 protocol: seed s uses split split_seed + s (the paper's 10 splits); false: every seed the same split (draws still differ), e.g. to score a tuned configuration on the test images tuning never read
     threshold: float = 0.5
 
 

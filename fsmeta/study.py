@@ -75,8 +75,9 @@ class Cell:
 
 def cell_split(cfg: Config, n_images: int, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
     """(pool, fixed test) of a cell: in the 2023 protocol each seed is its own split
-    (the paper's 10 splits); in 2020 the seed only changes the K-shot draw."""
-    split_seed = cfg.eval.split_seed + (seed if cfg.eval.protocol == "2023" else 0)
+    (the paper's 10 splits) unless ``eval.vary_split`` is off; in 2020 the seed only
+    changes the K-shot draw."""
+    split_seed = cfg.eval.split_seed + (seed if cfg.eval.protocol == "2023" and cfg.eval.vary_split else 0)
     return protocol_split(n_images, cfg.eval.protocol, cfg.eval.test_fraction, split_seed)
 
 

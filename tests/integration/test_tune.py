@@ -165,3 +165,16 @@ def test_tiny_study_nests_one_run_per_trial_and_writes_best_yaml(tiny_config, tm
     again = run_study(cfg, space, out, sqlite_tracker, resume=True, progress=False)
     assert again == best
     assert len(client.search_runs([exp.experiment_id])) == len(runs)
+
+
+def test_fixed_split_benchmark_scores_on_the_tuning_test_images(tiny_config):
+    """eval.vary_split=false: every seed uses the split tuning held out, so a benchmark of the
+    tuned configuration is scored on images tuning never read; by default seeds vary the split."""
+    from fsmeta.study import cell_split
+
+    fixed = tiny_config("eval.protocol=2023", "eval.vary_split=false")
+    split = tune_split(fixed, 20)
+    tests = [cell_split(fixed, 20, seed)[1] for seed in range(3)]
+    assert all(np.array_equal(t, split.test) for t in tests)
+    varying = [cell_split(tiny_config("eval.protocol=2023"), 20, seed)[1] for seed in range(3)]
+    assert not np.array_equal(varying[0], varying[1])
