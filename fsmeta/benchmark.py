@@ -34,7 +34,7 @@ from fsmeta.config import Config, config_from_dict
 from fsmeta.data.registry import load_dataset, resolve_sources
 from fsmeta.data.sampling import protocol_split
 from fsmeta.errors import FsmetaError
-from fsmeta.evaluate import predict_probability
+from fsmeta.evaluate import default_device, predict_probability
 from fsmeta.progress import Progress
 from fsmeta.report import RESULT_COLUMNS, format_table, overlay, render_report, summarize, write_png, write_results
 from fsmeta.study import Cell, run_cell
@@ -45,7 +45,9 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "benchmark.json"
 # Settings that may change between an interrupted run and its resumption: where and how it runs.
-_RESUMABLE_CHANGES = ("study.executor", "study.cell_cpus", "study.cell_gpus", "ray.", "tracking.", "threads", "meta.backend")
+# How cells run, never what they compute (compute.*: bf16 on CUDA is within the tolerance of
+# docs/benchmarks.md, and a resumed benchmark may move to other hardware).
+_RESUMABLE_CHANGES = ("study.executor", "study.cell_cpus", "study.cell_gpus", "ray.", "tracking.", "threads", "meta.backend", "compute.")
 # The grid's axes may grow or shrink on --resume: a cell's result depends on its own
 # coordinates and the rest of the configuration, so recorded cells stay valid and only
 # the new ones run (e.g. add selection methods or seeds to a finished benchmark).
@@ -138,6 +140,7 @@ def pretrain(cfg: Config, target: str, arch: str, pretraining: str, out: Path, t
         from fsmeta.select import pretext_finetune
 
         model, meta = model_from_checkpoint(final)
+        model.to(default_device())
         with tracker.run(f"pretext/{target}/{arch}/{pretraining}", parent_run_id=parent,
                          params={"target": target, "arch": arch, "pretraining": pretraining, "epochs": cfg.select.pretext_epochs},
                          tags={"fsmeta.kind": "pretext"}) as run_id:

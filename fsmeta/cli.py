@@ -18,6 +18,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from fsmeta.errors import FsmetaError  # noqa: E402
 
 
+def default_device():
+    from fsmeta.compute import default_device as device
+
+    return device()
+
+
 def _config_args(p: argparse.ArgumentParser, default_help: str = "the built-in defaults (the paper's values)") -> None:
     g = p.add_argument_group("configuration")
     g.add_argument("--config", metavar="YAML", help=f"run configuration file (default: {default_help})")
@@ -168,6 +174,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="fsmeta-weights-") as cache:  # an MLflow download lives only until loaded
         model, meta = model_from_checkpoint(resolve_weights(args.weights, tracking_uri=args.tracking_uri or "", cache=cache))
+    model.to(default_device())
     rows = predict_files(model, inputs, args.output, settings)
     out = Path(args.output)
     total = sum(r.cells for r in rows)
@@ -215,6 +222,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = _load(args)
     apply_threads(cfg)
     model, meta = model_from_checkpoint(args.weights)
+    model.to(default_device())  # CUDA when present
     if meta.get("bn_affine"):
         raise FsmetaError(f"{args.weights} is already fine-tuned; fine-tune from a pre-trained checkpoint")
     if bool(args.support_images) != bool(args.support_masks):
@@ -229,7 +237,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     params = {"target": cfg.data.target, "arch": meta["arch"], "pretraining": meta.get("kind", ""), "shots": args.shots,
               "seed": args.seed, "weights": str(args.weights), "support_crops": len(x)}
     with tracker.run(f"finetune/{cfg.data.target}/K{args.shots}/s{args.seed}", params=params, tags={"fsmeta.kind": "finetune"}) as run_id:
-        _, history = finetune(model, x, y, cfg.finetune, seed=args.seed)
+        _, history = finetune(model, x, y, cfg.finetune, seed=args.seed, compute=cfg.compute)
         for epoch, loss in enumerate(history, 1):
             tracker.log_metrics(run_id, {"loss": loss}, step=epoch)
         out = save_checkpoint(args.out, clone_state(model), {
@@ -258,7 +266,7 @@ def _finetune_on_folders(args: argparse.Namespace, cfg, model, meta) -> int:
     params = {"target": f"folder:{Path(args.support_images).resolve()}", "arch": meta["arch"], "pretraining": meta.get("kind", ""),
               "shots": len(images), "seed": args.seed, "weights": str(args.weights), "support_crops": len(x), "crop_size": index.size}
     with tracker.run(f"finetune/{label}/K{len(images)}/s{args.seed}", params=params, tags={"fsmeta.kind": "finetune"}) as run_id:
-        _, history = finetune(model, x, y, cfg.finetune, seed=args.seed)
+        _, history = finetune(model, x, y, cfg.finetune, seed=args.seed, compute=cfg.compute)
         for epoch, loss in enumerate(history, 1):
             tracker.log_metrics(run_id, {"loss": loss}, step=epoch)
         out = save_checkpoint(args.out, clone_state(model), {
@@ -279,12 +287,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = _load(args)
     apply_threads(cfg)
     model, meta = model_from_checkpoint(args.weights)
+    model.to(default_device())
     shots = args.shots if args.shots is not None else meta.get("shots")
     seed = args.seed if args.seed is not None else meta.get("seed", 0)
     if shots is None:
         raise FsmetaError(f"{args.weights} does not record its K-shot draw; pass --shots and --seed")
     target, support, test = _cell_images(cfg, int(shots), int(seed))
-    summary, rows = evaluate(model, target, test, cfg.eval.threshold)
+    summary, rows = evaluate(model, target, test, cfg.eval.threshold, compute=cfg.compute)
     report = {"weights": str(args.weights), "target": cfg.data.target, "shots": int(shots), "seed": int(seed), **summary}
     print(f"{cfg.data.target}: {summary['n_images']} test image(s)  mIoU {summary['miou']:.4f}  pooled IoU {summary['pooled_iou']:.4f}  "
           f"instance P/R/F1 {summary['precision']:.3f}/{summary['recall']:.3f}/{summary['f1']:.3f}")

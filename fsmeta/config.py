@@ -230,7 +230,7 @@ class RayConfig:
     """Where and how the Ray execution layer runs (meta.backend=ray)."""
 
     address: str = ""  # empty: $RAY_ADDRESS, else a new local instance started by ray.init()
-    gpus_per_worker: float = -1.0  # GPUs per source actor; -1: 1 when the cluster has GPUs, else 0
+    gpus_per_worker: float = -1.0  # GPUs per source actor; -1: one each when GPUs ≥ sources, else an even share (fsmeta.meta.driver.worker_gpus); 0 without GPUs
     cpus_per_worker: float = 0.0  # CPUs reserved per source actor (torch threads: this, rounded down, at least 1); 0: min(1, cluster CPUs / sources)
     num_cpus: int = 0  # CPUs of a local instance; 0: all of this machine's, or enough for every source actor if more
     include_dashboard: bool = False  # a local instance's dashboard, bound to 127.0.0.1 when on

@@ -52,6 +52,7 @@ from fsmeta.data.registry import load_dataset, resolve_sources
 from fsmeta.data.sampling import make_task, protocol_split
 from fsmeta.data.store import ImageSet
 from fsmeta.errors import FsmetaError
+from fsmeta.meta.driver import worker_gpus
 from fsmeta.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -220,8 +221,8 @@ def validation_score(cfg: Config, theta: dict, target: ImageSet, split: TuneSpli
             model = build_model(cfg.arch)
             model.load_state_dict(theta)
             model.to(default_device())
-            finetune(model, x, y, cfg.finetune, seed=seed, where=f"tune {cell.name()}")
-            summary, _ = evaluate(model, target, split.val, cfg.eval.threshold)
+            finetune(model, x, y, cfg.finetune, seed=seed, where=f"tune {cell.name()}", compute=cfg.compute)
+            summary, _ = evaluate(model, target, split.val, cfg.eval.threshold, compute=cfg.compute)
             per_k.setdefault(k, []).append(float(summary["miou"]))
     scores = {f"{METRIC}_K{k}": float(np.mean(v)) for k, v in per_k.items()}
     scores[METRIC] = float(np.mean([s for v in per_k.values() for s in v]))
@@ -301,8 +302,8 @@ def trial_resources(cfg: Config, n_sources: int, cluster: dict[str, float]) -> l
     """The bundles of one trial: the trial's own, then one per source actor (Ray backend).
 
     Source actors take ``ray.cpus_per_worker`` CPUs, or automatically
-    min(1, (cluster CPUs − trial CPUs) / sources); GPUs: ``ray.gpus_per_worker``, or
-    automatically min(1, cluster GPUs / sources) when the cluster has GPUs.
+    min(1, (cluster CPUs − trial CPUs) / sources); GPUs: ``ray.gpus_per_worker``, or the
+    automatic share of :func:`fsmeta.meta.driver.worker_gpus` (GPUs shared evenly).
     """
     own = {"CPU": cfg.tune.trial_cpus}
     if cfg.tune.trial_gpus > 0:
@@ -315,9 +316,7 @@ def trial_resources(cfg: Config, n_sources: int, cluster: dict[str, float]) -> l
             f"a trial takes tune.trial_cpus={cfg.tune.trial_cpus} of the cluster's {cluster.get('CPU', 0.0):g} CPUs, "
             f"leaving none for its {n_sources} source actors; lower tune.trial_cpus or set ray.cpus_per_worker"
         )
-    gpus = cfg.ray.gpus_per_worker
-    if gpus < 0:
-        gpus = min(1.0, cluster.get("GPU", 0.0) / n_sources) if cluster.get("GPU", 0.0) > 0 else 0.0
+    gpus = worker_gpus(cfg.ray.gpus_per_worker, cluster.get("GPU", 0.0), n_sources)
     actor = {"CPU": round(cpus, 4), **({"GPU": round(gpus, 4)} if gpus > 0 else {})}
     return [own] + [dict(actor) for _ in range(n_sources)]
 
