@@ -178,3 +178,17 @@ def test_fixed_split_benchmark_scores_on_the_tuning_test_images(tiny_config):
     assert all(np.array_equal(t, split.test) for t in tests)
     varying = [cell_split(tiny_config("eval.protocol=2023"), 20, seed)[1] for seed in range(3)]
     assert not np.array_equal(varying[0], varying[1])
+
+
+def test_searchers_start_from_the_defaults_point(tiny_config):
+    """Random search is seeded; Optuna (the `tune` extra) gets the defaults trial too."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    from fsmeta.tuning import _searcher
+
+    point = [{"meta.alpha": 0.01}]
+    random = _searcher(tiny_config("tune.search=random"), point)
+    assert isinstance(random, BasicVariantGenerator) and random._points_to_evaluate == point
+    optuna = _searcher(tiny_config("tune.search=optuna"), point)
+    assert isinstance(optuna, OptunaSearch) and optuna._points_to_evaluate == point
