@@ -129,8 +129,8 @@ def pretrain(cfg: Config, target: str, arch: str, pretraining: str, out: Path, t
             final = transfer_train(tcfg, folder, tracker, parent_run_id=parent, progress=progress)
         else:
             final = scratch_checkpoint(tcfg, folder)
-    if cfg.eval.protocol != "2023":
-        return final
+    if cfg.eval.protocol != "2023" or cfg.select.pretext_epochs == 0:
+        return final  # select.pretext_epochs=0: selection scores and fine-tuning start from θ itself
     # The 2023 pipeline scores and fine-tunes θ′, the pre-trained model adapted to the
     # target's pseudo-labels; it sees only pixels, so one θ′ serves every split and method.
     pretext = folder / "pretext.safetensors"

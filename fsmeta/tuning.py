@@ -504,6 +504,12 @@ def run_study(cfg: Config, space_path: str | Path, out_dir: str | Path, tracker:
                                           failure_config=tune.FailureConfig(max_failures=2), verbose=1 if progress else 0),
             )
         results = tuner.fit()
+        finished = results.num_terminated + results.num_errors
+        if finished < cfg.tune.trials:
+            # Tune stops gracefully on Ctrl-C and returns what it has: say so, write no best.yaml.
+            status = "KILLED"
+            raise FsmetaError(f"the study was interrupted with {finished} of {cfg.tune.trials} trials finished; "
+                              f"continue it with --resume --out {out}")
         best = _write_outputs(cfg, dims, results, out, tracker, parent)
         status = "FINISHED"
         return best
@@ -512,8 +518,19 @@ def run_study(cfg: Config, space_path: str | Path, out_dir: str | Path, tracker:
         raise
     finally:
         tracker.end_run(parent, status)
+        if status != "FINISHED":
+            _end_open_trials(tracker, state_path, status)
         if started and ray.is_initialized():
             ray.shutdown()
+
+
+def _end_open_trials(tracker: Tracker, state_path: Path, status: str) -> None:
+    """Trials cut off by an interruption: their runs end KILLED (``--resume`` marks them RUNNING again)."""
+    if not tracker.enabled or not state_path.is_file():
+        return
+    for run_id in json.loads(state_path.read_text()).get("trials", {}).values():
+        if tracker.client.get_run(run_id).info.status == "RUNNING":
+            tracker.end_run(run_id, "KILLED" if status == "KILLED" else "FAILED")
 
 
 def _write_outputs(cfg: Config, dims: list[Dimension], results, out: Path, tracker: Tracker, parent: str) -> dict[str, Any]:

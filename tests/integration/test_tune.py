@@ -192,3 +192,53 @@ def test_searchers_start_from_the_defaults_point(tiny_config):
     assert isinstance(random, BasicVariantGenerator) and random._points_to_evaluate == point
     optuna = _searcher(tiny_config("tune.search=optuna"), point)
     assert isinstance(optuna, OptunaSearch) and optuna._points_to_evaluate == point
+
+
+@pytest.mark.slow
+def test_interrupted_study_resumes_with_the_same_runs(tiny_config, tmp_path, ray_session):
+    """Ctrl-C stops the study (no best.yaml, runs KILLED); --resume finishes it with Tune's
+    restore, each trial keeping its one MLflow run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    ray = ray_session()
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    cfg = tiny_config("meta.backend=ray", "meta.iterations=6", "tune.eval_every=2", "tune.trials=3", "tune.scheduler=fifo",
+                      "tune.shots=[1]", "tune.seeds=[0]", "tune.trial_cpus=0.5", "tracking.enabled=true",
+                      "data.synth.images=10", "meta.inner_steps=10")
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    out, db = tmp_path / "study", tmp_path / "mlflow.db"
+    command = [str(Path(sys.executable).parent / "fsmeta"), "tune", "--space", str(space), "--config", str(config_file),
+               "--out", str(out), "--tracking-uri", f"sqlite:///{db}", "--experiment", "resume"]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline and not list(out.glob("study/*/checkpoint_*")):
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        text = proc.communicate(timeout=180)[0].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "the study was interrupted" in text, text[-3000:]
+    assert not (out / "best.yaml").exists()
+
+    done = subprocess.run([*command, "--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (out / "best.yaml").is_file()
+    client = Tracker(f"sqlite:///{db}", "resume").client
+    runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    trials = [r for r in runs if r.data.tags.get("fsmeta.kind") == "trial"]
+    assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    for r in trials:  # every trial reached the end, each validation logged once in its one run
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_miou")] == [2, 4, 6]
