@@ -317,7 +317,8 @@ def trial_resources(cfg: Config, n_sources: int, cluster: dict[str, float]) -> l
             f"leaving none for its {n_sources} source actors; lower tune.trial_cpus or set ray.cpus_per_worker"
         )
     gpus = worker_gpus(cfg.ray.gpus_per_worker, cluster.get("GPU", 0.0), n_sources)
-    actor = {"CPU": round(cpus, 4), **({"GPU": round(gpus, 4)} if gpus > 0 else {})}
+    # Rounded down to Ray's resolution (1e-4), so n bundles never add up to more than the cluster has.
+    actor = {"CPU": math.floor(cpus * 1e4) / 1e4, **({"GPU": math.floor(gpus * 1e4) / 1e4} if gpus > 0 else {})}
     return [own] + [dict(actor) for _ in range(n_sources)]
 
 

@@ -61,6 +61,8 @@ def test_trial_resources_reserve_the_trial_and_one_bundle_per_source(tiny_config
     assert trial_resources(cfg, 2, {"CPU": 2.0}) == [{"CPU": 0.5}, {"CPU": 0.75}, {"CPU": 0.75}]
     assert trial_resources(cfg, 4, {"CPU": 16.0, "GPU": 2.0}) == [{"CPU": 0.5}] + [{"CPU": 1.0, "GPU": 0.5}] * 4
     assert trial_resources(tiny_config("meta.backend=sequential", "tune.trial_cpus=2"), 3, {"CPU": 8.0}) == [{"CPU": 2.0}]
+    seven = trial_resources(tiny_config("meta.backend=ray", "tune.trial_cpus=1"), 7, {"CPU": 2.0})
+    assert seven[1] == {"CPU": 0.1428} and sum(b["CPU"] for b in seven) <= 2.0  # rounded down: the trial fits
     with pytest.raises(FsmetaError, match="leaving none for its 2 source actors"):
         trial_resources(tiny_config("meta.backend=ray", "tune.trial_cpus=2"), 2, {"CPU": 2.0})
 
