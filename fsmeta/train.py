@@ -86,6 +86,15 @@ def make_backend(cfg: Config, sources: list[SourceData]) -> Backend:
     raise FsmetaError(f"unknown meta.backend {cfg.meta.backend!r}")
 
 
+def meta_iteration(cfg: Config, backend: Backend, theta: StateDict, iteration: int,
+                   pool_sizes: list[int]) -> tuple[StateDict, list[AdaptResult]]:
+    """One Reptile meta-iteration: a task per source (a pure function of seed, iteration and
+    source), adapted on ``backend``, then θ moved towards the adapted weights."""
+    tasks = [make_task(cfg.seed, iteration, m, pool_sizes, cfg.meta.shots) for m in range(len(pool_sizes))]
+    results = backend.run(theta, tasks)
+    return meta_update(theta, [r.theta for r in results], cfg.meta.epsilon), results
+
+
 def _resume_view(flat: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if any(k == key or k.startswith(key + ".") for key in _RESUME_KEYS)
             and not k.startswith("data.root")}
@@ -142,9 +151,7 @@ def meta_train(
     try:
         for it in range(start, cfg.meta.iterations):
             t0 = time.perf_counter()
-            tasks = [make_task(cfg.seed, it, m, pool_sizes, cfg.meta.shots) for m in range(len(sources))]
-            results = backend.run(theta, tasks)
-            theta = meta_update(theta, [r.theta for r in results], cfg.meta.epsilon)
+            theta, results = meta_iteration(cfg, backend, theta, it, pool_sizes)
             seconds = time.perf_counter() - t0
             metrics = {k: float(np.mean([r.losses[k] for r in results])) for k in ("loss", "bce", "er", "d")}
             metrics.update({f"loss.{names[r_i]}": r.losses["loss"] for r_i, r in enumerate(results)})

@@ -49,7 +49,7 @@ from ray.tune import Callback
 from fsmeta.atomic import atomic_write_bytes
 from fsmeta.config import Config, ConfigError, config_from_dict, dump_config
 from fsmeta.data.registry import load_dataset, resolve_sources
-from fsmeta.data.sampling import make_task, protocol_split
+from fsmeta.data.sampling import protocol_split
 from fsmeta.data.store import ImageSet
 from fsmeta.errors import FsmetaError
 from fsmeta.meta.driver import worker_gpus
@@ -237,8 +237,7 @@ def run_trial(cfg: Config, report: Callable[[dict[str, float], dict, int], None]
 
     The same task draws as ``fsmeta meta-train`` (a pure function of seed, iteration and
     source), so a trial restored from its checkpoint continues to the same θ."""
-    from fsmeta.meta.reptile import meta_update
-    from fsmeta.train import initial_theta, load_sources, make_backend
+    from fsmeta.train import initial_theta, load_sources, make_backend, meta_iteration
 
     target = load_dataset(cfg.data.target, cfg)
     split = tune_split(cfg, len(target), cfg.data.target)
@@ -254,9 +253,7 @@ def run_trial(cfg: Config, report: Callable[[dict[str, float], dict, int], None]
     try:
         for it in range(start, cfg.meta.iterations):
             t0 = time.perf_counter()
-            tasks = [make_task(cfg.seed, it, m, pool_sizes, cfg.meta.shots) for m in range(len(sources))]
-            results = backend.run(theta, tasks)
-            theta = meta_update(theta, [r.theta for r in results], cfg.meta.epsilon)
+            theta, results = meta_iteration(cfg, backend, theta, it, pool_sizes)
             done = it + 1
             if done % every == 0 or done == cfg.meta.iterations:
                 metrics = {"meta_iteration": done, "meta_loss": float(np.mean([r.losses["loss"] for r in results])),
