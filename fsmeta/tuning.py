@@ -370,14 +370,26 @@ class TrialRuns(Callback):
                    if k.startswith(METRIC) or k in ("meta_loss", "sec_per_iter")}
         self.tracker.log_metrics(self._run_id(trial), metrics, step=int(result.get("meta_iteration", 0)))
 
+    def _finished(self, trial) -> None:
+        # Tune calls on_trial_complete/on_trial_error only for a trial that ran to its end, was
+        # stopped by the scheduler or failed for good — never for one cut off by Ctrl-C (which
+        # Tune nevertheless marks TERMINATED), so this list is how run_study tells the two apart.
+        state = self._runs()
+        done = state.setdefault("finished", [])
+        if trial.trial_id not in done:
+            done.append(trial.trial_id)
+            atomic_write_bytes(Path(self.state_path), (json.dumps(state, indent=2) + "\n").encode())
+
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = int((trial.last_result or {}).get("meta_iteration", 0))
         run_id = self._run_id(trial)
         self.tracker.set_tags(run_id, {"fsmeta.stopped_early": str(last < self.iterations).lower(), "fsmeta.iterations": str(last)})
         self.tracker.end_run(run_id, "FINISHED")
+        self._finished(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.tracker.end_run(self._run_id(trial), "FAILED")
+        self._finished(trial)
 
 
 # ---------------------------------------------------------------- the study
@@ -502,7 +514,7 @@ def run_study(cfg: Config, space_path: str | Path, out_dir: str | Path, tracker:
                                           failure_config=tune.FailureConfig(max_failures=2), verbose=1 if progress else 0),
             )
         results = tuner.fit()
-        finished = results.num_terminated + results.num_errors
+        finished = len(json.loads(state_path.read_text()).get("finished", []))
         if finished < cfg.tune.trials:
             # Tune stops gracefully on Ctrl-C and returns what it has: say so, write no best.yaml.
             status = "KILLED"
@@ -536,7 +548,7 @@ def _write_outputs(cfg: Config, dims: list[Dimension], results, out: Path, track
     rows = []
     for r in results:
         m = r.metrics or {}
-        rows.append({"trial_id": m.get("trial_id", ""), **{k: r.config.get(k) for k in keys},
+        rows.append({"trial_id": m.get("trial_id", ""), **{k: (r.config or {}).get(k) for k in keys},
                      METRIC: m.get(METRIC, float("nan")), "meta_iterations": m.get("meta_iteration", 0),
                      "error": "" if r.error is None else type(r.error).__name__})
     rows.sort(key=lambda row: (-(row[METRIC] if row[METRIC] == row[METRIC] else -1.0), row["trial_id"]))
