@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import typing
 import logging
 from pathlib import Path
 from typing import Any
 
 
 from fsmeta.atomic import atomic_write_bytes
-from fsmeta.config import Config, config_from_dict
+from fsmeta.config import RUNTIME_KEYS, Config, changed_keys, config_from_dict
 from fsmeta.data.registry import load_dataset, resolve_sources
 from fsmeta.data.sampling import protocol_split
 from fsmeta.errors import FsmetaError
@@ -44,10 +43,8 @@ from fsmeta.train import apply_threads, meta_train, scratch_checkpoint, transfer
 log = logging.getLogger(__name__)
 
 STATE_FILE = "benchmark.json"
-# Settings that may change between an interrupted run and its resumption: where and how it runs.
-# How cells run, never what they compute (compute.*: bf16 on CUDA is within the tolerance of
-# docs/benchmarks.md, and a resumed benchmark may move to other hardware).
-_RESUMABLE_CHANGES = ("study.executor", "study.cell_cpus", "study.cell_gpus", "ray.", "tracking.", "threads", "meta.backend", "compute.")
+# Besides config.RUNTIME_KEYS (where and how fast cells run; a resumed benchmark may move
+# to other hardware), the grid may change between a run and its resumption.
 # The grid's axes may grow or shrink on --resume: a cell's result depends on its own
 # coordinates and the rest of the configuration, so recorded cells stay valid and only
 # the new ones run (e.g. add selection methods or seeds to a finished benchmark).
@@ -88,29 +85,8 @@ def grid(cfg: Config) -> list[Cell]:
     ]
 
 
-def _comparable(flat: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in flat.items() if not any(k == c or k.startswith(c) for c in (*_RESUMABLE_CHANGES, *_GRID_AXES))}
-
-
-def _field_path(key: str) -> str:
-    """The dataclass field of a flat key: ``select.patches_per_shot.b5`` → ``select.patches_per_shot``."""
-    node: Any = Config
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
-        node = hints.get(part)
-        if not dataclasses.is_dataclass(node):
-            return ".".join(parts[: i + 1])
-    return key
-
-
 def _check_resume(state: dict[str, Any], cfg: Config, out: Path) -> None:
-    # A configuration field the saved state lacks was added to fsmeta since: it counts as its default.
-    saved_fields = {_field_path(k) for k in state["config"]}
-    added = {k: v for k, v in Config().flat().items() if _field_path(k) not in saved_fields}
-    saved = _comparable({**added, **state["config"]})
-    now = _comparable(cfg.flat())
-    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    changed = changed_keys(state["config"], cfg.flat(), ignore=(*RUNTIME_KEYS, *_GRID_AXES))
     if changed:
         raise FsmetaError(f"cannot resume the benchmark in {out}: its configuration differs in {', '.join(changed[:5])}")
 

@@ -386,6 +386,48 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Settings that change where or how fast a run computes, never what it computes
+# (the compute path is bit-identical on the CPU and within bf16 noise on CUDA):
+# changing them never blocks a resume.
+RUNTIME_KEYS = ("ray.", "tracking.", "threads", "compute.", "meta.backend", "study.executor", "study.cell_cpus", "study.cell_gpus")
+
+
+def field_path(key: str) -> str:
+    """The dataclass field of a flat key: ``select.patches_per_shot.b5`` → ``select.patches_per_shot``."""
+    node: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+        node = hints.get(part)
+        if not dataclasses.is_dataclass(node):
+            return ".".join(parts[: i + 1])
+    return key
+
+
+def _under(key: str, prefixes: tuple[str, ...] | list[str]) -> bool:
+    return any(key == p or key.startswith(p if p.endswith(".") else p + ".") for p in prefixes)
+
+
+def changed_keys(saved: dict[str, Any], now: dict[str, Any], *, ignore: tuple[str, ...] | list[str] = RUNTIME_KEYS,
+                 only: tuple[str, ...] | list[str] | None = None) -> list[str]:
+    """Flat keys whose values differ between a run's saved configuration and ``now`` (both ``Config.flat()``).
+
+    The one test behind every ``--resume`` (benchmark, tune study, meta-training):
+    a field the saved configuration lacks was added to fsmeta after the run
+    started, and counts as its default; keys under ``ignore`` are skipped; with
+    ``only``, just keys under those prefixes are compared. A dict field the saved
+    configuration has is compared as saved (its missing entries are not refilled).
+    """
+    saved_fields = {field_path(k) for k in saved}
+    added = {k: v for k, v in Config().flat().items() if field_path(k) not in saved_fields}
+    before = {**added, **saved}
+
+    def keep(k: str) -> bool:
+        return not _under(k, ignore) and (only is None or _under(k, only))
+
+    return sorted(k for k in set(before) | set(now) if keep(k) and before.get(k) != now.get(k))
+
+
 def _convert(tp: Any, value: Any, where: str) -> Any:
     """Check and convert a YAML value to the annotated field type."""
     origin = typing.get_origin(tp)

@@ -18,7 +18,7 @@ import torch
 
 from fsmeta.checkpoint import load_checkpoint, save_checkpoint
 from fsmeta.compute import autocast, channels_last, default_device, forward_fn, host_buffer, host_values, prepare_model, to_device
-from fsmeta.config import Config, flatten
+from fsmeta.config import Config, changed_keys, flatten
 from fsmeta.data.crops import build_crop_index, gather
 from fsmeta.data.registry import load_dataset, resolve_sources
 from fsmeta.data.sampling import TaskSpec, make_task
@@ -95,11 +95,6 @@ def meta_iteration(cfg: Config, backend: Backend, theta: StateDict, iteration: i
     return meta_update(theta, [r.theta for r in results], cfg.meta.epsilon), results
 
 
-def _resume_view(flat: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in flat.items() if any(k == key or k.startswith(key + ".") for key in _RESUME_KEYS)
-            and not k.startswith("data.root")}
-
-
 def checkpoint_meta(cfg: Config, kind: str, sources: list[str], **extra: Any) -> dict[str, Any]:
     return {"arch": cfg.arch, "bn_affine": False, "kind": kind, "target": cfg.data.target,
             "sources": sources, "config": cfg.to_dict(), **extra}
@@ -130,9 +125,7 @@ def meta_train(
     start, run_id = 0, ""
     if resume and last.is_file():
         theta, meta = load_checkpoint(last)
-        saved = _resume_view(flatten(meta.get("config", {})))
-        now = _resume_view(flat)
-        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        changed = changed_keys(flatten(meta.get("config", {})), flat, ignore=("data.root",), only=_RESUME_KEYS)
         if changed:
             raise FsmetaError(f"cannot resume {last}: configuration differs in {', '.join(changed[:5])}")
         start, run_id = int(meta["iteration"]), meta.get("mlflow_run_id", "")

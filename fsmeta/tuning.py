@@ -47,7 +47,7 @@ import yaml
 from ray.tune import Callback
 
 from fsmeta.atomic import atomic_write_bytes
-from fsmeta.config import Config, ConfigError, config_from_dict, dump_config
+from fsmeta.config import Config, ConfigError, changed_keys, config_from_dict, dump_config
 from fsmeta.data.registry import load_dataset, resolve_sources
 from fsmeta.data.sampling import protocol_split
 from fsmeta.data.store import ImageSet
@@ -420,10 +420,6 @@ def _scheduler(cfg: Config):
                          reduction_factor=cfg.tune.reduction_factor)
 
 
-def _comparable(state: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in state.items() if not (k.startswith("ray.") or k.startswith("tracking.") or k == "threads")}
-
-
 def run_study(cfg: Config, space_path: str | Path, out_dir: str | Path, tracker: Tracker, *,
               resume: bool = False, progress: bool = True, weights: str | Path | None = None) -> dict[str, Any]:
     """Run (or, with ``resume``, continue) a study; returns the best trial's values and score.
@@ -474,8 +470,7 @@ def run_study(cfg: Config, space_path: str | Path, out_dir: str | Path, tracker:
         if not resume:
             raise FsmetaError(f"{out} already holds a study; pass --resume to continue it or choose another --out")
         state = json.loads(state_path.read_text())
-        saved, now = _comparable(state["config"]), _comparable(cfg.flat())
-        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        changed = changed_keys(state["config"], cfg.flat())
         if state.get("weights", "") != (weights or ""):
             changed.append("--weights")
         if changed or state.get("space") != space_text:

@@ -4,6 +4,7 @@ and a tiny study on the local Ray with nested MLflow runs and best.yaml."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -167,6 +168,13 @@ def test_tiny_study_nests_one_run_per_trial_and_writes_best_yaml(tiny_config, tm
     again = run_study(cfg, space, out, sqlite_tracker, resume=True, progress=False)
     assert again == best
     assert len(client.search_runs([exp.experiment_id])) == len(runs)
+    # a study started before a configuration field existed resumes (the field counts as its
+    # default); a changed setting does not
+    state["config"] = {k: v for k, v in state["config"].items() if k != "eval.vary_split"}
+    (out / "study.json").write_text(json.dumps(state))
+    assert run_study(cfg, space, out, sqlite_tracker, resume=True, progress=False) == best
+    with pytest.raises(FsmetaError, match="configuration differs in finetune.lr"):
+        run_study(dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, lr=0.5)), space, out, sqlite_tracker, resume=True, progress=False)
 
 
 def test_fixed_split_benchmark_scores_on_the_tuning_test_images(tiny_config):

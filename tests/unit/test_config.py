@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from fsmeta.config import Config, dump_config, load_config
+from fsmeta.config import Config, changed_keys, dump_config, load_config
 from fsmeta.errors import ConfigError
 from fsmeta.study import DEMO_OVERRIDES, demo_config
 
@@ -78,3 +78,27 @@ def test_shipped_configs_load_and_demo_yaml_matches_the_builtin_demo():
     paper = load_config(ROOT / "configs" / "paper.yaml")
     assert paper.meta.iterations == 300 and paper.eval.seeds == list(range(10))
     assert isinstance(paper, Config) and DEMO_OVERRIDES
+
+
+def test_changed_keys_is_the_one_resume_check():
+    """Every --resume compares a run's saved flat configuration with the current one here."""
+    cfg = load_config(ROOT / "configs" / "real3.yaml")  # replaces select.patches_per_shot: no b5/b39 entries
+    saved = cfg.flat()
+    assert changed_keys(saved, cfg.flat()) == []
+    assert changed_keys(saved, load_config(ROOT / "configs" / "real3.yaml", ["finetune.lr=0.5", "meta.alpha=0.2"]).flat()) == [
+        "finetune.lr", "meta.alpha"]
+    # where and how fast a run computes never blocks a resume; callers add their own (the benchmark's grid axes)
+    assert changed_keys(saved, load_config(ROOT / "configs" / "real3.yaml", ["threads=1", "compute.amp=off", "ray.address=auto"]).flat()) == []
+    grown = load_config(ROOT / "configs" / "real3.yaml", ["eval.seeds=[0, 1, 2, 3]"]).flat()
+    assert changed_keys(saved, grown) == ["eval.seeds"]
+    assert changed_keys(saved, grown, ignore=("eval.seeds",)) == []
+    # a field the saved run lacks was added to fsmeta since: it counts as its default ...
+    older = {k: v for k, v in saved.items() if k != "eval.vary_split"}
+    assert changed_keys(older, cfg.flat()) == []
+    assert changed_keys(older, load_config(ROOT / "configs" / "real3.yaml", ["eval.vary_split=false"]).flat()) == ["eval.vary_split"]
+    # ... but a dict field the run had is compared as saved: its missing entries are not refilled from defaults
+    assert "select.patches_per_shot.b5" not in saved and "select.patches_per_shot.b5" in Config().flat()
+    assert changed_keys({k: v for k, v in saved.items() if k != "select.patches_per_shot.em"}, cfg.flat()) == ["select.patches_per_shot.em"]
+    # only= compares just the settings that give a checkpoint its meaning (meta-training's resume)
+    assert changed_keys(saved, load_config(ROOT / "configs" / "real3.yaml", ["finetune.lr=0.5"]).flat(), only=("meta", "data")) == []
+    assert changed_keys(saved, load_config(ROOT / "configs" / "real3.yaml", ["data.crop_size=32"]).flat(), only=("meta", "data")) == ["data.crop_size"]
