@@ -223,8 +223,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     apply_threads(cfg)
     model, meta = model_from_checkpoint(args.weights)
     model.to(default_device())  # CUDA when present
-    if meta.get("bn_affine"):
-        raise FsmetaError(f"{args.weights} is already fine-tuned; fine-tune from a pre-trained checkpoint")
+    # A pre-trained θ, or the pretext θ′ of `fsmeta select` (as the 2023 method); not a fine-tuned model again.
+    if meta.get("bn_affine") and meta.get("kind") != "pretext":
+        raise FsmetaError(f"{args.weights} is already fine-tuned; fine-tune from a pre-trained checkpoint "
+                          "(or the pretext.safetensors of `fsmeta select`)")
     if bool(args.support_images) != bool(args.support_masks):
         raise FsmetaError("--support-images and --support-masks go together: give both folders")
     if args.support_images:
@@ -392,6 +394,11 @@ def cmd_select(args: argparse.Namespace) -> int:
         print(f"  #{k:<3} score {it.score:.4g}  {name}")
     print(f"ranking: {report.ranking}\nto annotate: {report.to_annotate[0].parent}/ ({len(report.to_annotate)} file(s))\n"
           f"contact sheet: {report.contact_sheet}")
+    start = report.pretext or args.weights
+    if report.pretext:
+        print(f"pretext model θ′: {report.pretext}")
+    print(f"next: annotate {report.to_annotate[0].parent}/, save the masks with the same names in a folder MASKS, then\n"
+          f"  fsmeta finetune --weights {start} --support-images {report.to_annotate[0].parent} --support-masks MASKS --out finetuned.safetensors")
     return 0
 
 

@@ -7,6 +7,8 @@ Writes, under the output folder, each atomically (a temporary name, then a renam
                       patches (cut from the original file in its own bit depth and colour:
                       8-bit → PNG, anything else → TIFF), named ``STEM_yY_xX``
 ``contact_sheet.png`` thumbnails of the selection with rank and score
+``pretext.safetensors`` the pretext model θ′ the ranking came from (not for ``random``), the
+                      paper's starting point for fine-tuning on the annotations
 
 A target is a prepared data set (by name) or a folder of unlabelled TIFF/PNG images.
 """
@@ -175,6 +177,7 @@ class SelectReport:
     ranking: Path
     to_annotate: list[Path]
     contact_sheet: Path
+    pretext: Path | None = None  # θ′, when a pretext fine-tune ran (every method but random)
 
 
 def select_for_annotation(
@@ -194,7 +197,9 @@ def select_for_annotation(
     ``method``/``unit`` default to ``select.method``/``select.unit``; ``gamma`` to
     the configured γ. The whole target is the pool: a user's images are all unlabelled.
     """
-    from fsmeta.checkpoint import model_from_checkpoint
+    from fsmeta.checkpoint import model_from_checkpoint, save_checkpoint
+    from fsmeta.meta.reptile import clone_state
+    from fsmeta.select.pretext import pretext_finetune, resolve_gamma
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -203,12 +208,23 @@ def select_for_annotation(
     if meta.get("bn_affine") and meta.get("kind") == "finetuned":
         log.warning("%s is already fine-tuned; selection usually starts from pre-trained weights", weights)
     tgt = load_target(target, cfg)
-    selection = select_support(model, tgt.images, range(len(tgt.images)), budget, method or cfg.select.method,
-                               unit or cfg.select.unit, cfg, seed, gamma=gamma)
+    method = method or cfg.select.method
+    pretext = None
+    if method != "random" and cfg.select.pretext_epochs > 0:
+        # θ′ on pseudo-labels of the whole target (a user's images are all pool), kept for `fsmeta finetune`:
+        # the 2023 method fine-tunes θ′, not θ, on the annotations.
+        model = pretext_finetune(model, tgt.images, cfg, seed, gamma=gamma)
+        pretext = save_checkpoint(out / "pretext.safetensors", clone_state(model), {
+            **{k: v for k, v in meta.items() if k != "fsmeta_version"}, "bn_affine": True, "kind": "pretext",
+            "pretraining": meta.get("kind", ""), "weights": str(weights), "target": str(target), "seed": seed,
+            "gamma": resolve_gamma(cfg, tgt.images.name, gamma),
+            "config": cfg.to_dict()})
+    selection = select_support(model, tgt.images, range(len(tgt.images)), budget, method,
+                               unit or cfg.select.unit, cfg, seed, gamma=gamma, run_pretext=False)
     to_annotate = _write_to_annotate(tgt, selection, out / "to_annotate")
     ranking = out / "ranking.csv"
     atomic_write_bytes(ranking, ranking_csv(tgt.images, selection))
     sheet = out / "contact_sheet.png"
     atomic_write_bytes(sheet, contact_sheet(tgt.images, selection))
     names = [item_name(tgt.images, it, selection.unit) for it in selection.selected]
-    return SelectReport(selection, names, ranking, to_annotate, sheet)
+    return SelectReport(selection, names, ranking, to_annotate, sheet, pretext)

@@ -30,6 +30,14 @@ from fsmeta.select.pseudo import pseudo_label
 log = logging.getLogger(__name__)
 
 
+def resolve_gamma(cfg: Config, name: str, gamma: float | str | None = None) -> float | str:
+    """The γ pseudo-labels of data set ``name`` use: ``gamma`` if given (a number or ``"auto"``),
+    else ``"auto"`` with ``select.auto_gamma``, else ``select.gamma[name]``."""
+    if gamma is not None:
+        return gamma
+    return "auto" if cfg.select.auto_gamma else float(cfg.select.lookup("gamma", name))
+
+
 def pseudo_labelled(images: ImageSet, cfg: Config, indices: Iterable[int] | None = None, gamma: float | str | None = None) -> ImageSet:
     """A copy of ``images`` whose masks are pseudo-labels (the true masks are not read).
 
@@ -38,8 +46,7 @@ def pseudo_labelled(images: ImageSet, cfg: Config, indices: Iterable[int] | None
     """
     sel = cfg.select
     name = images.name  # the per-data-set tables (γ, polarity) are looked up by it
-    if gamma is None:
-        gamma = "auto" if sel.auto_gamma else float(sel.lookup("gamma", name))
+    gamma = resolve_gamma(cfg, name, gamma)
     polarity = str(sel.lookup("polarity", name))
     rows = list(range(len(images))) if indices is None else [int(i) for i in indices]
     masks = [pseudo_label(images.image(i), gamma, polarity=polarity, method=sel.pseudo) for i in rows]

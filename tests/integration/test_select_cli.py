@@ -120,3 +120,50 @@ def test_select_errors_are_clear(tmp_path, capsys, user_folder, weights):
     code, _, err = _run(capsys, *base, "--target", user_folder, "--budget", 1, "--gamma", "bright")
     assert code == 2 and "--gamma must be 'auto' or a number" in err
     assert not (tmp_path / "o" / "ranking.csv").exists()  # nothing half-written
+
+
+def test_select_then_finetune_the_pretext_model(tmp_path, capsys, user_folder, weights):
+    """The 2023 workflow for a user: select with θ′ (kept as OUT/pretext.safetensors), annotate, fine-tune θ′;
+    the ranking is the one select_support computes with its own pretext, and a fine-tuned model is refused."""
+    import json
+
+    from fsmeta.checkpoint import load_checkpoint, model_from_checkpoint
+    from fsmeta.config import load_config
+    from fsmeta.select import select_support
+    from fsmeta.select.outputs import load_target
+
+    out = tmp_path / "sel"
+    code, stdout, err = _run(capsys, "select", "--weights", weights, "--target", user_folder, "--budget", 2,
+                             "--method", "entropy", "--unit", "image", "--patch-size", 64, "--out", out, *FAST)
+    assert code == 0, err
+    _, meta = load_checkpoint(out / "pretext.safetensors")
+    assert meta["kind"] == "pretext" and meta["bn_affine"] is True and meta["pretraining"] == "meta"
+    assert meta["gamma"] == load_config().select.lookup("gamma", "default") and meta["seed"] == 0
+    assert f"--weights {out / 'pretext.safetensors'}" in stdout
+    # the saved θ′ is the model the ranking came from: select_support's own pretext gives the same scores
+    cfg = load_config(None, ["select.pretext_epochs=1", "data.crop_size=64", "data.finetune_stride={default: 32}",
+                             "select.patch_size=64", "select.patch_stride=64"])
+    target = load_target(str(user_folder), cfg)
+    again = select_support(model_from_checkpoint(weights)[0], target.images, range(4), 2, "entropy", "image", cfg, 0)
+    rows = _rows(out / "ranking.csv")
+    assert [r["item"] for r in rows] == [target.images.ids[it.image] for it in again.ranking]
+    assert [float(r["score"]) for r in rows] == pytest.approx([it.score for it in again.ranking], rel=1e-6)
+    saved = select_support(model_from_checkpoint(out / "pretext.safetensors")[0], target.images, range(4), 2, "entropy",
+                           "image", cfg, 0, run_pretext=False)
+    assert [it.score for it in saved.ranking] == pytest.approx([it.score for it in again.ranking], rel=1e-6)
+
+    # annotate the selected images (the synthetic truth), then fine-tune θ′ on them
+    _, masks = synth.generate("synth-he", 4, 96, seed=0)
+    names = {"a0": 0, "a1": 1, "b16": 2, "c_rgb": 3}
+    (tmp_path / "masks").mkdir()
+    for p in (out / "to_annotate").iterdir():
+        Image.fromarray((masks[names[p.stem]] > 0).astype(np.uint8) * 255).save(tmp_path / "masks" / f"{p.stem}.png")
+    sets = [a for item in TINY for a in ("--set", item)]
+    code, stdout, err = _run(capsys, "finetune", *sets, "--weights", out / "pretext.safetensors", "--support-images",
+                             out / "to_annotate", "--support-masks", tmp_path / "masks", "--out", tmp_path / "mine.safetensors")
+    assert code == 0, err
+    assert "fine-tuned on 2 annotated image(s)" in stdout
+    assert json.loads((tmp_path / "mine.json").read_text())["pretraining"] == "pretext"
+    code, _, err = _run(capsys, "finetune", *sets, "--weights", tmp_path / "mine.safetensors", "--support-images",
+                        out / "to_annotate", "--support-masks", tmp_path / "masks", "--out", tmp_path / "twice.safetensors")
+    assert code == 2 and "mine.safetensors is already fine-tuned" in err
