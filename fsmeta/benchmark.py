@@ -52,6 +52,15 @@ _GRID_AXES = ("study.targets", "study.archs", "study.pretrainings", "study.selec
               "eval.shots", "eval.seeds", "study.overlays")
 
 
+def grid_tags(cfg: Config, cells: list[Cell]) -> dict[str, str]:
+    """The grid now run, as tags of the study's parent run: MLflow params cannot change when a
+    grid grows on --resume, tags can (``fsmeta.grid.eval.seeds`` = ``0,1,2``, ``fsmeta.cells``)."""
+    flat = cfg.flat()
+    return {"fsmeta.cells": str(len(cells)),
+            **{f"fsmeta.grid.{axis}": ",".join(str(v) for v in flat[axis]) if isinstance(flat[axis], list) else str(flat[axis])
+               for axis in _GRID_AXES}}
+
+
 def cell_key(cell: Cell) -> str:
     return f"{cell.target}__{cell.arch}__{cell.pretraining}__{cell.selection}__K{cell.shots}__s{cell.seed}"
 
@@ -232,9 +241,11 @@ def run_benchmark(
         if state["config"] != cfg.flat():
             state["config"] = cfg.flat()  # the grid grew or shrank: the state names the grid now run
             atomic_write_bytes(state_path, (json.dumps(state, indent=2, default=str) + "\n").encode())
+            tracker.set_tags(parent, grid_tags(cfg, cells))
     else:
         out.mkdir(parents=True, exist_ok=True)
-        parent = tracker.start_run(name, params={**cfg.flat(), "cells": len(cells)}, tags={"fsmeta.kind": "study"})
+        parent = tracker.start_run(name, params={**cfg.flat(), "cells": len(cells)},
+                                   tags={"fsmeta.kind": "study", **grid_tags(cfg, cells)})
         state = {"parent_run_id": parent, "config": cfg.flat()}
         atomic_write_bytes(state_path, (json.dumps(state, indent=2, default=str) + "\n").encode())
 

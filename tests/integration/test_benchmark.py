@@ -130,6 +130,16 @@ def test_benchmark_logs_one_child_run_per_cell_to_a_real_server(tiny_config, tmp
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.csv", "results.parquet", "summary.csv", "fig3_fcrn.png", "fig4_fcrn.png"} <= artifacts
     assert all(r.info.status == "FINISHED" for r in runs)
+    assert parent.data.tags["fsmeta.cells"] == "8" and parent.data.tags["fsmeta.grid.eval.seeds"] == "0,1"
+    assert parent.data.tags["fsmeta.grid.study.pretrainings"] == "meta-bce,scratch"
+
+    # a grid grown on --resume: the parent's params stay as logged (immutable), its grid tags follow
+    grown = tiny_config(*GRID, "study.targets=[synth-he]", "study.executor=local", "tracking.enabled=true",
+                        f"tracking.uri={mlflow_server}", "tracking.experiment=bench-test", "eval.seeds=[0, 1, 2]")
+    assert len(benchmark.run_benchmark(grown, tmp_path / "out", tracker, resume=True, progress=False)) == 12
+    after = client.get_run(parent.info.run_id).data
+    assert after.tags["fsmeta.cells"] == "12" and after.tags["fsmeta.grid.eval.seeds"] == "0,1,2"
+    assert after.params["eval.seeds"] == parent.data.params["eval.seeds"]
 
 
 def test_selection_axis_runs_the_2023_pipeline(tiny_config, tmp_path):
