@@ -394,6 +394,12 @@ def cmd_select(args: argparse.Namespace) -> int:
         print(f"  #{k:<3} score {it.score:.4g}  {name}")
     print(f"ranking: {report.ranking}\nto annotate: {report.to_annotate[0].parent}/ ({len(report.to_annotate)} file(s))\n"
           f"contact sheet: {report.contact_sheet}")
+    print(f"the model predicts foreground in {100 * report.selected_foreground:.1f}% of the selected pixels "
+          f"(all candidates: {100 * report.pool_foreground:.1f}%)")
+    if report.mostly_background:
+        print(f"warning: the selection is mostly what the model sees as background. On TNBC and EM the "
+              f"consistency method picked empty patches first and fine-tuned far below random "
+              f"(docs/results.md); look at {report.contact_sheet.name} and consider --method mc-dropout", file=sys.stderr)
     start = report.pretext or args.weights
     if report.pretext:
         print(f"pretext model θ′: {report.pretext}")

@@ -2,7 +2,8 @@
 
 Writes, under the output folder, each atomically (a temporary name, then a rename):
 
-``ranking.csv``       every candidate: rank, item, image, y, x, height, width, score, selected
+``ranking.csv``       every candidate: rank, item, image, y, x, height, width, score, selected,
+                      predicted_foreground (θ′'s share of foreground pixels in the item)
 ``to_annotate/``      the selected whole images (the original files, copied unchanged) or
                       patches (cut from the original file in its own bit depth and colour:
                       8-bit → PNG, anything else → TIFF), named ``STEM_yY_xX``
@@ -27,9 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from fsmeta.atomic import atomic_write_bytes
-from fsmeta.config import Config
+from fsmeta.config import ComputeConfig, Config
 from fsmeta.data.store import ImageSet
 from fsmeta.errors import DataError, FsmetaError
+from fsmeta.models import SegmentationModel
 from fsmeta.select.selection import Selection, item_name, select_support
 
 log = logging.getLogger(__name__)
@@ -81,13 +83,31 @@ def load_target(name_or_dir: str, cfg: Config) -> Target:
     return Target(load_dataset(name_or_dir, cfg), None)
 
 
-def ranking_csv(images: ImageSet, selection: Selection) -> bytes:
+# A selection whose predicted foreground is below this share of the pool's gets a warning:
+# on TNBC and EM the consistency score picked empty background first (docs/results.md).
+BACKGROUND_WARNING_RATIO = 0.5
+
+
+def predicted_foreground(model: SegmentationModel, images: ImageSet, selection: Selection,
+                         compute: ComputeConfig | None = None) -> list[float]:
+    """The share of each ranked item's pixels that ``model`` (θ′) predicts as foreground (p > 0.5),
+    in ranking order; one tiled pass over each image of the pool."""
+    from fsmeta.predict import predict_tiled
+
+    masks = {i: predict_tiled(model, images.image(i), compute=compute) > 0.5
+             for i in sorted({it.image for it in selection.ranking})}
+    return [float(masks[it.image][it.y : it.y + it.height, it.x : it.x + it.width].mean()) for it in selection.ranking]
+
+
+def ranking_csv(images: ImageSet, selection: Selection, foreground: list[float] | None = None) -> bytes:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["rank", "item", "image", "y", "x", "height", "width", "score", "selected"])
+    w.writerow(["rank", "item", "image", "y", "x", "height", "width", "score", "selected",
+                *(["predicted_foreground"] if foreground is not None else [])])
     for r, it in enumerate(selection.ranking, 1):
         w.writerow([r, item_name(images, it, selection.unit), images.ids[it.image], it.y, it.x, it.height, it.width,
-                    f"{it.score:.6g}", int(r <= selection.budget)])
+                    f"{it.score:.6g}", int(r <= selection.budget),
+                    *([f"{foreground[r - 1]:.4f}"] if foreground is not None else [])])
     return buf.getvalue().encode()
 
 
@@ -178,6 +198,14 @@ class SelectReport:
     to_annotate: list[Path]
     contact_sheet: Path
     pretext: Path | None = None  # θ′, when a pretext fine-tune ran (every method but random)
+    # θ′'s predicted foreground share of the selected pixels and of the whole pool's candidates
+    selected_foreground: float = 0.0
+    pool_foreground: float = 0.0
+
+    @property
+    def mostly_background(self) -> bool:
+        """The selection holds far less of what θ′ sees as foreground than the pool does."""
+        return self.pool_foreground > 0 and self.selected_foreground < BACKGROUND_WARNING_RATIO * self.pool_foreground
 
 
 def select_for_annotation(
@@ -221,10 +249,15 @@ def select_for_annotation(
             "config": cfg.to_dict()})
     selection = select_support(model, tgt.images, range(len(tgt.images)), budget, method,
                                unit or cfg.select.unit, cfg, seed, gamma=gamma, run_pretext=False)
+    foreground = predicted_foreground(model, tgt.images, selection, cfg.compute)
+    pixels = np.array([it.height * it.width for it in selection.ranking], dtype=np.float64)
+    share = np.asarray(foreground) * pixels
+    n = selection.budget
+    selected_fg, pool_fg = float(share[:n].sum() / pixels[:n].sum()), float(share.sum() / pixels.sum())
     to_annotate = _write_to_annotate(tgt, selection, out / "to_annotate")
     ranking = out / "ranking.csv"
-    atomic_write_bytes(ranking, ranking_csv(tgt.images, selection))
+    atomic_write_bytes(ranking, ranking_csv(tgt.images, selection, foreground))
     sheet = out / "contact_sheet.png"
     atomic_write_bytes(sheet, contact_sheet(tgt.images, selection))
     names = [item_name(tgt.images, it, selection.unit) for it in selection.selected]
-    return SelectReport(selection, names, ranking, to_annotate, sheet, pretext)
+    return SelectReport(selection, names, ranking, to_annotate, sheet, pretext, selected_fg, pool_fg)

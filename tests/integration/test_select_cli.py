@@ -167,3 +167,44 @@ def test_select_then_finetune_the_pretext_model(tmp_path, capsys, user_folder, w
     code, _, err = _run(capsys, "finetune", *sets, "--weights", tmp_path / "mine.safetensors", "--support-images",
                         out / "to_annotate", "--support-masks", tmp_path / "masks", "--out", tmp_path / "twice.safetensors")
     assert code == 2 and "mine.safetensors is already fine-tuned" in err
+
+
+def test_ranking_reports_predicted_foreground_and_warns_when_the_selection_is_background(
+        tmp_path, capsys, user_folder, weights, monkeypatch):
+    """ranking.csv carries θ′'s predicted foreground per item; a selection far poorer in it than the pool
+    (what consistency did on TNBC and EM) gets a warning. The model's prediction is replaced by a known map."""
+    import fsmeta.predict
+
+    out = tmp_path / "sel"
+    base = ["select", "--weights", weights, "--target", user_folder, "--budget", 1, "--method", "random",
+            "--unit", "image", "--out", out, *FAST]
+    seen = {}
+
+    def fake(model, image, **kw):  # foreground exactly in the images listed in `seen`
+        key = round(float(image.mean()), 6)
+        return np.full(image.shape, 1.0 if seen.get(key) else 0.0, np.float32)
+
+    monkeypatch.setattr(fsmeta.predict, "predict_tiled", fake)
+    from fsmeta.select.outputs import load_target
+    from fsmeta.config import load_config
+
+    images = load_target(str(user_folder), load_config()).images
+    means = {images.ids[i]: round(float(images.image(i).mean()), 6) for i in range(len(images))}
+    code, _, err = _run(capsys, *base)
+    assert code == 0, err
+    chosen = [r["item"] for r in _rows(out / "ranking.csv") if r["selected"] == "1"]
+    assert len(chosen) == 1 and [r["predicted_foreground"] for r in _rows(out / "ranking.csv")] == ["0.0000"] * 4
+
+    seen.update({means[chosen[0]]: True})  # the model sees foreground in the selected image only: 100% vs 25%
+    code, stdout, err = _run(capsys, *base)
+    assert code == 0, err
+    assert {r["item"]: r["predicted_foreground"] for r in _rows(out / "ranking.csv")} == {
+        k: ("1.0000" if k == chosen[0] else "0.0000") for k in means}
+    assert "foreground in 100.0% of the selected pixels (all candidates: 25.0%)" in stdout and "warning" not in err
+
+    seen.clear()
+    seen.update({means[k]: True for k in means if k != chosen[0]})  # everywhere but the selection: 0% vs 75%
+    code, stdout, err = _run(capsys, *base)
+    assert code == 0, err
+    assert "foreground in 0.0% of the selected pixels (all candidates: 75.0%)" in stdout
+    assert "warning: the selection is mostly what the model sees as background" in err
