@@ -44,8 +44,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "benchmark.json"
 # Besides config.RUNTIME_KEYS (where and how fast cells run; a resumed benchmark may move
-# to other hardware), the grid may change between a run and its resumption.
-# The grid's axes may grow or shrink on --resume: a cell's result depends on its own
+# to other hardware), the grid's axes may grow or shrink on --resume: a cell's result depends on its own
 # coordinates and the rest of the configuration, so recorded cells stay valid and only
 # the new ones run (e.g. add selection methods or seeds to a finished benchmark).
 _GRID_AXES = ("study.targets", "study.archs", "study.pretrainings", "study.selections", "study.selection_pretrainings",

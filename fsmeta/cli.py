@@ -392,7 +392,8 @@ def cmd_select(args: argparse.Namespace) -> int:
     print(f"{sel.method}: selected {sel.budget} of {len(sel.ranking)} {sel.unit}(s) in {time.perf_counter() - t0:.0f} s")
     for k, (it, name) in enumerate(zip(sel.selected[:10], report.names), 1):
         print(f"  #{k:<3} score {it.score:.4g}  {name}")
-    print(f"ranking: {report.ranking}\nto annotate: {report.to_annotate[0].parent}/ ({len(report.to_annotate)} file(s))\n"
+    folder = report.to_annotate[0].parent
+    print(f"ranking: {report.ranking}\nto annotate: {folder}/ ({len(report.to_annotate)} file(s))\n"
           f"contact sheet: {report.contact_sheet}")
     print(f"the model predicts foreground in {100 * report.selected_foreground:.1f}% of the selected pixels "
           f"(all candidates: {100 * report.pool_foreground:.1f}%)")
@@ -403,8 +404,8 @@ def cmd_select(args: argparse.Namespace) -> int:
     start = report.pretext or args.weights
     if report.pretext:
         print(f"pretext model θ′: {report.pretext}")
-    print(f"next: annotate {report.to_annotate[0].parent}/, save the masks with the same names in a folder MASKS, then\n"
-          f"  fsmeta finetune --weights {start} --support-images {report.to_annotate[0].parent} --support-masks MASKS --out finetuned.safetensors")
+    print(f"next: annotate {folder}/, save the masks with the same names in a folder MASKS, then\n"
+          f"  fsmeta finetune --weights {start} --support-images {folder} --support-masks MASKS --out finetuned.safetensors")
     return 0
 
 
