@@ -36,7 +36,9 @@ from fsmeta.config import Config, load_config  # noqa: E402
 from fsmeta.data.sampling import make_task  # noqa: E402
 from fsmeta.meta.reptile import meta_update  # noqa: E402
 from fsmeta.meta.sequential import SequentialBackend  # noqa: E402
-from fsmeta.train import initial_theta, inner_settings, load_sources  # noqa: E402
+from fsmeta.meta.reptile import InnerSettings  # noqa: E402
+from fsmeta.meta.sources import load_sources  # noqa: E402
+from fsmeta.train import initial_theta  # noqa: E402
 
 DOMAINS = ["synth-fluo", "synth-nuclei", "synth-em", "synth-phase"]
 
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 sources = load_sources(cfg)
                 before = load_average()
                 torch.set_num_threads(default_threads)
-                seq = SequentialBackend(cfg.arch, sources, inner_settings(cfg))
+                seq = SequentialBackend(cfg.arch, sources, InnerSettings.from_config(cfg))
                 seq_walls, _ = time_iterations(seq, cfg, sources, iterations)
                 backend = RayBackend(cfg, sources)
                 try:

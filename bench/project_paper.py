@@ -84,8 +84,8 @@ def measure_rates(archs: list[str], cfg: Config, device: torch.device, quick: bo
     from train_step import modes, throughput
 
     from fsmeta.evaluate import predict_probability
-    from fsmeta.meta.reptile import InnerSettings, TaskBatch, adapt, clone_state
-    from fsmeta.models import build_model
+    from fsmeta.meta.reptile import InnerSettings, TaskBatch, adapt
+    from fsmeta.models import build_model, clone_state
 
     cuda = device.type == "cuda"
     crop = cfg.data.crop_size

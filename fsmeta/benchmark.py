@@ -35,8 +35,8 @@ from fsmeta.data.sampling import protocol_split
 from fsmeta.errors import FsmetaError
 from fsmeta.evaluate import default_device, predict_probability
 from fsmeta.progress import Progress
-from fsmeta.report import RESULT_COLUMNS, format_table, overlay, render_report, summarize, write_png, write_results
-from fsmeta.study import Cell, run_cell
+from fsmeta.report import RESULT_COLUMNS, error_overlay, format_table, render_report, summarize, write_png, write_results
+from fsmeta.study import Cell, run_cell, target_config
 from fsmeta.tracking import Tracker
 from fsmeta.train import apply_threads, meta_train, scratch_checkpoint, transfer_train
 
@@ -62,21 +62,6 @@ def grid_tags(cfg: Config, cells: list[Cell]) -> dict[str, str]:
 
 def cell_key(cell: Cell) -> str:
     return f"{cell.target}__{cell.arch}__{cell.pretraining}__{cell.selection}__K{cell.shots}__s{cell.seed}"
-
-
-def target_config(cfg: Config, target: str, arch: str, pretraining: str | None = None) -> Config:
-    """The configuration of one (target, arch, pre-training): the target left out of the sources."""
-    data = dataclasses.replace(cfg.data, target=target)
-    if cfg.study.datasets:
-        if target not in cfg.study.datasets:
-            raise FsmetaError(f"target {target!r} is not among study.datasets {cfg.study.datasets}")
-        data = dataclasses.replace(data, sources=[d for d in cfg.study.datasets if d != target])
-    elif target in cfg.data.sources:
-        data = dataclasses.replace(data, sources=[d for d in cfg.data.sources if d != target])
-    meta = cfg.meta
-    if pretraining and pretraining.startswith("meta-"):
-        meta = dataclasses.replace(meta, variant=pretraining[len("meta-"):])
-    return dataclasses.replace(cfg, data=data, arch=arch, meta=meta)
 
 
 def grid(cfg: Config) -> list[Cell]:
@@ -119,8 +104,8 @@ def pretrain(cfg: Config, target: str, arch: str, pretraining: str, out: Path, t
     # target's pseudo-labels; it sees only pixels, so one θ′ serves every split and method.
     pretext = folder / "pretext.safetensors"
     if not pretext.is_file():
-        from fsmeta.checkpoint import model_from_checkpoint, save_checkpoint
-        from fsmeta.meta.reptile import clone_state
+        from fsmeta.checkpoint import Kind, describe_adapted, model_from_checkpoint, save_checkpoint
+        from fsmeta.models import clone_state
         from fsmeta.select import pretext_finetune
 
         model, meta = model_from_checkpoint(final)
@@ -129,7 +114,7 @@ def pretrain(cfg: Config, target: str, arch: str, pretraining: str, out: Path, t
                          params={"target": target, "arch": arch, "pretraining": pretraining, "epochs": cfg.select.pretext_epochs},
                          tags={"fsmeta.kind": "pretext"}) as run_id:
             pretext_finetune(model, load_dataset(target, tcfg), tcfg, seed=cfg.seed)
-            save_checkpoint(pretext, clone_state(model), {**meta, "bn_affine": True, "kind": "pretext", "pretraining": pretraining})
+            save_checkpoint(pretext, clone_state(model), describe_adapted(Kind.PRETEXT, meta))
             tracker.log_artifact(run_id, pretext, "checkpoints")
     return pretext
 
@@ -147,7 +132,7 @@ def _cell_job(cfg_dict: dict[str, Any], checkpoint: str, cell: dict[str, Any], o
     drawn = []
     for i in test[:overlays]:
         prob = predict_probability(model, target.image(int(i)))
-        drawn.append((target.ids[int(i)], overlay(prob >= cfg.eval.threshold, target.masks[int(i)])))
+        drawn.append((target.ids[int(i)], error_overlay(prob >= cfg.eval.threshold, target.masks[int(i)])))
     return {"metrics": metrics, "overlays": drawn}
 
 
@@ -311,4 +296,4 @@ def benchmark_table(rows: list[dict[str, Any]]) -> str:
     return format_table(summarize(rows))
 
 
-__all__ = ["run_benchmark", "grid", "cell_key", "target_config", "benchmark_table", "run_demo"]
+__all__ = ["run_benchmark", "grid", "cell_key", "benchmark_table", "run_demo"]

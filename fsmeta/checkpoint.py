@@ -1,10 +1,17 @@
 """Checkpoints: weights as safetensors, with a small JSON description inside the file
 (and a copy beside it for people). Nothing is unpickled, so a checkpoint from
 anywhere is safe to load; writes go to a temporary name and are renamed into place.
+
+Every description is built here: :func:`describe_pretraining` for the three
+pre-trainings (non-affine batch norm) and :func:`describe_adapted` for a model
+adapted from one of them (the pretext θ′, a fine-tuned model; affine batch norm).
+Both name the :class:`Kind` and the ``pretraining`` the weights descend from
+(``meta-all``, ``transfer``, ``scratch``), whoever wrote them.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 from pathlib import Path
 from typing import Any
@@ -15,10 +22,62 @@ from safetensors.torch import load_file, save_file
 
 from fsmeta import __version__
 from fsmeta.atomic import atomic_write, atomic_write_bytes
+from fsmeta.config import Config
 from fsmeta.errors import FsmetaError
 from fsmeta.models import SegmentationModel, build_model
 
 META_KEY = "fsmeta"
+
+
+class Kind(str, enum.Enum):
+    """What a checkpoint holds; the value is what its description's ``kind`` says."""
+
+    META = "meta"  # Reptile meta-training (fsmeta.train.meta_train)
+    TRANSFER = "transfer"  # the transfer-learning baseline
+    SCRATCH = "scratch"  # the seeded random initialisation (the lower bound)
+    PRETEXT = "pretext"  # θ′: a pre-training adapted to a target's pseudo-labels (2023 method)
+    FINETUNED = "finetuned"  # fine-tuned on annotated target images
+
+
+PRETRAININGS = (Kind.META, Kind.TRANSFER, Kind.SCRATCH)
+
+
+def pretraining_name(meta: dict[str, Any]) -> str:
+    """The pre-training a checkpoint descends from, as results tables name it: ``meta-<variant>``,
+    ``transfer`` or ``scratch`` (``meta`` when a meta checkpoint records no variant)."""
+    if meta.get("pretraining"):
+        return str(meta["pretraining"])
+    kind = str(meta.get("kind", ""))
+    variant = (meta.get("config") or {}).get("meta", {}).get("variant") if isinstance(meta.get("config"), dict) else None
+    return f"meta-{variant}" if kind == Kind.META.value and variant else kind
+
+
+def describe_pretraining(kind: Kind, cfg: Config, sources: list[str], **extra: Any) -> dict[str, Any]:
+    """The description of a pre-training of ``cfg`` (architecture, target, sources, whole configuration)."""
+    if kind not in PRETRAININGS:
+        raise ValueError(f"{kind} is not a pre-training")
+    meta = {"arch": cfg.arch, "bn_affine": False, "kind": kind.value, "target": cfg.data.target,
+            "sources": sources, "config": cfg.to_dict(), **extra}
+    meta["pretraining"] = pretraining_name(meta)
+    return meta
+
+
+def describe_adapted(kind: Kind, base: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """The description of weights adapted from a checkpoint described by ``base``: its fields,
+    then affine batch norm, ``kind``, the pre-training it descends from, and ``fields``."""
+    if kind not in (Kind.PRETEXT, Kind.FINETUNED):
+        raise ValueError(f"{kind} is not an adapted kind")
+    kept = {k: v for k, v in base.items() if k != "fsmeta_version"}
+    return {**kept, "bn_affine": True, "kind": kind.value, "pretraining": pretraining_name(base),
+            "base_kind": str(base.get("kind", "")), **fields}
+
+
+def check_fine_tunable(meta: dict[str, Any], path: str | Path) -> None:
+    """Fine-tuning starts from a pre-training or from the pretext θ′ of ``fsmeta select``, never
+    from a model fine-tuned already."""
+    if meta.get("kind") == Kind.FINETUNED.value or (meta.get("bn_affine") and meta.get("kind") != Kind.PRETEXT.value):
+        raise FsmetaError(f"{path} is already fine-tuned; fine-tune from a pre-trained checkpoint "
+                          "(or the pretext.safetensors of `fsmeta select`)")
 
 
 def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:

@@ -15,6 +15,8 @@ from typing import Sequence
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+from fsmeta.config import SELECT_METHODS  # noqa: E402
+from fsmeta.data.catalogue import PUBLIC_NAMES  # noqa: E402
 from fsmeta.errors import FsmetaError  # noqa: E402
 
 
@@ -201,104 +203,31 @@ def cmd_transfer_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cell_images(cfg, shots: int, seed: int):
-    from fsmeta.data.registry import load_dataset
-    from fsmeta.data.sampling import draw_support, held_out_images
-    from fsmeta.study import cell_split
-
-    target = load_dataset(cfg.data.target, cfg)
-    pool, fixed_test = cell_split(cfg, len(target), seed)
-    support = draw_support(pool, shots, seed, target=cfg.data.target)
-    return target, support, held_out_images(len(target), pool, fixed_test, support)
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from fsmeta.checkpoint import model_from_checkpoint, save_checkpoint
-    from fsmeta.data.crops import build_crop_index
-    from fsmeta.finetune import finetune, support_crops
-    from fsmeta.meta.reptile import clone_state
     from fsmeta.train import apply_threads
+    from fsmeta.workflows import finetune_checkpoint
 
     cfg = _load(args)
     apply_threads(cfg)
-    model, meta = model_from_checkpoint(args.weights)
-    model.to(default_device())  # CUDA when present
-    # A pre-trained θ, or the pretext θ′ of `fsmeta select` (as the 2023 method); not a fine-tuned model again.
-    if meta.get("bn_affine") and meta.get("kind") != "pretext":
-        raise FsmetaError(f"{args.weights} is already fine-tuned; fine-tune from a pre-trained checkpoint "
-                          "(or the pretext.safetensors of `fsmeta select`)")
-    if bool(args.support_images) != bool(args.support_masks):
-        raise FsmetaError("--support-images and --support-masks go together: give both folders")
-    if args.support_images:
-        return _finetune_on_folders(args, cfg, model, meta)
-    target, support, _ = _cell_images(cfg, args.shots, args.seed)
-    index = build_crop_index(target, cfg.data.crop_size, cfg.data.stride(cfg.data.target, "finetune"),
-                             cfg.data.min_foreground, subset=support)
-    x, y = support_crops(target, index)
-    tracker = _tracker(cfg)
-    params = {"target": cfg.data.target, "arch": meta["arch"], "pretraining": meta.get("kind", ""), "shots": args.shots,
-              "seed": args.seed, "weights": str(args.weights), "support_crops": len(x)}
-    with tracker.run(f"finetune/{cfg.data.target}/K{args.shots}/s{args.seed}", params=params, tags={"fsmeta.kind": "finetune"}) as run_id:
-        _, history = finetune(model, x, y, cfg.finetune, seed=args.seed, compute=cfg.compute)
-        for epoch, loss in enumerate(history, 1):
-            tracker.log_metrics(run_id, {"loss": loss}, step=epoch)
-        out = save_checkpoint(args.out, clone_state(model), {
-            **{k: v for k, v in meta.items() if k not in ("fsmeta_version",)}, "bn_affine": True, "kind": "finetuned",
-            "pretraining": meta.get("kind", ""), "target": cfg.data.target, "shots": args.shots, "seed": args.seed,
-            "support": [target.ids[i] for i in support], "config": cfg.to_dict(), "mlflow_run_id": run_id})
-    print(f"fine-tuned on {args.shots} image(s) of {cfg.data.target} ({len(x)} crops, final loss {history[-1]:.4f}): {out}")
-    return 0
-
-
-def _finetune_on_folders(args: argparse.Namespace, cfg, model, meta) -> int:
-    """Fine-tune on every image of a user's annotated folders (no store, no K-shot draw)."""
-    from fsmeta.checkpoint import save_checkpoint
-    from fsmeta.data.io import load_folder
-    from fsmeta.data.io import support_crop_index
-    from fsmeta.finetune import finetune, support_crops
-    from fsmeta.meta.reptile import clone_state
-
-    images = load_folder(args.support_images, args.support_masks)
-    index, note = support_crop_index(images, cfg.data.crop_size, cfg.data.stride("default", "finetune"), cfg.data.min_foreground)
-    if note:
-        print(f"note: {note}")
-    x, y = support_crops(images, index)
-    tracker = _tracker(cfg)
-    label = Path(args.support_images).resolve().name
-    params = {"target": f"folder:{Path(args.support_images).resolve()}", "arch": meta["arch"], "pretraining": meta.get("kind", ""),
-              "shots": len(images), "seed": args.seed, "weights": str(args.weights), "support_crops": len(x), "crop_size": index.size}
-    with tracker.run(f"finetune/{label}/K{len(images)}/s{args.seed}", params=params, tags={"fsmeta.kind": "finetune"}) as run_id:
-        _, history = finetune(model, x, y, cfg.finetune, seed=args.seed, compute=cfg.compute)
-        for epoch, loss in enumerate(history, 1):
-            tracker.log_metrics(run_id, {"loss": loss}, step=epoch)
-        out = save_checkpoint(args.out, clone_state(model), {
-            **{k: v for k, v in meta.items() if k not in ("fsmeta_version",)}, "bn_affine": True, "kind": "finetuned",
-            "pretraining": meta.get("kind", ""), "target": f"folder:{Path(args.support_images).resolve()}",
-            "shots": len(images), "seed": args.seed, "support": list(images.ids), "crop_size": index.size,
-            "config": cfg.to_dict(), "mlflow_run_id": run_id})
-    print(f"fine-tuned on {len(images)} annotated image(s) of {args.support_images} ({len(x)} crops of {index.size}×{index.size}, "
-          f"final loss {history[-1]:.4f}): {out}")
+    r = finetune_checkpoint(args.weights, cfg, args.out, _tracker(cfg), shots=args.shots, seed=args.seed,
+                            support_images=args.support_images, support_masks=args.support_masks)
+    if r.note:
+        print(f"note: {r.note}")
+    where = f"annotated image(s) of {args.support_images}" if args.support_images else f"image(s) of {r.target}"
+    print(f"fine-tuned on {r.images} {where} ({r.crops} crops of {r.crop_size}×{r.crop_size}, "
+          f"final loss {r.final_loss:.4f}): {r.path}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fsmeta.checkpoint import model_from_checkpoint
-    from fsmeta.evaluate import evaluate
     from fsmeta.train import apply_threads
+    from fsmeta.workflows import evaluate_checkpoint
 
     cfg = _load(args)
     apply_threads(cfg)
-    model, meta = model_from_checkpoint(args.weights)
-    model.to(default_device())
-    shots = args.shots if args.shots is not None else meta.get("shots")
-    seed = args.seed if args.seed is not None else meta.get("seed", 0)
-    if shots is None:
-        raise FsmetaError(f"{args.weights} does not record its K-shot draw; pass --shots and --seed")
-    target, support, test = _cell_images(cfg, int(shots), int(seed))
-    summary, rows = evaluate(model, target, test, cfg.eval.threshold, compute=cfg.compute)
-    report = {"weights": str(args.weights), "target": cfg.data.target, "shots": int(shots), "seed": int(seed), **summary}
-    print(f"{cfg.data.target}: {summary['n_images']} test image(s)  mIoU {summary['miou']:.4f}  pooled IoU {summary['pooled_iou']:.4f}  "
-          f"instance P/R/F1 {summary['precision']:.3f}/{summary['recall']:.3f}/{summary['f1']:.3f}")
+    report, rows = evaluate_checkpoint(args.weights, cfg, shots=args.shots, seed=args.seed)
+    print(f"{cfg.data.target}: {report['n_images']} test image(s)  mIoU {report['miou']:.4f}  pooled IoU {report['pooled_iou']:.4f}  "
+          f"instance P/R/F1 {report['precision']:.3f}/{report['recall']:.3f}/{report['f1']:.3f}")
     if args.out:
         from fsmeta.atomic import atomic_write_bytes
 
@@ -425,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("list", help="show the prepared data sets")
     p.add_argument("--data-root", metavar="DIR", help="data root (default: $FSMETA_DATA or ./data)")
     p.set_defaults(func=cmd_data_list)
-    p = data.add_parser("prepare", help="prepare a public data set (b5, b39, sstem, em, tnbc) into the data root")
-    p.add_argument("name", choices=["b5", "b39", "sstem", "em", "tnbc"], metavar="NAME", help="b5, b39, sstem, em or tnbc")
+    p = data.add_parser("prepare", help=f"prepare a public data set ({', '.join(PUBLIC_NAMES)}) into the data root")
+    p.add_argument("name", choices=PUBLIC_NAMES, metavar="NAME", help=", ".join(PUBLIC_NAMES))
     src = p.add_argument_group("input")
     src.add_argument("--from", dest="source", metavar="PATH",
                      help="the download as it unpacks, or the folder holding its .zip files (default: none; or use --download)")
@@ -530,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-root", metavar="DIR", help="prepared data sets (default: $FSMETA_DATA or ./data)")
     g = p.add_argument_group("selection")
     g.add_argument("--budget", type=int, required=True, metavar="N", help="how many images or patches to select (required)")
-    g.add_argument("--method", choices=["random", "entropy", "mc-dropout", "consistency"], default="consistency",
+    g.add_argument("--method", choices=SELECT_METHODS, default="consistency",
                    help="scoring method (default: consistency, the 2023 paper's)")
     g.add_argument("--unit", choices=["image", "patch"], default="image", help="select whole images or patches (default: image)")
     g.add_argument("--patch-size", type=int, metavar="PX", help="patch side (default: select.patch_size, 256)")

@@ -17,12 +17,12 @@ from typing import Any
 
 import yaml
 
+from fsmeta.data.catalogue import table
 from fsmeta.errors import ConfigError
 
-# Strides of the 256×256 training windows per data set (SPEC §3.1); synthetic
-# domains and imported data sets fall back to ``default``.
-SOURCE_STRIDES = {"b5": 140, "b39": 55, "em": 85, "tnbc": 20, "sstem": 32}
-FINETUNE_STRIDES = {"b5": 30, "b39": 50, "em": 30, "tnbc": 28, "sstem": 30}
+# The architectures fsmeta.models builds (a test keeps the two equal; the configuration is
+# validated without importing torch).
+ARCHITECTURES = ("fcrn", "unet")
 
 # Loss variants of §4.3 and the paper's (α, β) for each: α = 0.1 when entropy
 # regularisation is the only extra term. "all" is BCE + ER + D; its pre-training
@@ -48,8 +48,9 @@ class DataConfig:
     target: str = "synth-he"
     sources: list[str] = field(default_factory=list)  # empty: every known data set but the target
     crop_size: int = 256
-    source_stride: dict[str, int] = field(default_factory=lambda: dict(SOURCE_STRIDES, default=64))
-    finetune_stride: dict[str, int] = field(default_factory=lambda: dict(FINETUNE_STRIDES, default=30))
+    # Strides of the training windows per data set (fsmeta.data.catalogue); data sets without an entry take ``default``.
+    source_stride: dict[str, int] = field(default_factory=lambda: table("source_stride"))
+    finetune_stride: dict[str, int] = field(default_factory=lambda: table("finetune_stride"))
     min_foreground: int = 360  # crops with fewer foreground pixels are dropped
     synth: SynthConfig = field(default_factory=SynthConfig)
 
@@ -104,20 +105,8 @@ class FinetuneConfig:
     weight_decay: float = 5e-4
 
 
-# Support-set selection (SPEC §4.6, Dawoud et al. 2023). γ is the pseudo-label
-# threshold on the histogram-equalised scale [0, 1] (an equalised value is the
-# fraction of the image's pixels at or below it). TNBC, EM and ssTEM keep the
-# values of the paper's public code (20/255, 140/255, 140/255); the rest were
-# measured on the synthetic domains (docs/selection.md, bench/select_gamma.py).
-# Fluorescent data sets have BRIGHT objects on dark ("bright" polarity): the
-# image is inverted before the inverse threshold, so γ keeps its meaning.
-SELECT_GAMMA = {
-    "tnbc": 0.08, "em": 0.55, "sstem": 0.55, "b5": 0.15, "b39": 0.15,
-    "synth-fluo": 0.15, "synth-nuclei": 0.15, "synth-em": 0.05, "synth-he": 0.1, "synth-phase": 0.05,
-    "default": 0.15,
-}
-SELECT_POLARITY = {"b5": "bright", "b39": "bright", "synth-fluo": "bright", "synth-nuclei": "bright", "default": "dark"}
-PATCHES_PER_SHOT = {"tnbc": 100, "em": 400, "sstem": 500, "b5": 100, "b39": 100}
+# Support-set selection (SPEC §4.6, Dawoud et al. 2023). The per-data-set tables (γ, polarity,
+# ψ, patches per shot) come from fsmeta.data.catalogue, where each value's origin is noted.
 SELECT_METHODS = ("random", "entropy", "mc-dropout", "consistency")
 
 
@@ -130,12 +119,12 @@ class SelectConfig:
     patch_size: int = 256
     patch_stride: int = 0  # 0: the data set's fine-tune stride (the paper's overlapping grid)
     image_score: str = "mean"  # unit=image: "mean" of the image's patch scores, or "whole" (one full-resolution score)
-    patches_per_shot: dict[str, int] = field(default_factory=lambda: dict(PATCHES_PER_SHOT, default=100))
+    patches_per_shot: dict[str, int] = field(default_factory=lambda: table("patches_per_shot"))
     pseudo: str = "threshold"  # threshold (equalise, inverse threshold γ, 2×2 dilation) | kmeans (k=2, darker cluster)
-    gamma: dict[str, float] = field(default_factory=lambda: dict(SELECT_GAMMA))
+    gamma: dict[str, float] = field(default_factory=lambda: table("gamma"))
     auto_gamma: bool = False  # γ per image by Otsu (``--gamma auto``) instead of the table
-    polarity: dict[str, str] = field(default_factory=lambda: dict(SELECT_POLARITY))
-    psi: dict[str, float] = field(default_factory=lambda: {"b5": 1.6, "synth-fluo": 1.6, "default": 1.3})
+    polarity: dict[str, str] = field(default_factory=lambda: table("polarity"))
+    psi: dict[str, float] = field(default_factory=lambda: table("psi"))
     consistency_target: str = "hard"  # hard: the prediction on the original binarised at 0.5 (authors' code); soft: Eq. 4 as printed
     consistency_weighted: bool = True  # the §4.2 per-patch foreground weight (the authors' code used none)
     # Drop candidate patches whose TRUE mask has fewer foreground pixels (benchmark only). This reads the
@@ -230,7 +219,7 @@ class RayConfig:
     """Where and how the Ray execution layer runs (meta.backend=ray)."""
 
     address: str = ""  # empty: $RAY_ADDRESS, else a new local instance started by ray.init()
-    gpus_per_worker: float = -1.0  # GPUs per source actor; -1: one each when GPUs ≥ sources, else an even share (fsmeta.meta.driver.worker_gpus); 0 without GPUs
+    gpus_per_worker: float = -1.0  # GPUs per source actor; -1: one each when GPUs ≥ sources, else an even share (fsmeta.meta.resources.worker_gpus); 0 without GPUs
     cpus_per_worker: float = 0.0  # CPUs reserved per source actor (torch threads: this, rounded down, at least 1); 0: min(1, cluster CPUs / sources)
     num_cpus: int = 0  # CPUs of a local instance; 0: all of this machine's, or enough for every source actor if more
     include_dashboard: bool = False  # a local instance's dashboard, bound to 127.0.0.1 when on
@@ -304,8 +293,6 @@ class Config:
     tune: TuningConfig = field(default_factory=TuningConfig)
 
     def validate(self) -> "Config":
-        from fsmeta.models import ARCHITECTURES
-
         checks = [
             (self.arch in ARCHITECTURES, f"arch={self.arch!r} is not one of {', '.join(ARCHITECTURES)}"),
             (self.meta.variant in VARIANTS, f"meta.variant={self.meta.variant!r} is not one of {', '.join(VARIANTS)}"),
@@ -323,10 +310,8 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        from fsmeta.models import ARCHITECTURES as _archs
-
         st = self.study
-        for label, values, allowed in (("study.archs", st.archs, tuple(_archs)), ("study.pretrainings", st.pretrainings, PRETRAININGS)):
+        for label, values, allowed in (("study.archs", st.archs, ARCHITECTURES), ("study.pretrainings", st.pretrainings, PRETRAININGS)):
             bad = [v for v in values if v not in allowed]
             if bad or not values:
                 raise ConfigError(f"{label}={values} must name one or more of {', '.join(allowed)}")

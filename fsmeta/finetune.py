@@ -9,13 +9,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fsmeta.compute import autocast, channels_last, forward_fn, host_values, prepare_model, to_device
 from fsmeta.config import ComputeConfig, FinetuneConfig
 from fsmeta.data.crops import CropIndex, gather
 from fsmeta.data.store import ImageSet
-from fsmeta.errors import FsmetaError, NonFiniteLossError
+from fsmeta.errors import FsmetaError
 from fsmeta.losses import weighted_bce
 from fsmeta.models import SegmentationModel, make_bn_affine
+from fsmeta.step import Forward, TrainingStep
 
 
 def support_crops(images: ImageSet, index: CropIndex) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,30 +50,19 @@ def finetune(
     make_bn_affine(model)
     model.train()
     # Crops stay in host memory; each batch follows the model to its device.
-    device = next(model.parameters()).device
-    prepare_model(model, device, compute)
-    cl = channels_last(device, compute)
-    forward = forward_fn(model, compute)
-    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step = TrainingStep(model, lr=cfg.lr, weight_decay=cfg.weight_decay, compute=compute)
     history = []
     for epoch in range(cfg.epochs):
         order = torch.from_numpy(np.random.default_rng([seed, 31337, epoch]).permutation(len(x)))
-        losses = []
         for start in range(0, len(order), cfg.batch_size):
             rows = order[start : start + cfg.batch_size]
-            optimiser.zero_grad(set_to_none=True)
-            xb, yb = to_device(x[rows], device, cl), to_device(y[rows], device, cl)
-            with autocast(device, compute):
-                logits, _ = forward(xb)
-            loss = weighted_bce(logits.float(), yb)
-            loss.backward()
-            optimiser.step()
-            losses.append(loss.detach())
-        values = host_values(losses)
-        total = 0.0
-        for value in values:
-            if not np.isfinite(value):
-                raise NonFiniteLossError(f"{where}: loss is {value} in epoch {epoch}; lower finetune.lr")
-            total += value
-        history.append(total / len(values))
+            step(supervised_loss, x[rows], y[rows])
+        losses = step.read_losses(lambda _, terms: f"{where}: loss is {terms[0]} in epoch {epoch}; lower finetune.lr")
+        history.append(sum(t[0] for t in losses) / len(losses))
     return model, history
+
+
+def supervised_loss(forward: Forward, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The loss of fine-tuning, transfer training and the pretext task: weighted BCE of the
+    logits of ``x`` against the masks ``y`` (a :class:`~fsmeta.step.TrainingStep` loss)."""
+    return weighted_bce(forward(x)[0], y)

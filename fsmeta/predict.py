@@ -35,7 +35,8 @@ from fsmeta.atomic import atomic_write
 from fsmeta.compute import autocast, channels_last, to_device
 from fsmeta.config import ComputeConfig
 from fsmeta.data.crops import normalise
-from fsmeta.data.io import IMAGE_SUFFIXES, image_to_unit, list_images, read_planes, unit_float
+from fsmeta.data.io import IMAGE_SUFFIXES, image_to_unit, list_images, read_planes
+from fsmeta.data.store import to_unit_float
 from fsmeta.errors import FsmetaError
 from fsmeta.models import SegmentationModel
 
@@ -142,7 +143,7 @@ def predict_tiled(model: SegmentationModel, image: np.ndarray, tile: int = 512, 
     ramp = max(overlap - 2 * margin, 0)
     (ys, ty), (xs, tx) = tile_layout(h, tile, overlap, stride), tile_layout(w, tile, overlap, stride)
     if len(ys) == 1 and len(xs) == 1:
-        return _probability(model, normalise(unit_float(image))[None, None], compute)[0]
+        return _probability(model, normalise(to_unit_float(image))[None, None], compute)[0]
     acc = np.zeros((h, w), np.float32)
     norm = np.zeros((h, w), np.float32)
     boxes = []
@@ -158,7 +159,7 @@ def predict_tiled(model: SegmentationModel, image: np.ndarray, tile: int = 512, 
     for group in by_shape.values():
         for start in range(0, len(group), batch):
             chunk = group[start : start + batch]
-            x = np.stack([unit_float(image[y0:y1, x0:x1]) for y0, y1, x0, x1, *_ in chunk])[:, None]
+            x = np.stack([to_unit_float(image[y0:y1, x0:x1]) for y0, y1, x0, x1, *_ in chunk])[:, None]
             prob = _probability(model, normalise(x), compute)
             for p, (y0, y1, x0, x1, top, bottom, left, right) in zip(prob, chunk):
                 wy = _ramp(y1 - y0, top, bottom, margin, ramp)
@@ -175,7 +176,7 @@ def predict_tiled(model: SegmentationModel, image: np.ndarray, tile: int = 512, 
 def predict_whole(model: SegmentationModel, image: np.ndarray, compute: ComputeConfig | None = None) -> np.ndarray:
     """Probability of the whole image in one forward pass (memory grows with the image)."""
     model.eval()
-    return _probability(model, normalise(unit_float(image))[None, None], compute)[0]
+    return _probability(model, normalise(to_unit_float(image))[None, None], compute)[0]
 
 
 # ---------------------------------------------------------------- masks to cells
@@ -218,12 +219,12 @@ def instance_labels(mask: np.ndarray, watershed: bool = False, min_distance: int
     return lut[labels]
 
 
-def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def outline_overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """RGB uint8: the grey image (contrast-stretched to its 0.5–99.5 percentiles) with
     cell outlines in yellow and cell interiors tinted green."""
     from skimage.segmentation import find_boundaries
 
-    x = unit_float(image)
+    x = to_unit_float(image)
     lo, hi = np.percentile(x, [0.5, 99.5]) if x.size else (0.0, 1.0)
     g = np.clip((x - lo) / (hi - lo), 0, 1) if hi > lo else x
     rgb = np.repeat((g * 255).astype(np.uint8)[..., None], 3, axis=-1)
@@ -308,7 +309,7 @@ def predict_files(
             masks.append(mask.astype(np.uint8) * np.uint8(255))
             labels_list.append(labels)
             suffix = f"-p{k:03d}" if len(planes) > 1 else ""
-            _save_png(out / "overlays" / f"{path.stem}{suffix}.png", overlay(image, labels))
+            _save_png(out / "overlays" / f"{path.stem}{suffix}.png", outline_overlay(image, labels))
         top = max(int(lab.max()) for lab in labels_list)
         label_dtype = np.uint16 if top < 65536 else np.uint32
         labels_out = [lab.astype(label_dtype) for lab in labels_list]
@@ -355,6 +356,6 @@ def resolve_weights(weights: str, tracking_uri: str = "", cache: str | Path | No
 
 
 __all__ = [
-    "PredictSettings", "predict_tiled", "predict_whole", "instance_labels", "overlay", "predict_files",
+    "PredictSettings", "predict_tiled", "predict_whole", "instance_labels", "outline_overlay", "predict_files",
     "resolve_weights", "list_inputs", "tile_layout", "RECEPTIVE_MARGIN",
 ]

@@ -190,7 +190,7 @@ def plot_study(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
     return paths
 
 
-def overlay(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+def error_overlay(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """RGB uint8 comparison of a binary prediction with the ground truth:
     true positives white, false positives red, false negatives green, true negatives black."""
     if pred.shape != gt.shape:

@@ -73,6 +73,21 @@ class Cell:
         return {k: getattr(self, k) for k in ("target", "arch", "pretraining", "selection", "shots", "seed")}
 
 
+def target_config(cfg: Config, target: str, arch: str, pretraining: str | None = None) -> Config:
+    """The configuration of one (target, arch, pre-training): the target left out of the sources."""
+    data = dataclasses.replace(cfg.data, target=target)
+    if cfg.study.datasets:
+        if target not in cfg.study.datasets:
+            raise FsmetaError(f"target {target!r} is not among study.datasets {cfg.study.datasets}")
+        data = dataclasses.replace(data, sources=[d for d in cfg.study.datasets if d != target])
+    elif target in cfg.data.sources:
+        data = dataclasses.replace(data, sources=[d for d in cfg.data.sources if d != target])
+    meta = cfg.meta
+    if pretraining and pretraining.startswith("meta-"):
+        meta = dataclasses.replace(meta, variant=pretraining[len("meta-"):])
+    return dataclasses.replace(cfg, data=data, arch=arch, meta=meta)
+
+
 def cell_split(cfg: Config, n_images: int, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
     """(pool, fixed test) of a cell: in the 2023 protocol each seed is its own split
     (the paper's 10 splits) unless ``eval.vary_split`` is off; in 2020 the seed only
@@ -81,7 +96,7 @@ def cell_split(cfg: Config, n_images: int, seed: int) -> tuple[np.ndarray, np.nd
     return protocol_split(n_images, cfg.eval.protocol, cfg.eval.test_fraction, split_seed)
 
 
-def _random_support(cfg: Config, target: ImageSet, pool: np.ndarray, cell: Cell) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, int]:
+def random_support(cfg: Config, target: ImageSet, pool: np.ndarray, cell: Cell) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, int]:
     """The 2020 protocol: K images drawn by the seed, all their crops at the fine-tune stride."""
     support = draw_support(pool, cell.shots, cell.seed, target=cell.target)
     try:
@@ -153,7 +168,7 @@ def run_cell(cfg: Config, target: ImageSet, checkpoint: Path, cell: Cell,
     if fixed_test is None:
         if cell.selection != "random":
             raise FsmetaError(f"{cell.name()}: selection {cell.selection!r} needs eval.protocol=2023 (a fixed test split)")
-        x, y, support, pixels = _random_support(cfg, target, pool, cell)
+        x, y, support, pixels = random_support(cfg, target, pool, cell)
         test = held_out_images(len(target), pool, fixed_test, support)
     else:
         x, y, support, pixels = _selected_support(cfg, target, model, pool, fixed_test, cell, checkpoint if cache_rankings else None)

@@ -11,23 +11,24 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from fsmeta.checkpoint import load_checkpoint, save_checkpoint
-from fsmeta.compute import autocast, channels_last, default_device, forward_fn, host_buffer, host_values, prepare_model, to_device
+from fsmeta.checkpoint import Kind, describe_pretraining, load_checkpoint, save_checkpoint
+from fsmeta.compute import default_device, host_buffer
 from fsmeta.config import Config, changed_keys, flatten
-from fsmeta.data.crops import build_crop_index, gather
-from fsmeta.data.registry import load_dataset, resolve_sources
+from fsmeta.data.crops import gather
 from fsmeta.data.sampling import TaskSpec, make_task
-from fsmeta.errors import FsmetaError, NonFiniteLossError
-from fsmeta.losses import weighted_bce
-from fsmeta.meta.reptile import AdaptResult, InnerSettings, StateDict, clone_state, meta_update
-from fsmeta.meta.sequential import SequentialBackend, SourceData
-from fsmeta.models import build_model
+from fsmeta.errors import FsmetaError
+from fsmeta.finetune import supervised_loss
+from fsmeta.meta.reptile import AdaptResult, InnerSettings, meta_update
+from fsmeta.meta.sequential import SequentialBackend
+from fsmeta.meta.sources import SourceData, load_sources
+from fsmeta.models import StateDict, build_model, clone_state
 from fsmeta.progress import Progress
+from fsmeta.step import TrainingStep
 from fsmeta.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -51,23 +52,6 @@ def apply_threads(cfg: Config) -> None:
         torch.set_num_threads(cfg.threads)
 
 
-def load_sources(cfg: Config, names: list[str] | None = None) -> list[SourceData]:
-    """Open each source and index its crops at the source stride."""
-    names = names if names is not None else resolve_sources(cfg)
-    out = []
-    for name in names:
-        images = load_dataset(name, cfg)
-        crops = build_crop_index(images, cfg.data.crop_size, cfg.data.stride(name, "source"), cfg.data.min_foreground)
-        out.append(SourceData(name, images, crops))
-    return out
-
-
-def inner_settings(cfg: Config) -> InnerSettings:
-    alpha, beta = cfg.meta.loss_weights()
-    m = cfg.meta
-    return InnerSettings(m.inner_steps, m.inner_lr, m.weight_decay, alpha, beta, m.entropy)
-
-
 def initial_theta(arch: str, seed: int) -> StateDict:
     """Seeded random initialisation, non-affine batch norm."""
     torch.manual_seed(seed)
@@ -76,10 +60,12 @@ def initial_theta(arch: str, seed: int) -> StateDict:
 
 def make_backend(cfg: Config, sources: list[SourceData]) -> Backend:
     if cfg.meta.backend == "sequential":
-        return SequentialBackend(cfg.arch, sources, inner_settings(cfg))
+        return SequentialBackend(cfg.arch, sources, InnerSettings.from_config(cfg), cfg.compute)
     if cfg.meta.backend == "ray":
         try:
-            from fsmeta.meta.driver import RayBackend  # the execution layer, when installed
+            # Imported here, not at the top: ray is needed only for this backend, and the rest of
+            # fsmeta (the sequential backend, fine-tuning, predict, bench/) runs where ray is absent.
+            from fsmeta.meta.driver import RayBackend
         except ImportError as exc:
             raise FsmetaError(f"meta.backend=ray is not available in this build ({exc}); use sequential") from None
         return RayBackend(cfg, sources)
@@ -93,11 +79,6 @@ def meta_iteration(cfg: Config, backend: Backend, theta: StateDict, iteration: i
     tasks = [make_task(cfg.seed, iteration, m, pool_sizes, cfg.meta.shots) for m in range(len(pool_sizes))]
     results = backend.run(theta, tasks)
     return meta_update(theta, [r.theta for r in results], cfg.meta.epsilon), results
-
-
-def checkpoint_meta(cfg: Config, kind: str, sources: list[str], **extra: Any) -> dict[str, Any]:
-    return {"arch": cfg.arch, "bn_affine": False, "kind": kind, "target": cfg.data.target,
-            "sources": sources, "config": cfg.to_dict(), **extra}
 
 
 def meta_train(
@@ -152,10 +133,10 @@ def meta_train(
             tracker.log_metrics(run_id, metrics, step=it + 1)
             done = it + 1
             if done % cfg.meta.checkpoint_every == 0 or done == cfg.meta.iterations:
-                save_checkpoint(last, theta, checkpoint_meta(cfg, "meta", names, iteration=done, mlflow_run_id=run_id))
+                save_checkpoint(last, theta, describe_pretraining(Kind.META, cfg, names, iteration=done, mlflow_run_id=run_id))
             per_source = " ".join(f"{n}={r.losses['loss']:.3f}" for n, r in zip(names, results))
             bar.update(detail=f"loss {metrics['loss']:.4f} (bce {metrics['bce']:.4f} er {metrics['er']:.4f} d {metrics['d']:.4f}) [{per_source}]")
-        save_checkpoint(final, theta, checkpoint_meta(cfg, "meta", names, iteration=cfg.meta.iterations, mlflow_run_id=run_id))
+        save_checkpoint(final, theta, describe_pretraining(Kind.META, cfg, names, iteration=cfg.meta.iterations, mlflow_run_id=run_id))
         tracker.log_artifact(run_id, final, "checkpoints")
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -191,12 +172,10 @@ def transfer_train(
     model.load_state_dict(initial_theta(cfg.arch, cfg.seed))
     model.train()
     device = default_device()
-    prepare_model(model, device, cfg.compute)
-    cl = channels_last(device, cfg.compute)
-    forward = forward_fn(model, cfg.compute)
-    size = cfg.data.crop_size
+    model.to(device)
     tc = cfg.transfer
-    optimiser = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    step = TrainingStep(model, lr=tc.lr, weight_decay=tc.weight_decay, compute=cfg.compute)
+    size = cfg.data.crop_size
     run_id = tracker.start_run("transfer-train", params={**cfg.flat(), "sources": ",".join(names), "crops": total},
                                parent_run_id=parent_run_id, tags={"fsmeta.kind": "transfer", "fsmeta.target": cfg.data.target})
     bar = Progress(tc.steps, f"transfer-train → {cfg.data.target}", enabled=progress)
@@ -205,9 +184,8 @@ def transfer_train(
     try:
         order = np.zeros(0, dtype=np.int64)
         epoch = 0
-        pending: list[torch.Tensor] = []  # losses not yet read back; read every 10 steps (one GPU sync, not ten)
         value: float | None = None  # the last loss read back
-        for step in range(tc.steps):
+        for i in range(tc.steps):
             if len(order) < tc.batch_size:
                 order = np.concatenate([order, np.random.default_rng([cfg.seed, 4242, epoch]).permutation(total)])
                 epoch += 1
@@ -223,22 +201,13 @@ def transfer_train(
                 part = slice(filled, filled + len(rows))
                 gather(sources[s].images, sources[s].crops, rows, out=(x_np[part], y_np[part]))
                 filled += len(rows)
-            optimiser.zero_grad(set_to_none=True)
-            with autocast(device, cfg.compute):
-                logits, _ = forward(to_device(x_t, device, cl))
-            loss = weighted_bce(logits.float(), to_device(y_t, device, cl))
-            loss.backward()
-            optimiser.step()
-            pending.append(loss.detach())
-            if (step + 1) % 10 == 0 or step + 1 == tc.steps:
-                values = host_values(pending)
-                for k, v in enumerate(values):
-                    if not np.isfinite(v):
-                        raise NonFiniteLossError(f"transfer training loss is {v} at step {step + 1 - len(values) + k}; lower transfer.lr")
-                value, pending = values[-1], []
-                tracker.log_metrics(run_id, {"loss": value}, step=step + 1)
+            step(supervised_loss, x_t, y_t)
+            if (i + 1) % 10 == 0 or i + 1 == tc.steps:  # losses read every 10 steps: one GPU sync, not ten
+                losses = step.read_losses(lambda k, terms: f"transfer training loss is {terms[0]} at step {k}; lower transfer.lr")
+                value = losses[-1][0]
+                tracker.log_metrics(run_id, {"loss": value}, step=i + 1)
             bar.update(detail=f"loss {value:.4f}" if value is not None else "")
-        save_checkpoint(out, clone_state(model), checkpoint_meta(cfg, "transfer", names, steps=tc.steps, mlflow_run_id=run_id))
+        save_checkpoint(out, clone_state(model), describe_pretraining(Kind.TRANSFER, cfg, names, steps=tc.steps, mlflow_run_id=run_id))
         tracker.log_artifact(run_id, out, "checkpoints")
         status = "FINISHED"
     finally:
@@ -249,4 +218,4 @@ def transfer_train(
 def scratch_checkpoint(cfg: Config, out_dir: str | Path) -> Path:
     """The lower bound's starting point: the seeded random initialisation, saved like a pre-training."""
     out = Path(out_dir) / "scratch.safetensors"
-    return save_checkpoint(out, initial_theta(cfg.arch, cfg.seed), checkpoint_meta(cfg, "scratch", []))
+    return save_checkpoint(out, initial_theta(cfg.arch, cfg.seed), describe_pretraining(Kind.SCRATCH, cfg, []))

@@ -31,7 +31,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from fsmeta.data.store import ImageSet, Record, write_store
+from fsmeta.data.store import ImageSet, Record, to_unit_float, write_store
 from fsmeta.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -208,13 +208,6 @@ def image_to_unit(plane: np.ndarray, where: str = "image") -> np.ndarray:
     return ((x - lo) / (hi - lo)).astype(np.float32)
 
 
-def unit_float(image: np.ndarray) -> np.ndarray:
-    """A store-ready image (uint8 or float32 [0, 1]) as float32 in [0, 1]."""
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) * np.float32(1.0 / 255.0)
-    return image.astype(np.float32, copy=False)
-
-
 def mask_to_binary(plane: np.ndarray, rule: str = "nonzero") -> np.ndarray:
     """Binary mask (H, W) uint8 {0, 1} from a binary or instance mask.
 
@@ -383,7 +376,7 @@ def check_folder_pairs(pairs: list[tuple[Path, Path]]) -> str:
 
 
 def _as_dtype(image: np.ndarray, dtype: str) -> np.ndarray:
-    return image if str(image.dtype) == dtype else unit_float(image)
+    return image if str(image.dtype) == dtype else to_unit_float(image)
 
 
 def load_folder(images_dir: str | Path, masks_dir: str | Path, name: str = "support") -> ImageSet:

@@ -39,12 +39,13 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from fsmeta.data.catalogue import PublicSet, public_layouts
 from fsmeta.data.io import mask_to_binary, pair_by_name, read_image, to_grey
 from fsmeta.data.store import Record, write_store
 from fsmeta.errors import DataError
@@ -54,54 +55,8 @@ log = logging.getLogger(__name__)
 _LISTED = 20
 
 
-@dataclass(frozen=True)
-class PublicSet:
-    """What a public data set looks like once unpacked, and where to get it."""
-
-    name: str
-    title: str
-    pairs: int  # expected image/mask pairs
-    shape: tuple[int, int]  # expected (height, width) of every image
-    file_dtype: str  # bit depth of the image files
-    store_dtype: str  # "uint8", or "float32" for images scaled by their own range
-    urls: tuple[str, ...]
-    citation: str
-    sizes: dict[str, int] = field(default_factory=dict)  # known byte sizes by file name
-    sha256: dict[str, str] = field(default_factory=dict)  # known digests by file name
-    optional_urls: tuple[str, ...] = ()  # fetched when available, e.g. an official split
-
-
-PUBLIC: dict[str, PublicSet] = {
-    "b5": PublicSet(
-        "b5", "BBBC005 synthetic cells (in-focus F1 images)", 1200, (520, 696), "uint8", "uint8",
-        ("https://data.broadinstitute.org/bbbc/BBBC005/BBBC005_v1_images.zip",
-         "https://data.broadinstitute.org/bbbc/BBBC005/BBBC005_v1_ground_truth.zip"),
-        "Ljosa et al., Nature Methods 2012 (Broad Bioimage Benchmark Collection, BBBC005v1)",
-    ),
-    "b39": PublicSet(
-        "b39", "BBBC039 U2OS nuclei (fluorescence)", 200, (520, 696), "uint16", "float32",
-        ("https://data.broadinstitute.org/bbbc/BBBC039/images.zip",
-         "https://data.broadinstitute.org/bbbc/BBBC039/masks.zip"),
-        "Ljosa et al., Nature Methods 2012 (Broad Bioimage Benchmark Collection, BBBC039v1)",
-        optional_urls=("https://data.broadinstitute.org/bbbc/BBBC039/metadata.zip",),
-    ),
-    "sstem": PublicSet(
-        "sstem", "ssTEM Drosophila VNC mitochondria (Gerhard et al. 2013)", 20, (1024, 1024), "uint8", "uint8",
-        ("https://github.com/unidesigner/groundtruth-drosophila-vnc/archive/master.zip",),
-        "Gerhard et al. 2013, figshare 10.6084/m9.figshare.856713 (CC BY-NC-SA 3.0)",
-    ),
-    "em": PublicSet(
-        "em", "EPFL CA1 hippocampus mitochondria, training volume (Lucchi et al. 2012)", 165, (768, 1024), "uint8", "uint8",
-        ("https://documents.epfl.ch/groups/c/cv/cvlab-unit/www/data/%20ElectronMicroscopy_Hippocampus/training.tif",
-         "https://documents.epfl.ch/groups/c/cv/cvlab-unit/www/data/%20ElectronMicroscopy_Hippocampus/training_groundtruth.tif"),
-        "Lucchi et al. 2012, EPFL CVLab electron microscopy data set",
-    ),
-    "tnbc": PublicSet(
-        "tnbc", "TNBC H&E nuclei (Naylor et al. 2019)", 50, (512, 512), "uint8", "uint8",
-        ("https://zenodo.org/records/1175282/files/TNBC_NucleiSegmentation.zip",),
-        "Naylor et al., IEEE TMI 2019 (Zenodo record 1175282)",
-    ),
-}
+# The layouts of the public data sets (fsmeta.data.catalogue), by name.
+PUBLIC: dict[str, PublicSet] = public_layouts()
 
 
 @dataclass
@@ -262,7 +217,8 @@ def _items_tnbc(base: Path, spec: PublicSet) -> tuple[Path, list[Item]]:
     return top, items
 
 
-ITEMS: dict[str, Callable[[Path, PublicSet], tuple[Path, list[Item]]]] = {
+# The reader of each public data set: where its pairs lie in the unpacked download.
+READERS: dict[str, Callable[[Path, PublicSet], tuple[Path, list[Item]]]] = {
     "b5": _items_b5, "b39": _items_b39, "sstem": _items_sstem, "em": _items_em, "tnbc": _items_tnbc,
 }
 
@@ -555,13 +511,13 @@ def prepare(
             raise DataError(f"{base} is a file; give the folder of the {spec.title} download or its .zip archive")
         base = unpacked
     try:
-        where, items = ITEMS[name](base, spec)
+        where, items = READERS[name](base, spec)
     except DataError:
         # Perhaps the folder holds the archives themselves, not yet unpacked.
         unpacked = None if download_files else _unpack_local_archives(base, spec, downloads)
         if unpacked is None:
             raise
-        where, items = ITEMS[name](unpacked, spec)
+        where, items = READERS[name](unpacked, spec)
     provenance = {
         "dataset": spec.title,
         "source": str(Path(where).resolve()),

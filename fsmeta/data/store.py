@@ -95,6 +95,7 @@ class ImageSet:
 
 
 def to_unit_float(image: np.ndarray) -> np.ndarray:
+    """A store-ready image (uint8 or float32 [0, 1]) as float32 in [0, 1]."""
     if image.dtype == np.uint8:
         return image.astype(np.float32) * np.float32(1.0 / 255.0)
     return image.astype(np.float32, copy=False)

@@ -40,8 +40,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from fsmeta.config import Config
 from fsmeta.data.sampling import TaskSpec
 from fsmeta.errors import FsmetaError
-from fsmeta.meta.reptile import AdaptResult, StateDict
-from fsmeta.meta.sequential import SourceData
+from fsmeta.meta.reptile import AdaptResult, InnerSettings
+from fsmeta.meta.resources import actor_bundle, actor_bundle_offset, actor_threads
+from fsmeta.meta.sources import SourceData
+from fsmeta.models import StateDict
 from fsmeta.meta.workers import SourceWorker, WorkerResult, state_from_numpy, state_to_numpy
 
 log = logging.getLogger(__name__)
@@ -70,27 +72,6 @@ def connect(cfg: Config, min_cpus: float = 0.0) -> bool:
     return True
 
 
-def worker_gpus(configured: float, cluster_gpus: float, sources: int) -> float:
-    """GPUs each source actor reserves: ``configured`` when it is ≥ 0, else the automatic share.
-
-    Automatic (-1): 0 without GPUs; one GPU per actor when there are at least as
-    many GPUs as sources; else the actors share the GPUs evenly, 1 / ceil(sources / GPUs)
-    of one each. That is min(1, GPUs / sources) whenever the GPUs divide the sources, and
-    a little less otherwise, because Ray places a fractional share on a single GPU: with
-    3 GPUs and 4 sources, 0.75 each would leave the fourth actor no GPU with 0.75 free,
-    while 0.5 each puts two actors on each of two GPUs. Shares are rounded down to Ray's
-    resolution of 1e-4, so n shares of 1/n never add up to more than one GPU.
-    """
-    if configured >= 0:
-        return float(configured)
-    whole = int(math.floor(cluster_gpus + 1e-9))
-    if whole < 1 or sources < 1:
-        return 0.0
-    if whole >= sources:
-        return 1.0
-    return math.floor(10_000 / math.ceil(sources / whole)) / 10_000
-
-
 class RayBackend:
     """One :class:`SourceWorker` actor per source, in one placement group.
 
@@ -102,8 +83,6 @@ class RayBackend:
     name = "ray"
 
     def __init__(self, cfg: Config, sources: list[SourceData]) -> None:
-        from fsmeta.train import inner_settings  # fsmeta.train imports this module lazily
-
         rc = cfg.ray
         if rc.placement_strategy not in STRATEGIES:
             raise FsmetaError(f"ray.placement_strategy={rc.placement_strategy!r} is not one of {', '.join(STRATEGIES)}")
@@ -111,7 +90,7 @@ class RayBackend:
             raise FsmetaError(f"ray.cpus_per_worker={rc.cpus_per_worker} must be positive, or 0 for automatic")
         self.cfg = cfg
         self.names = [s.name for s in sources]
-        self.settings = inner_settings(cfg)
+        self.settings = InnerSettings.from_config(cfg)
         self.workers: list[Any] = []
         self.pg = None
         self._owns_pg = True  # False when the actors run in bundles of the caller's placement group
@@ -120,25 +99,23 @@ class RayBackend:
         self.last_compute_seconds: list[float] = []  # adapt() time per source in the last run (benchmarks)
         self._started_ray = connect(cfg, min_cpus=len(sources) * rc.cpus_per_worker)
         try:
-            resources = ray.cluster_resources()
-            gpus = worker_gpus(rc.gpus_per_worker, resources.get("GPU", 0.0), len(sources))
-            cpus = rc.cpus_per_worker or min(1.0, resources.get("CPU", 1.0) / len(sources))
-            self.cpus, self.gpus = float(cpus), float(gpus)
-            self.threads = max(1, int(self.cpus))
+            bundle = actor_bundle(rc, ray.cluster_resources(), len(sources))
+            self.cpus, self.gpus = bundle["CPU"], bundle.get("GPU", 0.0)
             # Each pool is put once; every worker but its owner gets the reference.
             self.pool_refs = [ray.put(s) for s in sources]
             self._actor_cls = ray.remote(SourceWorker)
             current = get_current_placement_group()
-            if current is not None and len(current.bundle_specs) > len(sources):
-                # Inside a Tune trial reserved with tune.PlacementGroupFactory (fsmeta.tune): the
-                # trial holds bundle 0 and its source actors the last n bundles, sized by the trial.
-                self.bundle_offset = len(current.bundle_specs) - len(sources)
-                spec = current.bundle_specs[self.bundle_offset]
+            offset = actor_bundle_offset(len(current.bundle_specs), len(sources)) if current is not None else None
+            if offset is not None:
+                # Inside a Tune trial reserved with tune.PlacementGroupFactory (fsmeta.tuning): the
+                # source actors take the trial's last bundles, sized by fsmeta.tuning.resources.
+                self.bundle_offset = offset
+                spec = current.bundle_specs[offset]
                 self.cpus, self.gpus = float(spec.get("CPU", 0.0)), float(spec.get("GPU", 0.0))
-                self.threads = max(1, int(self.cpus))
                 self.pg, self._owns_pg = current, False
             else:
                 self.pg = self._reserve(len(sources))
+            self.threads = actor_threads(self.cpus)
             self.workers = [self._start(i) for i in range(len(sources))]
             where = ray.get([w.ready.remote() for w in self.workers])
             for info in where:

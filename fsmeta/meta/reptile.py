@@ -8,19 +8,15 @@ returned weights, so where a task ran never changes the result.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from fsmeta.compute import autocast, channels_last, forward_fn, host_values, to_device
-from fsmeta.config import ComputeConfig
-from fsmeta.errors import NonFiniteLossError
+from fsmeta.config import ComputeConfig, Config
 from fsmeta.losses import distillation, entropy_regulariser, weighted_bce
-from fsmeta.models import SegmentationModel
-
-StateDict = dict[str, torch.Tensor]
+from fsmeta.models import SegmentationModel, StateDict, clone_state
+from fsmeta.step import TrainingStep
 
 
 @dataclass(frozen=True)
@@ -33,6 +29,13 @@ class InnerSettings:
     alpha: float  # weight of the entropy regulariser; 0 disables it
     beta: float  # weight of the distillation loss; 0 disables it
     entropy: str = "paper"
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "InnerSettings":
+        """The inner loop of ``cfg.meta``, with the variant's (α, β) in force."""
+        alpha, beta = cfg.meta.loss_weights()
+        m = cfg.meta
+        return cls(m.inner_steps, m.inner_lr, m.weight_decay, alpha, beta, m.entropy)
 
 
 @dataclass
@@ -80,50 +83,36 @@ def adapt(model: SegmentationModel, theta: StateDict, batch: TaskBatch, settings
     """
     model.load_state_dict(theta)
     model.train()
-    device = next(model.parameters()).device
-    cl = channels_last(device, compute)
-    x, y, x_n, x_p = (to_device(t, device, cl) for t in (batch.x, batch.y, batch.x_n, batch.x_p))
-    forward = forward_fn(model, compute)
-    optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    zero = torch.zeros((), device=device)
-    terms: list[torch.Tensor] = []  # per step: loss, bce, er, d, kept on the device
-    for step in range(settings.steps):
-        optimiser.zero_grad(set_to_none=True)
+    step = TrainingStep(model, lr=settings.lr, weight_decay=settings.weight_decay, compute=compute)
+    # The task's crops serve every inner step: moved to the device once.
+    x, y, x_n, x_p = step.to_device(batch.x, batch.y, batch.x_n, batch.x_p)
+    zero = torch.zeros((), device=step.device)
+
+    def loss_fn(forward, x, y, x_n, x_p):
         # Forward passes and loss terms in this order: batch norm's running statistics and the
         # order in which gradients accumulate both depend on it.
-        with autocast(device, compute):
-            logits, latent_m = forward(x)
-        bce = weighted_bce(logits.float(), y)
-        loss = bce
-        er = d = zero
+        logits, latent_m = forward(x)
+        bce = weighted_bce(logits, y)
+        loss, er, d = bce, zero, zero
         if settings.alpha > 0.0:
-            with autocast(device, compute):
-                logits_n = forward(x_n)[0]
-            er = entropy_regulariser(logits_n.float(), settings.entropy)
+            er = entropy_regulariser(forward(x_n)[0], settings.entropy)
             loss = loss + settings.alpha * er
         if settings.beta > 0.0:
-            with autocast(device, compute):
-                _, latent_p = forward(x_p)
-            d = distillation(latent_m.float(), latent_p.float())
+            d = distillation(latent_m, forward(x_p)[1])
             loss = loss + settings.beta * d
-        loss.backward()
-        optimiser.step()
-        terms.extend(t.detach() for t in (loss, bce, er, d))
-    values = host_values(terms)
-    sums = {"loss": 0.0, "bce": 0.0, "er": 0.0, "d": 0.0}
-    for step in range(settings.steps):
-        value, bce_v, er_v, d_v = values[4 * step : 4 * step + 4]
-        if not math.isfinite(value):
-            raise NonFiniteLossError(
-                f"loss is {value} at inner step {step}{' of ' + where if where else ''} "
-                f"(bce={bce_v:.4g}, er={er_v:.4g}, d={d_v:.4g}); lower inner_lr or the loss weights"
-            )
-        sums["loss"] += value
-        sums["bce"] += bce_v
-        sums["er"] += er_v
-        sums["d"] += d_v
-    theta_prime = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return AdaptResult(theta_prime, {k: v / settings.steps for k, v in sums.items()})
+        return loss, bce, er, d
+
+    for _ in range(settings.steps):
+        step(loss_fn, x, y, x_n, x_p)
+
+    def describe(i: int, terms: tuple[float, ...]) -> str:
+        value, bce_v, er_v, d_v = terms
+        return (f"loss is {value} at inner step {i}{' of ' + where if where else ''} "
+                f"(bce={bce_v:.4g}, er={er_v:.4g}, d={d_v:.4g}); lower inner_lr or the loss weights")
+
+    rows = step.read_losses(describe)
+    sums = {name: sum(row[k] for row in rows) for k, name in enumerate(("loss", "bce", "er", "d"))}
+    return AdaptResult(clone_state(model), {k: v / settings.steps for k, v in sums.items()})
 
 
 def meta_update(theta: StateDict, adapted: list[StateDict], epsilon: float) -> StateDict:
@@ -146,7 +135,3 @@ def meta_update(theta: StateDict, adapted: list[StateDict], epsilon: float) -> S
             delta += state[key] - value
         out[key] = value + (epsilon / len(adapted)) * delta
     return out
-
-
-def clone_state(model: torch.nn.Module) -> StateDict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -4,7 +4,7 @@ A worker holds everything its source's inner loop needs and nothing else that
 changes: its own crops, opened once from the store, and the unlabelled crop
 pools of the other sources, which the driver put into the object store once at
 start. Each call builds the task's pixels from a :class:`TaskSpec` exactly as
-:func:`fsmeta.meta.sequential.task_batch` does and runs
+:func:`fsmeta.meta.sources.task_batch` does and runs
 :func:`fsmeta.meta.reptile.adapt` unchanged, so a call is a pure function of
 (θ, task): re-running it after a crash or on another node gives the same θ_m.
 
@@ -31,9 +31,9 @@ import torch
 from fsmeta.compute import autocast_dtype, prepare_model
 from fsmeta.config import Config
 from fsmeta.data.sampling import TaskSpec
-from fsmeta.meta.reptile import InnerSettings, StateDict, adapt
-from fsmeta.meta.sequential import SourceData, task_batch
-from fsmeta.models import build_model
+from fsmeta.meta.reptile import InnerSettings, adapt
+from fsmeta.meta.sources import SourceData, load_sources, task_batch
+from fsmeta.models import StateDict, build_model
 
 NumpyState = dict[str, np.ndarray]
 
@@ -73,8 +73,6 @@ class SourceWorker:
 
     def __init__(self, cfg: Config, index: int, names: list[str], pools: dict[int, "ray.ObjectRef"],
                  settings: InnerSettings, threads: int) -> None:
-        from fsmeta.train import load_sources  # fsmeta.train imports this layer lazily; keep the cycle open
-
         torch.set_num_threads(max(1, int(threads)))
         self.index = index
         self.name = names[index]

@@ -67,3 +67,11 @@ def is_bn_affine(model: nn.Module) -> bool:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+StateDict = dict[str, torch.Tensor]
+
+
+def clone_state(model: nn.Module) -> StateDict:
+    """A detached copy of every weight and buffer of ``model`` (θ as the algorithms pass it around)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

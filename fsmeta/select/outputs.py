@@ -225,15 +225,15 @@ def select_for_annotation(
     ``method``/``unit`` default to ``select.method``/``select.unit``; ``gamma`` to
     the configured γ. The whole target is the pool: a user's images are all unlabelled.
     """
-    from fsmeta.checkpoint import model_from_checkpoint, save_checkpoint
-    from fsmeta.meta.reptile import clone_state
+    from fsmeta.checkpoint import Kind, describe_adapted, model_from_checkpoint, save_checkpoint
+    from fsmeta.models import clone_state
     from fsmeta.select.pretext import pretext_finetune, resolve_gamma
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FsmetaError(f"output {out} exists and is not a folder")
     model, meta = model_from_checkpoint(weights)
-    if meta.get("bn_affine") and meta.get("kind") == "finetuned":
+    if meta.get("kind") == Kind.FINETUNED.value:
         log.warning("%s is already fine-tuned; selection usually starts from pre-trained weights", weights)
     tgt = load_target(target, cfg)
     method = method or cfg.select.method
@@ -242,11 +242,9 @@ def select_for_annotation(
         # θ′ on pseudo-labels of the whole target (a user's images are all pool), kept for `fsmeta finetune`:
         # the 2023 method fine-tunes θ′, not θ, on the annotations.
         model = pretext_finetune(model, tgt.images, cfg, seed, gamma=gamma)
-        pretext = save_checkpoint(out / "pretext.safetensors", clone_state(model), {
-            **{k: v for k, v in meta.items() if k != "fsmeta_version"}, "bn_affine": True, "kind": "pretext",
-            "pretraining": meta.get("kind", ""), "weights": str(weights), "target": str(target), "seed": seed,
-            "gamma": resolve_gamma(cfg, tgt.images.name, gamma),
-            "config": cfg.to_dict()})
+        pretext = save_checkpoint(out / "pretext.safetensors", clone_state(model), describe_adapted(
+            Kind.PRETEXT, meta, weights=str(weights), target=str(target), seed=seed,
+            gamma=resolve_gamma(cfg, tgt.images.name, gamma), config=cfg.to_dict()))
     selection = select_support(model, tgt.images, range(len(tgt.images)), budget, method,
                                unit or cfg.select.unit, cfg, seed, gamma=gamma, run_pretext=False)
     foreground = predicted_foreground(model, tgt.images, selection, cfg.compute)

@@ -16,16 +16,15 @@ import logging
 from typing import Iterable
 
 import numpy as np
-import torch
 
-from fsmeta.compute import autocast, channels_last, forward_fn, host_buffer, host_values, prepare_model, to_device
+from fsmeta.compute import host_buffer
 from fsmeta.config import Config
 from fsmeta.data.crops import build_crop_index, gather
 from fsmeta.data.store import ImageSet
-from fsmeta.errors import NonFiniteLossError
-from fsmeta.losses import weighted_bce
+from fsmeta.finetune import supervised_loss
 from fsmeta.models import SegmentationModel, make_bn_affine
 from fsmeta.select.pseudo import pseudo_label
+from fsmeta.step import TrainingStep
 
 log = logging.getLogger(__name__)
 
@@ -83,29 +82,16 @@ def pretext_finetune(
     index = build_crop_index(labelled, cfg.data.crop_size, stride, min_foreground=0)
     log.info("pretext: %d pseudo-labelled crops of %s, %d epochs", len(index), images.name, sel.pretext_epochs)
     model.train()
-    device = next(model.parameters()).device  # trains where the caller put the model
-    prepare_model(model, device, cfg.compute)
-    cl = channels_last(device, cfg.compute)
-    forward = forward_fn(model, cfg.compute)
-    optimiser = torch.optim.Adam(model.parameters(), lr=sel.pretext_lr, weight_decay=sel.pretext_weight_decay)
+    step = TrainingStep(model, lr=sel.pretext_lr, weight_decay=sel.pretext_weight_decay, compute=cfg.compute)
     size = cfg.data.crop_size
     for epoch in range(sel.pretext_epochs):
         order = np.random.default_rng([seed, 4242, epoch]).permutation(len(index))
-        losses = []
         for start in range(0, len(order), sel.pretext_batch_size):
             rows = order[start : start + sel.pretext_batch_size]
             # Crops go straight from the memory-mapped store into (pinned, on CUDA) batch memory.
-            xb, yb = host_buffer((len(rows), 1, size, size), device), host_buffer((len(rows), 1, size, size), device)
+            xb, yb = host_buffer((len(rows), 1, size, size), step.device), host_buffer((len(rows), 1, size, size), step.device)
             gather(labelled, index, rows, out=(xb.numpy(), yb.numpy()))
-            optimiser.zero_grad(set_to_none=True)
-            with autocast(device, cfg.compute):
-                logits, _ = forward(to_device(xb, device, cl))
-            loss = weighted_bce(logits.float(), to_device(yb, device, cl))
-            loss.backward()
-            optimiser.step()
-            losses.append(loss.detach())
-        for value in host_values(losses):
-            if not np.isfinite(value):
-                raise NonFiniteLossError(f"pretext on {images.name}: loss is {value} in epoch {epoch}; lower select.pretext_lr")
+            step(supervised_loss, xb, yb)
+        step.read_losses(lambda _, terms: f"pretext on {images.name}: loss is {terms[0]} in epoch {epoch}; lower select.pretext_lr")
     model.eval()
     return model

@@ -10,7 +10,8 @@ import torch
 from fsmeta.checkpoint import load_checkpoint
 from fsmeta.errors import FsmetaError, NonFiniteLossError
 from fsmeta.tracking import Tracker
-from fsmeta.train import initial_theta, load_sources, meta_train
+from fsmeta.meta.sources import load_sources
+from fsmeta.train import initial_theta, meta_train
 
 OFF = Tracker(enabled=False)
 DOMAINS = ["synth-fluo", "synth-nuclei", "synth-em", "synth-phase"]

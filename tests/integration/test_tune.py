@@ -195,7 +195,7 @@ def test_searchers_start_from_the_defaults_point(tiny_config):
     from ray.tune.search.basic_variant import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
-    from fsmeta.tuning import _searcher
+    from fsmeta.tuning.study import _searcher
 
     point = [{"meta.alpha": 0.01}]
     random = _searcher(tiny_config("tune.search=random"), point)

@@ -17,8 +17,8 @@ from fsmeta.config import ComputeConfig, FinetuneConfig, config_from_dict, dump_
 from fsmeta.errors import ConfigError, NonFiniteLossError
 from fsmeta.finetune import finetune
 from fsmeta.losses import weighted_bce
-from fsmeta.meta.reptile import InnerSettings, TaskBatch, adapt, clone_state
-from fsmeta.models import build_model, make_bn_affine
+from fsmeta.meta.reptile import InnerSettings, TaskBatch, adapt
+from fsmeta.models import build_model, clone_state, make_bn_affine
 
 CPU = torch.device("cpu")
 CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -214,7 +214,7 @@ def test_compute_section_round_trips_and_validates(tmp_path):
 ])
 def test_worker_gpu_share(configured, gpus, sources, share):
     pytest.importorskip("ray")
-    from fsmeta.meta.driver import worker_gpus
+    from fsmeta.meta.resources import worker_gpus
 
     got = worker_gpus(configured, gpus, sources)
     assert got == pytest.approx(share, abs=1e-12)

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from fsmeta.errors import NonFiniteLossError
-from fsmeta.meta.reptile import InnerSettings, TaskBatch, adapt, clone_state, meta_update
-from fsmeta.models import build_model
+from fsmeta.meta.reptile import InnerSettings, TaskBatch, adapt, meta_update
+from fsmeta.models import build_model, clone_state
 
 
 def _batch(seed=0, k=2, s=32):

@@ -1,0 +1,109 @@
+"""A user's single-model commands as library functions: ``fsmeta finetune`` and ``fsmeta evaluate``.
+
+The CLI parses arguments and prints; ``jobs/``, tests and notebooks call these
+functions and get the same behaviour. Studies (many models) live in
+:mod:`fsmeta.benchmark` and :mod:`fsmeta.tuning`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fsmeta.checkpoint import Kind, check_fine_tunable, describe_adapted, model_from_checkpoint, save_checkpoint
+from fsmeta.compute import default_device
+from fsmeta.config import Config
+from fsmeta.data.crops import build_crop_index
+from fsmeta.data.io import load_folder, support_crop_index
+from fsmeta.data.registry import load_dataset
+from fsmeta.data.sampling import draw_support, held_out_images
+from fsmeta.data.store import ImageSet
+from fsmeta.errors import FsmetaError
+from fsmeta.evaluate import evaluate
+from fsmeta.finetune import finetune, support_crops
+from fsmeta.models import clone_state
+from fsmeta.study import cell_split
+from fsmeta.tracking import Tracker
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune_checkpoint` wrote and trained on."""
+
+    path: Path  # the fine-tuned checkpoint
+    target: str  # the target's name, or ``folder:<path>`` for a user's folders
+    images: int  # annotated images fine-tuned on
+    crops: int  # training crops cut from them
+    crop_size: int
+    final_loss: float  # mean loss of the last epoch
+    note: str = ""  # something the user should know (e.g. a crop shrunk to small images)
+
+
+def cell_images(cfg: Config, shots: int, seed: int) -> tuple[ImageSet, np.ndarray, np.ndarray]:
+    """(target, support, test) of the seeded K-shot draw of ``cfg.data.target``, as the benchmark
+    draws it: the support images and the held-out images that are scored."""
+    target = load_dataset(cfg.data.target, cfg)
+    pool, fixed_test = cell_split(cfg, len(target), seed)
+    support = draw_support(pool, shots, seed, target=cfg.data.target)
+    return target, support, held_out_images(len(target), pool, fixed_test, support)
+
+
+def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, tracker: Tracker, *, shots: int = 5,
+                        seed: int = 0, support_images: str | Path | None = None,
+                        support_masks: str | Path | None = None) -> FinetuneResult:
+    """Fine-tune a pre-trained checkpoint (or the pretext θ′ of ``fsmeta select``) and save it to ``out``.
+
+    The support set is either a user's annotated folders (``support_images`` with
+    ``support_masks``: every image, paired by name) or the seeded ``shots``-image draw
+    of the prepared target ``cfg.data.target``. The run is logged to ``tracker``; the
+    checkpoint's description names the pre-training, the support images and the run.
+    """
+    model, meta = model_from_checkpoint(weights)
+    model.to(default_device())  # CUDA when present
+    check_fine_tunable(meta, weights)
+    if bool(support_images) != bool(support_masks):
+        raise FsmetaError("--support-images and --support-masks go together: give both folders")
+    note = ""
+    if support_images:
+        folder = Path(support_images).resolve()
+        images = load_folder(support_images, support_masks)
+        index, note = support_crop_index(images, cfg.data.crop_size, cfg.data.stride("default", "finetune"), cfg.data.min_foreground)
+        target, label, support_ids = f"folder:{folder}", folder.name, list(images.ids)
+    else:
+        images, support, _ = cell_images(cfg, shots, seed)
+        index = build_crop_index(images, cfg.data.crop_size, cfg.data.stride(cfg.data.target, "finetune"),
+                                 cfg.data.min_foreground, subset=support)
+        target, label, support_ids = cfg.data.target, cfg.data.target, [images.ids[i] for i in support]
+    n_images = len(support_ids)
+    x, y = support_crops(images, index)
+    params: dict[str, Any] = {"target": target, "arch": meta["arch"], "pretraining": meta.get("kind", ""), "shots": n_images,
+                              "seed": seed, "weights": str(weights), "support_crops": len(x), "crop_size": index.size}
+    with tracker.run(f"finetune/{label}/K{n_images}/s{seed}", params=params, tags={"fsmeta.kind": "finetune"}) as run_id:
+        _, history = finetune(model, x, y, cfg.finetune, seed=seed, compute=cfg.compute)
+        for epoch, loss in enumerate(history, 1):
+            tracker.log_metrics(run_id, {"loss": loss}, step=epoch)
+        path = save_checkpoint(out, clone_state(model), describe_adapted(
+            Kind.FINETUNED, meta, target=target, shots=n_images, seed=seed, support=support_ids, crop_size=index.size,
+            config=cfg.to_dict(), mlflow_run_id=run_id))
+    return FinetuneResult(path, target, n_images, len(x), index.size, history[-1], note)
+
+
+def evaluate_checkpoint(weights: str | Path, cfg: Config, *, shots: int | None = None,
+                        seed: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Score a fine-tuned checkpoint on the images its K-shot draw held out (default: the draw
+    its description records); returns the summary (with weights, target, shots, seed) and per-image rows."""
+    model, meta = model_from_checkpoint(weights)
+    model.to(default_device())
+    shots = shots if shots is not None else meta.get("shots")
+    seed = seed if seed is not None else meta.get("seed", 0)
+    if shots is None:
+        raise FsmetaError(f"{weights} does not record its K-shot draw; pass --shots and --seed")
+    target, _, test = cell_images(cfg, int(shots), int(seed))
+    summary, rows = evaluate(model, target, test, cfg.eval.threshold, compute=cfg.compute)
+    return {"weights": str(weights), "target": cfg.data.target, "shots": int(shots), "seed": int(seed), **summary}, rows
+
+
+__all__ = ["FinetuneResult", "cell_images", "evaluate_checkpoint", "finetune_checkpoint"]
