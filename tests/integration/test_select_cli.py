@@ -163,7 +163,9 @@ def test_select_then_finetune_the_pretext_model(tmp_path, capsys, user_folder, w
                              out / "to_annotate", "--support-masks", tmp_path / "masks", "--out", tmp_path / "mine.safetensors")
     assert code == 0, err
     assert "fine-tuned on 2 annotated image(s)" in stdout
-    assert json.loads((tmp_path / "mine.json").read_text())["pretraining"] == "pretext"
+    # The fine-tuned model names the pre-training it descends from and that it started from θ′.
+    mine = json.loads((tmp_path / "mine.json").read_text())
+    assert mine["kind"] == "finetuned" and mine["pretraining"] == "meta" and mine["base_kind"] == "pretext"
     code, _, err = _run(capsys, "finetune", *sets, "--weights", tmp_path / "mine.safetensors", "--support-images",
                         out / "to_annotate", "--support-masks", tmp_path / "masks", "--out", tmp_path / "twice.safetensors")
     assert code == 2 and "mine.safetensors is already fine-tuned" in err

@@ -138,7 +138,9 @@ def test_reading_a_configuration_imports_neither_torch_nor_ray(module):
 def test_the_tables_that_must_agree_do():
     from fsmeta import config, models
     from fsmeta.data import catalogue, prepare, synth
+    from fsmeta.select.scorers import SCORERS
 
     assert set(config.ARCHITECTURES) == set(models.ARCHITECTURES)
+    assert set(config.SELECT_METHODS) == set(SCORERS)
     assert set(prepare.READERS) == set(catalogue.PUBLIC_NAMES) == set(prepare.PUBLIC)
     assert catalogue.SYNTHETIC_NAMES == synth.DOMAINS
