@@ -1,14 +1,16 @@
-"""Training-step throughput (crops/s) of fsmeta's shared training step, FCRN and U-Net at 256×256.
+"""Training-step throughput (crops/s) of fsmeta's shared training step, FCRN and U-Net.
 
 Each measurement is one epoch of ``fsmeta.finetune.finetune`` (the step that
-meta-training, transfer and pretext training share: ``fsmeta.compute``) over
-``--batch`` × ``--steps`` random crops, after one untimed warm-up step; the modes
-run interleaved, ``--rounds`` times, and the best round counts.
+meta-training, transfer and pretext training share: ``fsmeta.step.TrainingStep``)
+over ``--batch`` × ``--steps`` random crops, after one untimed warm-up step; the
+modes run interleaved, ``--rounds`` times, and the best round counts.
 
-On a CPU (``--threads``, default 1 and 2): the fsmeta path with its defaults (fp32
-there) against a plain fp32 loop — fsmeta's loop as it was before ``fsmeta.compute``
-(one loss read back per step, tensors used as they come) — at each thread count.
-Prints fsmeta / plain (target ≥ 0.95) and 2 threads / 1 thread.
+On a CPU (``--threads``, default 1 and 2; ``--sizes``, default 128 and 256): a plain
+fp32 loop (fsmeta's loop before ``fsmeta.compute``), fsmeta in exact fp32
+(``compute.amp=off``, ``channels_last=off``), fp32 + channels_last, bf16 autocast
+alone, and fsmeta's defaults (``auto``: bf16 autocast + channels_last where the CPU
+has native bf16, AVX-512 BF16 or AMX; fp32 elsewhere). Prints defaults / fp32
+(target ≥ 2.5× on a CPU with native bf16), fp32 / plain (≥ 0.95) and 2 threads / 1 thread.
 
 On CUDA: the plain fp32 loop (pageable memory, a host sync per step, cuDNN
 autotuning off), fsmeta in fp32 (``compute.amp=off``, ``channels_last=off``) and
@@ -17,9 +19,9 @@ with ``compute.compile``. Prints bf16+channels_last / fp32 (target ≥ 2×) and
 fsmeta / plain. "fp32" is what torch runs by default: cuDNN may use TF32 tensor
 cores for its convolutions (printed; ``--no-tf32`` for strict fp32).
 
-    python bench/train_step.py                                   # this machine's device, 256×256
-    python bench/train_step.py --device cpu --batch 8 --steps 4 --threads 1 2
-    python bench/train_step.py --size 64 --batch 4 --steps 2 --rounds 1   # a smoke run
+    python bench/train_step.py                                   # this machine's device
+    python bench/train_step.py --device cpu --batch 8 --steps 4 --threads 2 --sizes 128 256
+    python bench/train_step.py --sizes 64 --batch 4 --steps 2 --rounds 1   # a smoke run
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from fsmeta.compute import default_device  # noqa: E402
+from fsmeta.compute import autocast_dtype, channels_last, cpu_has_native_bf16, default_device  # noqa: E402
 from fsmeta.config import ComputeConfig, FinetuneConfig  # noqa: E402
 from fsmeta.finetune import finetune  # noqa: E402
 from fsmeta.losses import weighted_bce  # noqa: E402
@@ -115,7 +117,10 @@ def modes(device: torch.device, compile_too: bool) -> dict[str, Callable]:
         return lambda model, x, y, cfg: finetune(model, x, y, cfg, seed=0, compute=compute)[1]
 
     if device.type == "cpu":
-        return {"plain fp32": plain, "fsmeta": fsmeta_with(ComputeConfig())}
+        return {"plain fp32": plain, "fsmeta fp32": fsmeta_with(ComputeConfig(amp="off", channels_last="off")),
+                "fp32+CL": fsmeta_with(ComputeConfig(amp="off", channels_last="on")),
+                "bf16": fsmeta_with(ComputeConfig(amp="bf16", channels_last="off")),
+                "fsmeta default": fsmeta_with(ComputeConfig())}
     out = {"plain fp32": plain, "fsmeta fp32": fsmeta_with(ComputeConfig(amp="off", channels_last="off")),
            "fsmeta bf16+CL": fsmeta_with(ComputeConfig())}
     if compile_too:
@@ -147,7 +152,7 @@ def throughput(arch: str, device: torch.device, size: int, batch: int, steps: in
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--archs", nargs="+", default=["fcrn", "unet"], help="architectures (default: fcrn unet)")
-    p.add_argument("--size", type=int, default=256, help="crop side in pixels (default: 256)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[], help="crop sides in pixels (default: 256 on CUDA, 128 256 on a CPU)")
     p.add_argument("--batch", type=int, default=0, help="crops per step (default: 64 on CUDA, 8 on a CPU)")
     p.add_argument("--steps", type=int, default=0, help="timed steps per round (default: 20 on CUDA, 4 on a CPU)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts (default: 3)")
@@ -164,31 +169,42 @@ def main(argv: list[str] | None = None) -> int:
     if cuda and args.no_tf32:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
+    sizes = args.sizes or ([256] if cuda else [128, 256])
     print(machine_line(device))
-    print(f"{args.size}×{args.size} crops, batch {batch}, {steps} timed steps × {args.rounds} rounds (best), Adam, weighted BCE"
+    if not cuda:
+        default = ComputeConfig()
+        print(f"CPU native bf16 (AVX-512 BF16 or AMX): {cpu_has_native_bf16()}; fsmeta default = "
+              f"{'bf16 autocast' if autocast_dtype(device, default) else 'fp32'}"
+              f"{' + channels_last' if channels_last(device, default) else ''}")
+    print(f"batch {batch}, {steps} timed steps × {args.rounds} rounds (best), Adam, weighted BCE"
           + (f"; cuDNN TF32 {'on' if torch.backends.cudnn.allow_tf32 else 'off'}" if cuda else ""))
     runs = modes(device, args.compile)
     threads = args.threads if not cuda else [torch.get_num_threads()]
-    print(f"\n{'arch':<5} {'threads':>7} {'mode':<24} {'crops/s':>9} {'median':>9}")
+    print(f"\n{'arch':<5} {'size':>5} {'threads':>7} {'mode':<24} {'crops/s':>9} {'median':>9}")
     summary = []
     for arch in args.archs:
-        best_by_threads = {}
-        for t in threads:
-            torch.set_num_threads(t)
-            rates = throughput(arch, device, args.size, batch, steps, args.rounds, runs)
-            best = {name: max(r) for name, r in rates.items()}
-            best_by_threads[t] = best
-            for name, r in rates.items():
-                print(f"{arch:<5} {t:>7} {name:<24} {max(r):>9.2f} {statistics.median(r):>9.2f}", flush=True)
-            if cuda:
-                summary.append(f"{arch}: bf16+channels_last / fp32 = {best['fsmeta bf16+CL'] / best['fsmeta fp32']:.2f}× (target ≥ 2×); "
-                               f"fsmeta defaults / plain fp32 loop = {best['fsmeta bf16+CL'] / best['plain fp32']:.2f}×")
-                if "fsmeta bf16+CL+compile" in best:
-                    summary.append(f"{arch}: + compile / bf16+channels_last = {best['fsmeta bf16+CL+compile'] / best['fsmeta bf16+CL']:.2f}×")
-            else:
-                summary.append(f"{arch}, {t} thread(s): fsmeta / plain fp32 loop = {best['fsmeta'] / best['plain fp32']:.3f} (target ≥ 0.95)")
-        if not cuda and 1 in best_by_threads and 2 in best_by_threads:
-            summary.append(f"{arch}: 2 threads / 1 thread (fsmeta) = {best_by_threads[2]['fsmeta'] / best_by_threads[1]['fsmeta']:.2f}×")
+        for size in sizes:
+            best_by_threads = {}
+            for t in threads:
+                torch.set_num_threads(t)
+                rates = throughput(arch, device, size, batch, steps, args.rounds, runs)
+                best = {name: max(r) for name, r in rates.items()}
+                best_by_threads[t] = best
+                for name, r in rates.items():
+                    print(f"{arch:<5} {size:>5} {t:>7} {name:<24} {max(r):>9.2f} {statistics.median(r):>9.2f}", flush=True)
+                if cuda:
+                    summary.append(f"{arch} {size}²: bf16+channels_last / fp32 = {best['fsmeta bf16+CL'] / best['fsmeta fp32']:.2f}× (target ≥ 2×); "
+                                   f"fsmeta defaults / plain fp32 loop = {best['fsmeta bf16+CL'] / best['plain fp32']:.2f}×")
+                    if "fsmeta bf16+CL+compile" in best:
+                        summary.append(f"{arch} {size}²: + compile / bf16+channels_last = {best['fsmeta bf16+CL+compile'] / best['fsmeta bf16+CL']:.2f}×")
+                else:
+                    summary.append(f"{arch} {size}², {t} thread(s): fsmeta default / fp32 = {best['fsmeta default'] / best['fsmeta fp32']:.2f}× "
+                                   f"(target ≥ 2.5×); bf16 alone {best['bf16'] / best['fsmeta fp32']:.2f}×, fp32+CL "
+                                   f"{best['fp32+CL'] / best['fsmeta fp32']:.2f}×; fsmeta fp32 / plain fp32 loop = "
+                                   f"{best['fsmeta fp32'] / best['plain fp32']:.3f} (target ≥ 0.95)")
+            if not cuda and 1 in best_by_threads and 2 in best_by_threads:
+                summary.append(f"{arch} {size}²: 2 threads / 1 thread (fsmeta default) = "
+                               f"{best_by_threads[2]['fsmeta default'] / best_by_threads[1]['fsmeta default']:.2f}×")
     print("\nratios (this run):")
     for line in summary:
         print("  " + line)

@@ -163,6 +163,7 @@ def cmd_data_import(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from fsmeta.checkpoint import model_from_checkpoint
+    from fsmeta.compute import prepare_model
     from fsmeta.predict import PredictSettings, list_inputs, predict_files, resolve_weights
 
     settings = PredictSettings(tile=args.tile, overlap=args.overlap, batch=args.batch, threshold=args.threshold,
@@ -176,7 +177,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="fsmeta-weights-") as cache:  # an MLflow download lives only until loaded
         model, meta = model_from_checkpoint(resolve_weights(args.weights, tracking_uri=args.tracking_uri or "", cache=cache))
-    model.to(default_device())
+    prepare_model(model, default_device())  # bf16 + channels_last where the device has native bf16
     rows = predict_files(model, inputs, args.output, settings)
     out = Path(args.output)
     total = sum(r.cells for r in rows)

@@ -78,6 +78,10 @@ class MetaConfig:
     iterations: int = 300
     checkpoint_every: int = 25
     backend: str = "ray"  # "ray": one actor per source; "sequential": in-process, one source after another
+    # torch CPU threads of every inner loop, on either backend, so the same configuration gives the
+    # same θ on both (some CPU kernels sum in another order with another thread count). 0: each Ray
+    # actor uses the CPUs it reserves and the sequential backend the process's threads (the backends then differ).
+    inner_threads: int = 1
 
     def loss_weights(self) -> tuple[float, float]:
         """(α, β) in force: explicit values win, else the paper's for the variant; off terms are 0."""
@@ -256,11 +260,12 @@ class TuningConfig:
 class ComputeConfig:
     """How training and inference use the device (fsmeta/compute.py); never what they compute.
 
-    On a CPU the defaults change nothing: fp32, the default memory format, no compilation.
+    ``auto`` follows the hardware: bf16 autocast and channels_last on CUDA and on a CPU with
+    native bf16 (AVX-512 BF16 or AMX), fp32 and the default memory format elsewhere.
     """
 
-    amp: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast on any device; off: fp32 everywhere
-    channels_last: str = "auto"  # auto: on for CUDA, off on CPU; on | off
+    amp: str = "auto"  # auto: bf16 autocast where bf16 is native (CUDA; CPUs with AVX-512 BF16 or AMX), else fp32; bf16: autocast on any device; off: fp32 everywhere
+    channels_last: str = "auto"  # auto: on where bf16 is native, as amp; on | off
     cudnn_benchmark: bool = True  # let cuDNN pick the fastest convolution per input shape (CUDA only)
     compile: bool = False  # torch.compile the model's forward (pays a compile per process; for long runs)
 
@@ -305,6 +310,7 @@ class Config:
             (self.meta.inner_steps >= 1, f"meta.inner_steps={self.meta.inner_steps} must be at least 1"),
             (self.meta.iterations >= 1, f"meta.iterations={self.meta.iterations} must be at least 1"),
             (self.meta.checkpoint_every >= 1, f"meta.checkpoint_every={self.meta.checkpoint_every} must be at least 1"),
+            (self.meta.inner_threads >= 0, f"meta.inner_threads={self.meta.inner_threads} must be >= 0 (0: as many as each actor reserves)"),
             (all(k >= 1 for k in self.eval.shots), f"eval.shots={self.eval.shots} must all be at least 1"),
         ]
         for ok, message in checks:

@@ -22,8 +22,9 @@ __all__ = ["default_device", "evaluate", "predict_probability"]
 def predict_probability(model: SegmentationModel, image: np.ndarray, compute: ComputeConfig | None = None) -> np.ndarray:
     """Foreground probability (H, W) float32 of one [0, 1] image at full resolution.
 
-    Runs on the model's device; on CUDA with ``compute``'s defaults under bf16
-    autocast (the sigmoid and the result are fp32), on a CPU in fp32.
+    Runs on the model's device; with ``compute``'s defaults under bf16 autocast where
+    the device has native bf16 (CUDA, AVX-512 BF16/AMX CPUs), else fp32; the sigmoid and
+    the result are fp32.
     """
     model.eval()
     device = next(model.parameters()).device

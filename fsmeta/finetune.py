@@ -15,6 +15,7 @@ from fsmeta.data.store import ImageSet
 from fsmeta.errors import FsmetaError
 from fsmeta.losses import weighted_bce
 from fsmeta.models import SegmentationModel, make_bn_affine
+from fsmeta.progress import Progress
 from fsmeta.step import Forward, TrainingStep
 
 
@@ -31,12 +32,13 @@ def finetune(
     seed: int,
     where: str = "fine-tune",
     compute: ComputeConfig | None = None,
+    progress: bool = False,
 ) -> tuple[SegmentationModel, list[float]]:
     """Fine-tune ``model`` in place on support crops; returns it and the mean loss per epoch.
 
     The model trains on the device it is on; ``compute`` (default:
-    :class:`~fsmeta.config.ComputeConfig`'s, i.e. bf16 autocast and channels_last on
-    CUDA, fp32 on a CPU) says how. Losses are computed in fp32 and read back once per
+    :class:`~fsmeta.config.ComputeConfig`'s, i.e. bf16 autocast and channels_last where
+    the device has native bf16, fp32 elsewhere) says how. Losses are computed in fp32 and read back once per
     epoch, so a non-finite loss stops the run at the end of its epoch.
 
     Args:
@@ -44,6 +46,7 @@ def finetune(
         x: support crops, (N, 1, S, S) in [-1, 1], on the host.
         y: their masks, (N, 1, S, S) in {0, 1}.
         seed: seeds the order of crops in every epoch.
+        progress: print a progress line (steps, rate, ETA, last epoch's loss) every 5 s.
     """
     if len(x) == 0:
         raise FsmetaError(f"{where}: the support set has no crops")
@@ -51,12 +54,15 @@ def finetune(
     model.train()
     # Crops stay in host memory; each batch follows the model to its device.
     step = TrainingStep(model, lr=cfg.lr, weight_decay=cfg.weight_decay, compute=compute)
-    history = []
+    history: list[float] = []
+    per_epoch = -(-len(x) // cfg.batch_size)
+    bar = Progress(cfg.epochs * per_epoch, where, enabled=progress)
     for epoch in range(cfg.epochs):
         order = torch.from_numpy(np.random.default_rng([seed, 31337, epoch]).permutation(len(x)))
         for start in range(0, len(order), cfg.batch_size):
             rows = order[start : start + cfg.batch_size]
             step(supervised_loss, x[rows], y[rows])
+            bar.update(detail=f"epoch {epoch + 1}/{cfg.epochs}" + (f", loss {history[-1]:.4f}" if history else ""))
         losses = step.read_losses(lambda _, terms: f"{where}: loss is {terms[0]} in epoch {epoch}; lower finetune.lr")
         history.append(sum(t[0] for t in losses) / len(losses))
     return model, history

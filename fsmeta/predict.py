@@ -133,7 +133,7 @@ def predict_tiled(model: SegmentationModel, image: np.ndarray, tile: int = 512, 
         overlap: pixels shared by neighbouring tiles (see the module docstring).
         batch: tiles per forward pass; bounds the memory with the tile size.
         compute: precision and memory format on the model's device (default: bf16
-            autocast on CUDA, fp32 on a CPU; see :mod:`fsmeta.compute`).
+            autocast where the device has native bf16, else fp32; see :mod:`fsmeta.compute`).
     """
     model.eval()
     stride = int(getattr(model, "stride", 8))

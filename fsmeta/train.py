@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # Settings that change the meaning of a meta-training checkpoint: resuming with
 # any of them changed would silently mix two runs.
 _RESUME_KEYS = ("seed", "arch", "data", "meta.variant", "meta.alpha", "meta.beta", "meta.entropy", "meta.shots",
-                "meta.inner_steps", "meta.inner_lr", "meta.weight_decay", "meta.epsilon")
+                "meta.inner_steps", "meta.inner_lr", "meta.weight_decay", "meta.epsilon", "meta.inner_threads")
 
 
 class Backend(Protocol):
@@ -60,7 +60,7 @@ def initial_theta(arch: str, seed: int) -> StateDict:
 
 def make_backend(cfg: Config, sources: list[SourceData]) -> Backend:
     if cfg.meta.backend == "sequential":
-        return SequentialBackend(cfg.arch, sources, InnerSettings.from_config(cfg), cfg.compute)
+        return SequentialBackend(cfg.arch, sources, InnerSettings.from_config(cfg), cfg.compute, cfg.meta.inner_threads)
     if cfg.meta.backend == "ray":
         try:
             # Imported here, not at the top: ray is needed only for this backend, and the rest of

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from fsmeta.checkpoint import Kind, check_fine_tunable, describe_adapted, model_from_checkpoint, save_checkpoint
-from fsmeta.compute import default_device
+from fsmeta.compute import default_device, prepare_model
 from fsmeta.config import Config
 from fsmeta.data.crops import build_crop_index
 from fsmeta.data.io import load_folder, support_crop_index
@@ -82,7 +82,8 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
     params: dict[str, Any] = {"target": target, "arch": meta["arch"], "pretraining": meta.get("kind", ""), "shots": n_images,
                               "seed": seed, "weights": str(weights), "support_crops": len(x), "crop_size": index.size}
     with tracker.run(f"finetune/{label}/K{n_images}/s{seed}", params=params, tags={"fsmeta.kind": "finetune"}) as run_id:
-        _, history = finetune(model, x, y, cfg.finetune, seed=seed, compute=cfg.compute)
+        _, history = finetune(model, x, y, cfg.finetune, seed=seed, where=f"fine-tune {label}", compute=cfg.compute,
+                              progress=True)
         for epoch, loss in enumerate(history, 1):
             tracker.log_metrics(run_id, {"loss": loss}, step=epoch)
         path = save_checkpoint(out, clone_state(model), describe_adapted(
@@ -96,7 +97,7 @@ def evaluate_checkpoint(weights: str | Path, cfg: Config, *, shots: int | None =
     """Score a fine-tuned checkpoint on the images its K-shot draw held out (default: the draw
     its description records); returns the summary (with weights, target, shots, seed) and per-image rows."""
     model, meta = model_from_checkpoint(weights)
-    model.to(default_device())
+    prepare_model(model, default_device(), cfg.compute)
     shots = shots if shots is not None else meta.get("shots")
     seed = seed if seed is not None else meta.get("seed", 0)
     if shots is None:

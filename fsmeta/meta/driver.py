@@ -8,11 +8,11 @@ once, calls every worker with its task spec and returns the adapted states in
 source order; the caller (``fsmeta.train.meta_train``) forms the meta-update.
 
 Exactness: a worker runs the same ``adapt`` on the same pixels as the
-``sequential`` backend, so on CPU both give bit-identical θ, provided torch uses
-the same number of threads in both places (``threads`` for the sequential
-backend; in the actors the CPUs each reserves, ``ray.cpus_per_worker`` rounded
-down, at least 1; with the automatic 0, one thread): some CPU kernels sum in a
-different order with another thread count.
+``sequential`` backend, with the same number of torch threads
+(``meta.inner_threads``, 1 by default), so on CPU both give bit-identical θ, in
+fp32 and in bf16 alike (some CPU kernels sum in a different order with another
+thread count; ``meta.inner_threads=0`` lets each actor use the CPUs it reserves,
+and the backends then differ).
 
 Fault tolerance: actors restart (``ray.max_restarts``) and a call lost with its
 actor or node is re-run (``ray.max_task_retries``; unlimited by default, since
@@ -115,7 +115,7 @@ class RayBackend:
                 self.pg, self._owns_pg = current, False
             else:
                 self.pg = self._reserve(len(sources))
-            self.threads = actor_threads(self.cpus)
+            self.threads = cfg.meta.inner_threads or actor_threads(self.cpus)
             self.workers = [self._start(i) for i in range(len(sources))]
             where = ray.get([w.ready.remote() for w in self.workers])
             for info in where:

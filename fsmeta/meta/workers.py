@@ -68,7 +68,7 @@ class SourceWorker:
             source index; resolved once here. They lend unlabelled crops to the
             entropy and distillation terms.
         settings: the inner-loop settings (fresh Adam per call).
-        threads: torch CPU threads; matches the CPUs the actor reserved.
+        threads: torch CPU threads of the inner loop (``meta.inner_threads``, or the CPUs the actor reserved).
     """
 
     def __init__(self, cfg: Config, index: int, names: list[str], pools: dict[int, "ray.ObjectRef"],

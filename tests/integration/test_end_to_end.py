@@ -61,6 +61,10 @@ def test_resume_refuses_a_changed_configuration(tiny_config, tmp_path):
 
     with pytest.raises(FsmetaError, match="configuration differs in meta.inner_lr"):
         meta_train(tiny_config("meta.iterations=2", "meta.inner_lr=0.5"), tmp_path, OFF, resume=True, progress=False)
+    # The inner loops' thread count changes θ (summation order): refused too. The driver's threads do not.
+    with pytest.raises(FsmetaError, match="configuration differs in meta.inner_threads"):
+        meta_train(tiny_config("meta.iterations=2", "meta.inner_threads=2"), tmp_path, OFF, resume=True, progress=False)
+    meta_train(tiny_config("meta.iterations=2", "threads=1"), tmp_path, OFF, resume=True, progress=False)
 
 
 def test_tiny_study_end_to_end(tiny_config, tmp_path, monkeypatch):

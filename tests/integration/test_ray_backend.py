@@ -1,7 +1,7 @@
 """The ray backend against the sequential reference: bit-identical θ, metrics, clear errors.
 
-Exactness holds when torch uses the same number of threads in the driver's
-sequential run and in the actors: ``threads=1`` and ``ray.cpus_per_worker`` < 2.
+Exactness holds because both backends run every inner loop with ``meta.inner_threads``
+torch threads (1 by default), whatever the driver's ``threads`` and the CPUs the actors reserve.
 """
 
 import pytest
@@ -27,12 +27,14 @@ def assert_same_state(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.parametrize("amp", ["off", "bf16"])
 @pytest.mark.parametrize("n_sources", [1, 2, 4])
-def test_ray_and_sequential_give_bit_identical_weights(tiny_config, tmp_path, ray_session, n_sources):
+def test_ray_and_sequential_give_bit_identical_weights(tiny_config, tmp_path, ray_session, n_sources, amp):
     ray_session()
-    # ray.cpus_per_worker=0 (automatic): four actors share the session's two CPUs, half
-    # a CPU and one torch thread each.
-    common = ["threads=1", _sources(n_sources), "meta.iterations=3"]
+    # ray.cpus_per_worker=0 (automatic): four actors share the session's two CPUs, half a CPU
+    # each; the driver runs 2 threads (tiny_config), every inner loop meta.inner_threads=1.
+    # bf16: autocast on this CPU whether or not it has native bf16 (then emulated, still exact).
+    common = [_sources(n_sources), "meta.iterations=3", f"compute.amp={amp}"]
     seq = tiny_config(*common, "meta.backend=sequential")
     ray_cfg = tiny_config(*common, "meta.backend=ray")
     a, _ = load_checkpoint(meta_train(seq, tmp_path / "seq", OFF, progress=False))

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
+import fsmeta.compute as compute_module
 from fsmeta.compute import autocast, autocast_dtype, channels_last, host_buffer, host_values, prepare_model, to_device
 from fsmeta.config import ComputeConfig, FinetuneConfig, config_from_dict, dump_config, load_config
 from fsmeta.errors import ConfigError, NonFiniteLossError
@@ -74,23 +76,59 @@ def _assert_states_equal(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(sa[k], sb[k]), k
 
 
-# ---------------------------------------------------------------- the CPU path is the fp32 path
+# ---------------------------------------------------------------- the fp32 path is exact
 
 
+@pytest.fixture
+def cpu_without_bf16(monkeypatch):
+    """A processor without native bf16: ``auto`` is the fp32 path there."""
+    monkeypatch.setattr(compute_module, "cpu_has_native_bf16", lambda: False)
+
+
+@pytest.fixture
+def cpu_with_bf16(monkeypatch):
+    monkeypatch.setattr(compute_module, "cpu_has_native_bf16", lambda: True)
+
+
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("arch", ["fcrn", "unet"])
-def test_cpu_finetune_equals_the_plain_fp32_loop_bit_for_bit(arch):
+def test_cpu_finetune_equals_the_plain_fp32_loop_bit_for_bit(arch, native, monkeypatch):
+    """``amp=off`` is the plain fp32 loop on any CPU; so is ``auto`` (the default) on one without native bf16."""
+    monkeypatch.setattr(compute_module, "cpu_has_native_bf16", lambda: native)
     x, y = _support()
     cfg = FinetuneConfig(epochs=2, batch_size=3)  # 8 crops: batches of 3, 3, 2
     torch.manual_seed(0)
     base = build_model(arch)
     reference, ref_history = _plain_fp32_finetune(copy.deepcopy(base), x, y, cfg, seed=4)
-    for compute in (None, ComputeConfig(), ComputeConfig(amp="off", channels_last="off")):
+    for compute in [ComputeConfig(amp="off", channels_last="off")] + ([] if native else [None, ComputeConfig()]):
         model, history = finetune(copy.deepcopy(base), x, y, cfg, seed=4, compute=compute)
         assert history == ref_history
         _assert_states_equal(model, reference)
 
 
-def test_cpu_defaults_do_nothing_to_model_or_batches():
+def test_native_bf16_is_detected_from_the_processor():
+    flags_path = Path("/proc/cpuinfo")
+    if not flags_path.is_file():
+        pytest.skip("no /proc/cpuinfo to compare with")
+    flags = next((ln.split(":", 1)[1].split() for ln in flags_path.read_text().splitlines() if ln.startswith("flags")), [])
+    assert compute_module.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_auto_is_bf16_and_channels_last_on_a_cpu_with_native_bf16(cpu_with_bf16):
+    compute = ComputeConfig()
+    assert autocast_dtype(CPU, compute) == torch.bfloat16 and channels_last(CPU, compute)
+    assert autocast_dtype(CPU, ComputeConfig(amp="off")) is None and not channels_last(CPU, ComputeConfig(channels_last="off"))
+    with autocast(CPU, compute):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    model = prepare_model(build_model("fcrn"), CPU, compute)
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast, never a bf16 model
+    x, y = _support(n=4)
+    trained, history = finetune(model, x, y, FinetuneConfig(epochs=1, batch_size=4), seed=0)
+    assert all(p.dtype == torch.float32 for p in trained.parameters()) and math.isfinite(history[0])
+
+
+def test_cpu_defaults_do_nothing_to_model_or_batches(cpu_without_bf16):
     compute = ComputeConfig()
     assert autocast_dtype(CPU, compute) is None and not channels_last(CPU, compute)
     assert autocast_dtype(torch.device("cuda"), compute) == torch.bfloat16 and channels_last(torch.device("cuda"), compute)
@@ -126,7 +164,7 @@ def test_host_values_are_the_floats_read_one_by_one():
     assert host_values([]) == []
 
 
-def test_adapt_with_autocast_off_equals_the_default_on_cpu():
+def test_adapt_with_autocast_off_equals_the_default_on_cpu(cpu_without_bf16):
     rng = np.random.default_rng(0)
     arrays = [rng.uniform(-1, 1, (2, 1, 32, 32)).astype(np.float32) for _ in range(3)]
     batch = TaskBatch.from_numpy(arrays[0], (arrays[1] > 0.6).astype(np.float32), arrays[1], arrays[2])
