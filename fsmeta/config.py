@@ -102,8 +102,29 @@ class TransferConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Seeded augmentation in the training step (fsmeta/augment.py): the eight symmetries of the
+    square and a small contrast/brightness jitter. Off by default: the papers train without it."""
+
+    meta: bool = False  # the inner loops of meta-training
+    transfer: bool = False  # the transfer-learning baseline
+    finetune: bool = False  # fine-tuning (benchmark cells, fsmeta finetune, tuning validation)
+    flips: bool = True
+    rot90: bool = True
+    contrast: float = 0.1  # c uniform in [1 - contrast, 1 + contrast], x <- c x (normalised [-1, 1] scale)
+    brightness: float = 0.1  # b uniform in [-brightness, brightness], x <- x + b
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.contrast < 1.0:
+            raise ConfigError(f"augment.contrast={self.contrast} must lie in [0, 1)")
+        if not self.brightness >= 0.0:
+            raise ConfigError(f"augment.brightness={self.brightness} must be >= 0")
+
+
+@dataclass
 class FinetuneConfig:
     epochs: int = 20
+    steps: int = 0  # a step budget instead of epochs (batches drawn across epochs, so cost does not grow with the crops); 0: epochs
     batch_size: int = 64
     lr: float = 1e-4
     weight_decay: float = 5e-4
@@ -289,6 +310,7 @@ class Config:
     meta: MetaConfig = field(default_factory=MetaConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

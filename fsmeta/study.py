@@ -173,7 +173,7 @@ def run_cell(cfg: Config, target: ImageSet, checkpoint: Path, cell: Cell,
     else:
         x, y, support, pixels = _selected_support(cfg, target, model, pool, fixed_test, cell, checkpoint if cache_rankings else None)
         test = fixed_test
-    finetune(model, x, y, cfg.finetune, seed=cell.seed, where=cell.name(), compute=cfg.compute)
+    finetune(model, x, y, cfg.finetune, seed=cell.seed, where=cell.name(), compute=cfg.compute, augment=cfg.augment)
     summary, _ = evaluate(model, target, test, cfg.eval.threshold, compute=cfg.compute)
     metrics = {
         "miou": summary["miou"], "pooled_iou": summary["pooled_iou"], "f1": summary["f1"],

@@ -16,11 +16,12 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from fsmeta.augment import augmentation
 from fsmeta.checkpoint import Kind, describe_pretraining, load_checkpoint, save_checkpoint
 from fsmeta.compute import default_device, host_buffer
 from fsmeta.config import Config, changed_keys, flatten
 from fsmeta.data.crops import gather
-from fsmeta.data.sampling import TaskSpec, make_task
+from fsmeta.data.sampling import TaskSpec, batch_stream, make_task
 from fsmeta.errors import FsmetaError
 from fsmeta.finetune import supervised_loss
 from fsmeta.meta.reptile import AdaptResult, InnerSettings, meta_update
@@ -174,7 +175,8 @@ def transfer_train(
     device = default_device()
     model.to(device)
     tc = cfg.transfer
-    step = TrainingStep(model, lr=tc.lr, weight_decay=tc.weight_decay, compute=cfg.compute)
+    transform = augmentation(cfg.augment, (cfg.seed, 4242)) if cfg.augment.transfer else None
+    step = TrainingStep(model, lr=tc.lr, weight_decay=tc.weight_decay, compute=cfg.compute, transform=transform)
     size = cfg.data.crop_size
     run_id = tracker.start_run("transfer-train", params={**cfg.flat(), "sources": ",".join(names), "crops": total},
                                parent_run_id=parent_run_id, tags={"fsmeta.kind": "transfer", "fsmeta.target": cfg.data.target})
@@ -182,14 +184,10 @@ def transfer_train(
     out = Path(out_dir) / "transfer.safetensors"
     status = "FAILED"
     try:
-        order = np.zeros(0, dtype=np.int64)
-        epoch = 0
+        batches = batch_stream(total, tc.batch_size, (cfg.seed, 4242))
         value: float | None = None  # the last loss read back
         for i in range(tc.steps):
-            if len(order) < tc.batch_size:
-                order = np.concatenate([order, np.random.default_rng([cfg.seed, 4242, epoch]).permutation(total)])
-                epoch += 1
-            batch, order = order[: tc.batch_size], order[tc.batch_size :]
+            batch = next(batches)
             # The batch is assembled source by source, straight from each memory-mapped store
             # into one (pinned, on CUDA) buffer: no per-source arrays, no concatenation.
             x_t, y_t = host_buffer((len(batch), 1, size, size), device), host_buffer((len(batch), 1, size, size), device)

@@ -83,7 +83,7 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
                               "seed": seed, "weights": str(weights), "support_crops": len(x), "crop_size": index.size}
     with tracker.run(f"finetune/{label}/K{n_images}/s{seed}", params=params, tags={"fsmeta.kind": "finetune"}) as run_id:
         _, history = finetune(model, x, y, cfg.finetune, seed=seed, where=f"fine-tune {label}", compute=cfg.compute,
-                              progress=True)
+                              progress=True, augment=cfg.augment)
         for epoch, loss in enumerate(history, 1):
             tracker.log_metrics(run_id, {"loss": loss}, step=epoch)
         path = save_checkpoint(out, clone_state(model), describe_adapted(

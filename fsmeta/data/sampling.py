@@ -67,6 +67,7 @@ class TaskSpec:
     unlabelled_n: np.ndarray  # crop rows of source n
     p: int
     unlabelled_p: np.ndarray  # crop rows of source p
+    seed: int = 0  # the run's seed (with iteration and m, it seeds the task's augmentation)
 
 
 def _choose(rng: np.random.Generator, pool_size: int, k: int) -> np.ndarray:
@@ -91,4 +92,20 @@ def make_task(seed: int, iteration: int, m: int, pool_sizes: list[int], shots: i
         unlabelled_n=_choose(rng, pool_sizes[n], shots),
         p=p,
         unlabelled_p=_choose(rng, pool_sizes[p], shots),
+        seed=seed,
     )
+
+
+def batch_stream(n: int, batch_size: int, key: tuple[int, ...] | list[int]):
+    """Row batches of ``batch_size`` over ``n`` items for a step budget: seeded permutations
+    (``default_rng([*key, epoch])``) concatenated, so a batch may span two epochs and every
+    batch is full. Endless; the caller takes as many as it has steps."""
+    order = np.zeros(0, dtype=np.int64)
+    epoch = 0
+    while True:
+        while len(order) < batch_size:
+            order = np.concatenate([order, np.random.default_rng([*key, epoch]).permutation(n)])
+            epoch += 1
+        batch, order = order[:batch_size], order[batch_size:]
+        yield batch
+

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fsmeta.config import ComputeConfig, Config
+from fsmeta.augment import augmentation
+from fsmeta.config import AugmentConfig, ComputeConfig, Config
 from fsmeta.losses import distillation, entropy_regulariser, weighted_bce
 from fsmeta.models import SegmentationModel, StateDict, clone_state
 from fsmeta.step import TrainingStep
@@ -29,30 +30,34 @@ class InnerSettings:
     alpha: float  # weight of the entropy regulariser; 0 disables it
     beta: float  # weight of the distillation loss; 0 disables it
     entropy: str = "paper"
+    augment: AugmentConfig | None = None  # per-step augmentation of the task's crops; None: none
 
     @classmethod
     def from_config(cls, cfg: Config) -> "InnerSettings":
         """The inner loop of ``cfg.meta``, with the variant's (α, β) in force."""
         alpha, beta = cfg.meta.loss_weights()
         m = cfg.meta
-        return cls(m.inner_steps, m.inner_lr, m.weight_decay, alpha, beta, m.entropy)
+        return cls(m.inner_steps, m.inner_lr, m.weight_decay, alpha, beta, m.entropy,
+                   cfg.augment if cfg.augment.meta else None)
 
 
 @dataclass
 class TaskBatch:
     """Tensors of one task: K labelled crops of source m, K unlabelled crops of n and of p.
 
-    Shape: x, y, x_n, x_p all (K, 1, S, S); x in [-1, 1], y in {0, 1}.
+    Shape: x, y, x_n, x_p all (K, 1, S, S); x in [-1, 1], y in {0, 1}. ``key`` identifies
+    the task (seed, iteration, source) and seeds its augmentation.
     """
 
     x: torch.Tensor
     y: torch.Tensor
     x_n: torch.Tensor
     x_p: torch.Tensor
+    key: tuple[int, ...] = ()
 
     @classmethod
-    def from_numpy(cls, x: np.ndarray, y: np.ndarray, x_n: np.ndarray, x_p: np.ndarray) -> "TaskBatch":
-        return cls(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (x, y, x_n, x_p)))
+    def from_numpy(cls, x: np.ndarray, y: np.ndarray, x_n: np.ndarray, x_p: np.ndarray, key: tuple[int, ...] = ()) -> "TaskBatch":
+        return cls(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (x, y, x_n, x_p)), key=tuple(key))
 
 
 @dataclass
@@ -83,7 +88,10 @@ def adapt(model: SegmentationModel, theta: StateDict, batch: TaskBatch, settings
     """
     model.load_state_dict(theta)
     model.train()
-    step = TrainingStep(model, lr=settings.lr, weight_decay=settings.weight_decay, compute=compute)
+    # With augmentation, each inner step sees the task's crops under a fresh seeded transform:
+    # image and mask share one symmetry per crop, the unlabelled crops get their own.
+    transform = augmentation(settings.augment, batch.key, paired=2, masks=(1,)) if settings.augment else None
+    step = TrainingStep(model, lr=settings.lr, weight_decay=settings.weight_decay, compute=compute, transform=transform)
     # The task's crops serve every inner step: moved to the device once.
     x, y, x_n, x_p = step.to_device(batch.x, batch.y, batch.x_n, batch.x_p)
     zero = torch.zeros((), device=step.device)

@@ -48,4 +48,4 @@ def task_batch(sources: list[SourceData], task: TaskSpec) -> TaskBatch:
     x, y = sources[task.m].gather(task.labelled)
     x_n, _ = sources[task.n].gather(task.unlabelled_n)
     x_p, _ = sources[task.p].gather(task.unlabelled_p)
-    return TaskBatch.from_numpy(x, y, x_n, x_p)
+    return TaskBatch.from_numpy(x, y, x_n, x_p, key=(task.seed, task.iteration, task.m))

@@ -79,7 +79,7 @@ def validation_score(cfg: Config, theta: dict, target: ImageSet, split: TuneSpli
             model = build_model(cfg.arch)
             model.load_state_dict(theta)
             model.to(default_device())
-            finetune(model, x, y, cfg.finetune, seed=seed, where=f"tune {cell.name()}", compute=cfg.compute)
+            finetune(model, x, y, cfg.finetune, seed=seed, where=f"tune {cell.name()}", compute=cfg.compute, augment=cfg.augment)
             summary, _ = evaluate(model, target, split.val, cfg.eval.threshold, compute=cfg.compute)
             per_k.setdefault(k, []).append(float(summary["miou"]))
     scores = {f"{METRIC}_K{k}": float(np.mean(v)) for k, v in per_k.items()}

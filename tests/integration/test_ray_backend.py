@@ -27,14 +27,15 @@ def assert_same_state(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("amp", ["off", "bf16"])
-@pytest.mark.parametrize("n_sources", [1, 2, 4])
-def test_ray_and_sequential_give_bit_identical_weights(tiny_config, tmp_path, ray_session, n_sources, amp):
+@pytest.mark.parametrize("n_sources, amp, augment",
+                         [(n, amp, False) for n in (1, 2, 4) for amp in ("off", "bf16")] + [(2, "bf16", True)])
+def test_ray_and_sequential_give_bit_identical_weights(tiny_config, tmp_path, ray_session, n_sources, amp, augment):
     ray_session()
     # ray.cpus_per_worker=0 (automatic): four actors share the session's two CPUs, half a CPU
     # each; the driver runs 2 threads (tiny_config), every inner loop meta.inner_threads=1.
     # bf16: autocast on this CPU whether or not it has native bf16 (then emulated, still exact).
-    common = [_sources(n_sources), "meta.iterations=3", f"compute.amp={amp}"]
+    # augment: every inner step draws its symmetries and jitter from (seed, iteration, source, step).
+    common = [_sources(n_sources), "meta.iterations=3", f"compute.amp={amp}", f"augment.meta={str(augment).lower()}"]
     seq = tiny_config(*common, "meta.backend=sequential")
     ray_cfg = tiny_config(*common, "meta.backend=ray")
     a, _ = load_checkpoint(meta_train(seq, tmp_path / "seq", OFF, progress=False))

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("fsmeta", "fsmeta.errors", "fsmeta.atomic", "fsmeta.progress", "fsmeta.data.catalogue")),
     ("configuration", ("fsmeta.config",)),
     ("data, models, maths", ("fsmeta.data", "fsmeta.data.*", "fsmeta.models", "fsmeta.models.*", "fsmeta.losses", "fsmeta.metrics")),
-    ("device and records", ("fsmeta.compute", "fsmeta.step", "fsmeta.checkpoint", "fsmeta.tracking", "fsmeta.report")),
+    ("device and records", ("fsmeta.compute", "fsmeta.step", "fsmeta.augment", "fsmeta.checkpoint", "fsmeta.tracking", "fsmeta.report")),
     ("algorithms", ("fsmeta.meta", "fsmeta.meta.reptile", "fsmeta.meta.sources", "fsmeta.meta.sequential", "fsmeta.meta.resources",
                     "fsmeta.finetune", "fsmeta.evaluate", "fsmeta.select", "fsmeta.select.*", "fsmeta.predict")),
     ("execution on Ray", ("fsmeta.meta.driver", "fsmeta.meta.workers")),

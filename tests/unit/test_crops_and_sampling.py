@@ -99,3 +99,37 @@ def test_tasks_are_a_pure_function_of_seed_iteration_and_source():
     assert ns == {1, 2, 3}
     small = make_task(0, 0, 0, [3, 3], 5)  # fewer crops than K: drawn with replacement
     assert len(small.labelled) == 5
+
+
+def test_batch_stream_is_full_batches_over_seeded_epochs():
+    from fsmeta.data.sampling import batch_stream
+
+    stream = batch_stream(5, 3, (9, 1))
+    rows = np.concatenate([next(stream) for _ in range(5)])  # 15 rows = 3 epochs of 5
+    for e in range(3):
+        assert sorted(rows[5 * e:5 * e + 5]) == list(range(5))
+        assert list(rows[5 * e:5 * e + 5]) == list(np.random.default_rng([9, 1, e]).permutation(5))
+    again = batch_stream(5, 3, (9, 1))
+    assert all(np.array_equal(next(again), rows[3 * k:3 * k + 3]) for k in range(5))
+
+
+def test_finetune_step_budget_takes_exactly_its_steps():
+    import torch
+
+    from fsmeta.config import FinetuneConfig
+    from fsmeta.finetune import finetune
+    from fsmeta.models import build_model
+
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((8, 1, 16, 16)).astype(np.float32))
+    y = (x > 0.5).float()
+    seen = []
+    torch.manual_seed(0)
+    model = build_model("fcrn")
+    original = model.forward_with_latent
+    model.forward_with_latent = lambda t: (seen.append(len(t)), original(t))[1]
+    _, history = finetune(model, x, y, FinetuneConfig(steps=7, batch_size=3), seed=0)
+    assert seen == [3] * 7  # seven full batches, across epochs of 8 crops
+    assert len(history) == 3  # read every min(3 batches per epoch, 50) steps: after steps 3, 6 and 7
+    torch.manual_seed(0)
+    _, again = finetune(build_model("fcrn"), x, y, FinetuneConfig(steps=7, batch_size=3), seed=0)
+    assert again == history  # seeded: the same batches, the same losses
