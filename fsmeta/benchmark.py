@@ -132,7 +132,7 @@ def _cell_job(cfg_dict: dict[str, Any], checkpoint: str, cell: dict[str, Any], o
     drawn = []
     for i in test[:overlays]:
         prob = predict_probability(model, target.image(int(i)))
-        drawn.append((target.ids[int(i)], error_overlay(prob >= cfg.eval.threshold, target.masks[int(i)])))
+        drawn.append((target.ids[int(i)], error_overlay(prob >= metrics["threshold"], target.masks[int(i)])))
     return {"metrics": metrics, "overlays": drawn}
 
 

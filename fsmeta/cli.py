@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -166,7 +167,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from fsmeta.compute import prepare_model
     from fsmeta.predict import PredictSettings, list_inputs, predict_files, resolve_weights
 
-    settings = PredictSettings(tile=args.tile, overlap=args.overlap, batch=args.batch, threshold=args.threshold,
+    settings = PredictSettings(tile=args.tile, overlap=args.overlap, batch=args.batch,
+                               threshold=args.threshold if args.threshold is not None else 0.5,
                                watershed=args.watershed, min_distance=args.min_distance, min_size=args.min_size).check()
     if args.threads:
         import torch
@@ -178,6 +180,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="fsmeta-weights-") as cache:  # an MLflow download lives only until loaded
         model, meta = model_from_checkpoint(resolve_weights(args.weights, tracking_uri=args.tracking_uri or "", cache=cache))
     prepare_model(model, default_device())  # bf16 + channels_last where the device has native bf16
+    if args.threshold is None and "threshold" in meta:
+        settings = dataclasses.replace(settings, threshold=float(meta["threshold"])).check()
     rows = predict_files(model, inputs, args.output, settings)
     out = Path(args.output)
     total = sum(r.cells for r in rows)
@@ -446,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=4, metavar="N", help="tiles per forward pass (default: 4)")
     g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     g = p.add_argument_group("cells")
-    g.add_argument("--threshold", type=float, default=0.5, help="foreground where probability ≥ this (default: 0.5)")
+    g.add_argument("--threshold", type=float, help="foreground where probability ≥ this (default: the threshold the "
+                   "fine-tune recorded, else 0.5)")
     g.add_argument("--watershed", action="store_true", help="split touching cells by a distance-transform watershed (default: off)")
     g.add_argument("--min-distance", type=int, default=5, metavar="PX", help="watershed: minimum distance between cell centres (default: 5)")
     g.add_argument("--min-size", type=int, default=0, metavar="PX", help="drop cells smaller than this many pixels (default: 0, keep all)")

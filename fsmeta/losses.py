@@ -55,6 +55,27 @@ def weighted_bce(logits: Tensor, masks: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits, y, weight=pixel_weight, reduction="mean")
 
 
+def prior_threshold(masks: Tensor) -> float:
+    """The probability threshold that undoes :func:`weighted_bce`'s shift of the decision boundary.
+
+    Weighting foreground pixels by ``w`` makes the loss's minimiser ``p_w = w·p / (w·p + 1 − p)``
+    for a true foreground probability ``p``, so ``p ≥ 1/2`` becomes ``p_w ≥ w / (1 + w)``
+    (threshold moving for cost-sensitive learning; Elkan, IJCAI 2001). ``w`` is the weight the
+    foreground of these masks received overall: background over foreground pixels of the crops
+    that have foreground. Masks with no foreground at all give 0.5.
+
+    Shape:
+        - masks: ``(B, 1, H, W)`` in {0, 1}
+    """
+    y = masks.detach().float().flatten(1)
+    fg = y.sum(1)
+    has = fg > 0
+    if not bool(has.any()):
+        return 0.5
+    w = float((y.shape[1] - fg[has]).sum() / fg[has].sum())
+    return w / (1.0 + w)
+
+
 def entropy_regulariser(logits: Tensor, form: str = "paper") -> Tensor:
     """Mean entropy of the predicted foreground probabilities ``p = σ(z)``.
 

@@ -25,6 +25,7 @@ from fsmeta.data.store import ImageSet
 from fsmeta.errors import DataError, FsmetaError
 from fsmeta.evaluate import default_device, evaluate
 from fsmeta.finetune import finetune, support_crops
+from fsmeta.losses import prior_threshold
 from fsmeta.models import SegmentationModel
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,14 @@ def target_config(cfg: Config, target: str, arch: str, pretraining: str | None =
     if pretraining and pretraining.startswith("meta-"):
         meta = dataclasses.replace(meta, variant=pretraining[len("meta-"):])
     return dataclasses.replace(cfg, data=data, arch=arch, meta=meta)
+
+
+def decision_threshold(cfg: Config, support_masks: torch.Tensor) -> float:
+    """The threshold a model fine-tuned on ``support_masks`` is scored at (``eval.threshold_rule``);
+    it reads only the support set's annotation, never a test image."""
+    if cfg.eval.threshold_rule == "prior":
+        return prior_threshold(support_masks)
+    return float(cfg.eval.threshold)
 
 
 def cell_split(cfg: Config, n_images: int, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -174,11 +183,12 @@ def run_cell(cfg: Config, target: ImageSet, checkpoint: Path, cell: Cell,
         x, y, support, pixels = _selected_support(cfg, target, model, pool, fixed_test, cell, checkpoint if cache_rankings else None)
         test = fixed_test
     finetune(model, x, y, cfg.finetune, seed=cell.seed, where=cell.name(), compute=cfg.compute, augment=cfg.augment)
-    summary, _ = evaluate(model, target, test, cfg.eval.threshold, compute=cfg.compute)
+    threshold = decision_threshold(cfg, y)
+    summary, _ = evaluate(model, target, test, threshold, compute=cfg.compute)
     metrics = {
         "miou": summary["miou"], "pooled_iou": summary["pooled_iou"], "f1": summary["f1"],
         "precision": summary["precision"], "recall": summary["recall"], "n_test": int(summary["n_images"]),
         "support_crops": int(len(x)), "support_images": int(len(support)),
-        "annotated_pixels": pixels,
+        "annotated_pixels": pixels, "threshold": threshold,
     }
     return metrics, model, test

@@ -25,7 +25,7 @@ from fsmeta.errors import FsmetaError
 from fsmeta.evaluate import evaluate
 from fsmeta.finetune import finetune, support_crops
 from fsmeta.models import clone_state
-from fsmeta.study import cell_split
+from fsmeta.study import cell_split, decision_threshold
 from fsmeta.tracking import Tracker
 
 
@@ -86,9 +86,10 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
                               progress=True, augment=cfg.augment)
         for epoch, loss in enumerate(history, 1):
             tracker.log_metrics(run_id, {"loss": loss}, step=epoch)
+        threshold = decision_threshold(cfg, y)
         path = save_checkpoint(out, clone_state(model), describe_adapted(
             Kind.FINETUNED, meta, target=target, shots=n_images, seed=seed, support=support_ids, crop_size=index.size,
-            config=cfg.to_dict(), mlflow_run_id=run_id))
+            threshold=threshold, config=cfg.to_dict(), mlflow_run_id=run_id))
     return FinetuneResult(path, target, n_images, len(x), index.size, history[-1], note)
 
 
@@ -103,8 +104,11 @@ def evaluate_checkpoint(weights: str | Path, cfg: Config, *, shots: int | None =
     if shots is None:
         raise FsmetaError(f"{weights} does not record its K-shot draw; pass --shots and --seed")
     target, _, test = cell_images(cfg, int(shots), int(seed))
-    summary, rows = evaluate(model, target, test, cfg.eval.threshold, compute=cfg.compute)
-    return {"weights": str(weights), "target": cfg.data.target, "shots": int(shots), "seed": int(seed), **summary}, rows
+    # The threshold the fine-tune chose (eval.threshold_rule), as predict uses it.
+    threshold = float(meta.get("threshold", cfg.eval.threshold))
+    summary, rows = evaluate(model, target, test, threshold, compute=cfg.compute)
+    return {"weights": str(weights), "target": cfg.data.target, "shots": int(shots), "seed": int(seed), "threshold": threshold,
+            **summary}, rows
 
 
 __all__ = ["FinetuneResult", "cell_images", "evaluate_checkpoint", "finetune_checkpoint"]

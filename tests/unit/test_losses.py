@@ -167,3 +167,23 @@ def test_distillation_is_independent_of_feature_size():
 def test_distillation_shape_mismatch():
     with pytest.raises(ValueError, match=r"\(2, 3, 4, 4\).*\(2, 3, 8, 8\)"):
         distillation(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 8, 8))
+
+
+def test_prior_threshold_undoes_the_foreground_weight():
+    from fsmeta.config import load_config
+    from fsmeta.losses import prior_threshold
+    from fsmeta.study import decision_threshold
+
+    masks = torch.zeros(3, 1, 4, 4)
+    masks[0, 0, :1, :] = 1  # 4 foreground, 12 background: w = 3
+    masks[1, 0, :2, :] = 1  # 8 and 8: w = 1
+    # crop 2 has no foreground and does not count; pooled w = (12 + 8) / (4 + 8) = 5/3, t = w / (1 + w) = 5/8
+    assert prior_threshold(masks) == pytest.approx(5 / 8)
+    assert prior_threshold(torch.zeros(2, 1, 4, 4)) == 0.5
+    # The minimiser of weighted BCE for a constant prediction on one crop of foreground fraction f is
+    # p_w = w f / (w f + 1 - f); at the prior threshold the decision is the unweighted one (p_w vs 0.5 at p = 1/2).
+    w = 3.0
+    p_w_at_half = w * 0.5 / (w * 0.5 + 0.5)
+    assert prior_threshold(masks[:1]) == pytest.approx(p_w_at_half)
+    assert decision_threshold(load_config(None, ["eval.threshold=0.4"]), masks) == 0.4
+    assert decision_threshold(load_config(None, ["eval.threshold_rule=prior"]), masks) == pytest.approx(5 / 8)

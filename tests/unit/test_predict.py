@@ -166,6 +166,25 @@ def test_predict_cli_and_its_errors(tmp_path, checkpoint, capsys):
         PredictSettings(threshold=1.0).check()
 
 
+def test_predict_uses_the_threshold_the_fine_tune_recorded(tmp_path, capsys):
+    model = _model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    image = (np.random.default_rng(3).random((64, 64)) * 255).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    prob = predict_whole(model, image)
+    strict = float(np.quantile(prob, 0.9))  # 10% of the pixels are at or above it (0.5 is far from there)
+    recorded = save_checkpoint(tmp_path / "t.safetensors", state, {"arch": "fcrn", "bn_affine": False, "kind": "scratch",
+                                                                   "threshold": strict})
+    assert main(["predict", "--weights", str(recorded), "--input", str(tmp_path / "a.png"), "--output", str(tmp_path / "rec"),
+                 "--tile", "64", "--overlap", "16"]) == 0
+    assert main(["predict", "--weights", str(recorded), "--input", str(tmp_path / "a.png"), "--output", str(tmp_path / "half"),
+                 "--tile", "64", "--overlap", "16", "--threshold", "0.5"]) == 0
+    rec = np.asarray(Image.open(tmp_path / "rec" / "masks" / "a.png")) > 0
+    half = np.asarray(Image.open(tmp_path / "half" / "masks" / "a.png")) > 0
+    assert abs(rec.mean() - 0.1) < 0.02  # the recorded threshold's pixels (tiling changes p by < 1e-3)
+    assert abs(half.mean() - (prob >= 0.5).mean()) < 0.02 and abs(rec.mean() - half.mean()) > 0.05
+
+
 def test_weights_from_an_mlflow_run(tmp_path, checkpoint, capsys):
     from fsmeta.tracking import Tracker
 

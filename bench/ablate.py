@@ -1,0 +1,87 @@
+"""Accuracy ablations of fine-tuning on one pre-trained checkpoint: benchmark cells under named
+configuration variants, side by side (issue 19's levers: shot unit, crop size and stride, step
+budget, augmentation, threshold).
+
+Every variant runs the same cells — ``--target`` × ``--shots`` × ``--seeds`` (seed s is the
+2023 protocol's split s, as in ``fsmeta benchmark``) — with :func:`fsmeta.study.run_cell`,
+in this process, from the same ``--checkpoint`` (a benchmark's ``pretrained/.../meta.safetensors``
+or its ``pretext.safetensors``). A variant is ``NAME=KEY=VALUE;KEY=VALUE`` (``--set``
+syntax, ``;`` between overrides; ``NAME=`` alone is the base configuration). Prints, per
+variant and K: mean mIoU over the seeds, pooled IoU, instance precision/recall/F1, support
+crops and seconds per cell.
+
+    python bench/ablate.py --config configs/real3.yaml --data-root ../data \\
+        --checkpoint runs/real3/pretrained/em/fcrn/meta-all/pretext.safetensors --target em --shots 5 --seeds 0 \\
+        --variant "patches=" --variant "images=select.unit=image" \\
+        --variant "img128=select.unit=image;data.crop_size=128;data.finetune_stride={em: 64}" \\
+        --variant "img128-2000=select.unit=image;data.crop_size=128;data.finetune_stride={em: 64};finetune.steps=2000"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from fsmeta.config import load_config  # noqa: E402
+from fsmeta.data.registry import load_dataset  # noqa: E402
+from fsmeta.study import Cell, run_cell, target_config  # noqa: E402
+from fsmeta.train import apply_threads  # noqa: E402
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, _, rest = text.partition("=")
+    if not name:
+        raise SystemExit(f"--variant {text!r}: expected NAME=KEY=VALUE;KEY=VALUE (or NAME= for the base)")
+    return name, [o.strip() for o in rest.split(";") if o.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="the run configuration, e.g. configs/real3.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="an override for every variant (repeatable)")
+    p.add_argument("--data-root", help="prepared data sets (default: the config's)")
+    p.add_argument("--checkpoint", required=True, help="the pre-trained (or pretext) checkpoint every cell starts from")
+    p.add_argument("--target", required=True)
+    p.add_argument("--pretraining", default="meta-all", help="the label of the checkpoint's pre-training (default: meta-all)")
+    p.add_argument("--shots", type=int, nargs="+", default=[5])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--variant", action="append", default=[], help="NAME=KEY=VALUE;KEY=VALUE (repeatable; default: the base alone)")
+    args = p.parse_args(argv)
+
+    variants = [parse_variant(v) for v in (args.variant or ["base="])]
+    base = list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root else [])
+    print(f"checkpoint {args.checkpoint}; target {args.target}; K {args.shots}; seeds {args.seeds}")
+    print(f"{'variant':<16}{'K':>3}{'mIoU %':>9}{'± std':>7}{'pooled':>8}{'P':>6}{'R':>6}{'F1':>6}{'crops':>7}{'s/cell':>8}")
+    for name, overrides in variants:
+        cfg = load_config(args.config, [*base, *overrides])
+        cfg = target_config(cfg, args.target, cfg.arch)
+        apply_threads(cfg)
+        target = load_dataset(args.target, cfg)
+        for k in args.shots:
+            rows, seconds = [], []
+            for s in args.seeds:
+                t0 = time.perf_counter()
+                metrics, _, _ = run_cell(cfg, target, Path(args.checkpoint), Cell(args.target, cfg.arch, args.pretraining, "random", k, s))
+                seconds.append(time.perf_counter() - t0)
+                rows.append(metrics)
+
+            def mean(key: str) -> float:
+                return float(np.mean([r[key] for r in rows]))
+
+            std = float(np.std([100 * r["miou"] for r in rows]))
+            print(f"{name:<16}{k:>3}{100 * mean('miou'):>9.1f}{std:>7.1f}{100 * mean('pooled_iou'):>8.1f}{mean('precision'):>6.2f}"
+                  f"{mean('recall'):>6.2f}{mean('f1'):>6.2f}{mean('support_crops'):>7.0f}{np.mean(seconds):>8.1f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
