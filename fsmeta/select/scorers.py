@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
+from fsmeta.compute import autocast, channels_last, to_device
+from fsmeta.config import ComputeConfig
 from fsmeta.data.crops import normalise
 from fsmeta.errors import FsmetaError
 from fsmeta.models import SegmentationModel
@@ -64,6 +66,7 @@ class ScoreContext:
     batch_size: int = 32
     hard_target: bool = True  # consistency: binarise the prediction on the original at 0.5
     weighted: bool = True  # consistency: the §4.2 per-patch foreground weight
+    compute: ComputeConfig | None = None  # precision of the forward passes (fsmeta.compute; logits come back fp32)
 
 
 def to_uint8(patch: np.ndarray) -> np.ndarray:
@@ -89,13 +92,16 @@ def augment(patch_u8: np.ndarray, name: str, psi: float) -> np.ndarray:
     return np.asarray(out, dtype=np.uint8)
 
 
-def _logits(model: SegmentationModel, patches: np.ndarray, batch_size: int) -> torch.Tensor:
-    """Logits (N, 1, H, W) of [0, 1] patches (N, H, W), in batches."""
+def _logits(model: SegmentationModel, patches: np.ndarray, ctx: ScoreContext) -> torch.Tensor:
+    """Logits (N, 1, H, W) of [0, 1] patches (N, H, W), in batches of ``ctx.batch_size``, fp32 on the host."""
     out = []
     device = next(model.parameters()).device  # a model on a GPU scores there; results come back to the CPU
-    for start in range(0, len(patches), batch_size):
-        x = torch.from_numpy(normalise(np.ascontiguousarray(patches[start : start + batch_size], dtype=np.float32)))[:, None]
-        out.append(model(x.to(device)).float().cpu())
+    cl = channels_last(device, ctx.compute)
+    for start in range(0, len(patches), ctx.batch_size):
+        x = torch.from_numpy(normalise(np.ascontiguousarray(patches[start : start + ctx.batch_size], dtype=np.float32)))[:, None]
+        with autocast(device, ctx.compute):
+            logits = model(to_device(x, device, cl))
+        out.append(logits.float().cpu())
     return torch.cat(out) if out else torch.zeros((0, 1) + patches.shape[1:])
 
 
@@ -118,7 +124,7 @@ def random_score(model: SegmentationModel, patches: np.ndarray, ctx: ScoreContex
 @torch.no_grad()
 def entropy_score(model: SegmentationModel, patches: np.ndarray, ctx: ScoreContext) -> np.ndarray:
     model.eval()
-    return binary_entropy(_logits(model, patches, ctx.batch_size)).numpy().astype(np.float64)
+    return binary_entropy(_logits(model, patches, ctx)).numpy().astype(np.float64)
 
 
 @torch.no_grad()
@@ -139,7 +145,7 @@ def mc_dropout_score(model: SegmentationModel, patches: np.ndarray, ctx: ScoreCo
             torch.manual_seed(int(np.random.default_rng([ctx.seed, ctx.key, 29]).integers(2**62)))
             mean = None
             for _ in range(ctx.passes):
-                p = torch.sigmoid(_logits(model, patches, ctx.batch_size))
+                p = torch.sigmoid(_logits(model, patches, ctx))
                 mean = p if mean is None else mean + p
         return _entropy_of_probability(mean / ctx.passes).numpy().astype(np.float64)
     finally:
@@ -153,13 +159,13 @@ def consistency_score(model: SegmentationModel, patches: np.ndarray, ctx: ScoreC
     model.eval()
     u8 = np.stack([to_uint8(p) for p in patches]) if len(patches) else np.zeros((0,) + patches.shape[1:], np.uint8)
     scale = np.float32(1.0 / 255.0)
-    target = torch.sigmoid(_logits(model, u8 * scale, ctx.batch_size))
+    target = torch.sigmoid(_logits(model, u8 * scale, ctx))
     if ctx.hard_target:
         target = (target >= 0.5).float()
     total = np.zeros(len(patches), dtype=np.float64)
     for name in AUGMENTATIONS:
         aug = np.stack([augment(p, name, ctx.psi) for p in u8]) * scale
-        logits = _logits(model, aug, ctx.batch_size)
+        logits = _logits(model, aug, ctx)
         bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
         if ctx.weighted:
             bce = bce * _foreground_weight(target)

@@ -124,7 +124,8 @@ def score_image(model: SegmentationModel, images: ImageSet, i: int, method: str,
     img = images.image(i)
     h, w = img.shape
     ctx = dict(seed=seed, psi=float(sel.lookup("psi", images.name)), passes=sel.mc_passes, dropout=sel.dropout,
-               batch_size=sel.batch_size, hard_target=sel.consistency_target == "hard", weighted=sel.consistency_weighted)
+               batch_size=sel.batch_size, hard_target=sel.consistency_target == "hard", weighted=sel.consistency_weighted,
+               compute=cfg.compute)
     if whole:
         (s,) = score_patches(method, model, img[None], ScoreContext(key=int(i) * 1_000_003, **ctx))
         return [Item(int(i), 0, 0, h, w, float(s))]
