@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from fsmeta.models.common import SegmentationModel, StateDict, clone_state, count_parameters, is_bn_affine, make_bn_affine
+from fsmeta.models.common import (
+    SegmentationModel, StateDict, clone_state, count_parameters, fold_batch_norm, is_bn_affine, make_bn_affine,
+)
 from fsmeta.models.fcrn import FCRN
 from fsmeta.models.unet import UNet
 
@@ -27,6 +29,6 @@ def build_model(arch: str, *, affine: bool = False, dropout: float = 0.0) -> Seg
 
 
 __all__ = [
-    "ARCHITECTURES", "FCRN", "UNet", "SegmentationModel", "StateDict", "build_model", "clone_state",
+    "ARCHITECTURES", "FCRN", "UNet", "SegmentationModel", "StateDict", "build_model", "clone_state", "fold_batch_norm",
     "count_parameters", "is_bn_affine", "make_bn_affine",
 ]

@@ -75,3 +75,38 @@ StateDict = dict[str, torch.Tensor]
 def clone_state(model: nn.Module) -> StateDict:
     """A detached copy of every weight and buffer of ``model`` (θ as the algorithms pass it around)."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def fold_batch_norm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for inference with every batch norm folded into the (transposed)
+    convolution before it, as ``W' = W·γ/√(σ²+ε)``, ``b' = β + (b − μ)·γ/√(σ²+ε)`` per output
+    channel; the batch norm becomes the identity. The same function as ``model.eval()``
+    up to float rounding, one elementwise pass fewer per layer. The copy is in eval mode.
+    """
+    import copy
+
+    folded = copy.deepcopy(model).eval()
+    for seq in folded.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        layers = list(seq)
+        for i in range(len(layers) - 1):
+            conv, bn = layers[i], layers[i + 1]
+            if not (isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)) and isinstance(bn, nn.BatchNorm2d)):
+                continue
+            with torch.no_grad():
+                scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
+                shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+                out_dim = 1 if isinstance(conv, nn.ConvTranspose2d) else 0  # ConvTranspose2d: (in, out, kh, kw)
+                shape = [1] * conv.weight.ndim
+                shape[out_dim] = -1
+                conv.weight.mul_(scale.view(shape))
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+                new_bias = shift + (bias - bn.running_mean) * scale
+                if conv.bias is None:
+                    conv.bias = nn.Parameter(new_bias)
+                else:
+                    conv.bias.copy_(new_bias)
+            seq[i + 1] = nn.Identity()
+    return folded
+

@@ -55,3 +55,25 @@ def test_unknown_architecture_is_named():
 def test_bad_input_shape_is_reported():
     with pytest.raises(ValueError, match=r"\(2, 3, 8, 8\)"):
         build_model("fcrn")(torch.zeros(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("arch", ["fcrn", "unet"])
+def test_folded_batch_norm_computes_the_same_function(arch, affine):
+    from fsmeta.models import fold_batch_norm
+
+    torch.manual_seed(0)
+    model = build_model(arch, affine=affine).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            if affine:
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.3, 0.3)
+    folded = fold_batch_norm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+    x = torch.randn(2, 1, 40, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
