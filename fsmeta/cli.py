@@ -169,7 +169,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     settings = PredictSettings(tile=args.tile, overlap=args.overlap, batch=args.batch,
                                threshold=args.threshold if args.threshold is not None else 0.5,
-                               watershed=args.watershed, min_distance=args.min_distance, min_size=args.min_size).check()
+                               watershed=args.watershed, min_distance=args.min_distance, min_size=args.min_size,
+                               rois=_roi_formats(args.rois)).check()
     if args.threads:
         import torch
 
@@ -188,6 +189,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"{len(rows)} image(s), {total} cells ({meta.get('arch')} weights {args.weights}); "
           f"masks/, labels/, overlays/ and counts.csv in {out}")
     return 0
+
+
+def _roi_formats(text: str | None) -> tuple[str, ...]:
+    from fsmeta.rois import parse_formats
+
+    return parse_formats(text) if text else ()
 
 
 def cmd_meta_train(args: argparse.Namespace) -> int:
@@ -455,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--watershed", action="store_true", help="split touching cells by a distance-transform watershed (default: off)")
     g.add_argument("--min-distance", type=int, default=5, metavar="PX", help="watershed: minimum distance between cell centres (default: 5)")
     g.add_argument("--min-size", type=int, default=0, metavar="PX", help="drop cells smaller than this many pixels (default: 0, keep all)")
+    g.add_argument("--rois", metavar="imagej,geojson",
+                   help="also write cell outlines under OUT/rois/: imagej (ROI zip for Fiji), geojson (QuPath), or both (default: none)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("select", help="rank a target's images or patches and pick the ones worth annotating")

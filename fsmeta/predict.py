@@ -15,7 +15,9 @@ to float rounding in eval mode; a smaller overlap trades exactness for speed.
 Outputs under ``OUT``: ``masks/<name>.png`` (0/255; ``.tif`` for TIFF input),
 ``labels/<name>.png`` (16-bit instance labels; ``.tif`` for TIFF input or more
 than 65,535 cells), ``overlays/<name>.png`` (the image with cell outlines), and
-``counts.csv`` (image, cells, mean area in pixels, foreground fraction). Multi-page
+``counts.csv`` (image, cells, mean area in pixels, foreground fraction), and on request
+``rois/<name>.zip`` (ImageJ ROIs) and ``rois/<name>.geojson`` (QuPath), one polygon per
+cell (:mod:`fsmeta.rois`). An RGB input's overlay is drawn on its colours. Multi-page
 TIFF input gives multi-page masks and labels, one overlay and one row per page.
 Every file is written under a temporary name and renamed.
 """
@@ -57,6 +59,7 @@ class PredictSettings:
     watershed: bool = False
     min_distance: int = 5  # watershed: minimum distance between seeds (pixels)
     min_size: int = 0  # cells smaller than this (pixels) are dropped; 0 keeps all
+    rois: tuple[str, ...] = ()  # cell outlines to write under rois/: "imagej", "geojson" (fsmeta.rois)
 
     def check(self) -> "PredictSettings":
         if self.tile < 16:
@@ -69,6 +72,10 @@ class PredictSettings:
             raise FsmetaError(f"--threshold {self.threshold} must lie strictly between 0 and 1")
         if self.min_size < 0 or self.min_distance < 1:
             raise FsmetaError("--min-size must be ≥ 0 and --min-distance ≥ 1")
+        if self.rois:
+            from fsmeta.rois import parse_formats
+
+            parse_formats(",".join(self.rois))
         return self
 
 
@@ -219,20 +226,38 @@ def instance_labels(mask: np.ndarray, watershed: bool = False, min_distance: int
     return lut[labels]
 
 
-def outline_overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """RGB uint8: the grey image (contrast-stretched to its 0.5–99.5 percentiles) with
-    cell outlines in yellow and cell interiors tinted green."""
+def outline_overlay(image: np.ndarray, labels: np.ndarray, colour: np.ndarray | None = None) -> np.ndarray:
+    """RGB uint8: the image with cell outlines in yellow and cell interiors tinted green.
+
+    The image is the grey ``image`` contrast-stretched to its 0.5–99.5 percentiles, or,
+    when ``colour`` is an (H, W, 3|4) RGB(A) plane (e.g. H&E), those colours as the user
+    sees them (8-bit kept as is, other depths stretched over all three channels together).
+    """
     from skimage.segmentation import find_boundaries
 
-    x = to_unit_float(image)
-    lo, hi = np.percentile(x, [0.5, 99.5]) if x.size else (0.0, 1.0)
-    g = np.clip((x - lo) / (hi - lo), 0, 1) if hi > lo else x
-    rgb = np.repeat((g * 255).astype(np.uint8)[..., None], 3, axis=-1)
+    if colour is not None and colour.ndim == 3 and colour.shape[-1] in (3, 4):
+        rgb = _display_rgb(colour[..., :3])
+    else:
+        x = to_unit_float(image)
+        lo, hi = np.percentile(x, [0.5, 99.5]) if x.size else (0.0, 1.0)
+        g = np.clip((x - lo) / (hi - lo), 0, 1) if hi > lo else x
+        rgb = np.repeat((g * 255).astype(np.uint8)[..., None], 3, axis=-1)
     inside = labels > 0
     rgb[inside, 1] = np.maximum(rgb[inside, 1], (0.5 * rgb[inside, 1] + 96).astype(np.uint8))
     edges = find_boundaries(labels, mode="inner")
     rgb[edges] = (255, 220, 0)
     return rgb
+
+
+def _display_rgb(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 for display: 8-bit as is; other depths scaled by one range for all channels (hues kept)."""
+    if rgb.dtype == np.uint8:
+        return np.array(rgb, copy=True)  # drawn on below; the caller's plane stays as read
+    x = rgb.astype(np.float32)
+    finite = x[np.isfinite(x)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    scaled = np.clip((np.nan_to_num(x, nan=lo) - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(x)
+    return (scaled * 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------- writing
@@ -309,7 +334,7 @@ def predict_files(
             masks.append(mask.astype(np.uint8) * np.uint8(255))
             labels_list.append(labels)
             suffix = f"-p{k:03d}" if len(planes) > 1 else ""
-            _save_png(out / "overlays" / f"{path.stem}{suffix}.png", outline_overlay(image, labels))
+            _save_png(out / "overlays" / f"{path.stem}{suffix}.png", outline_overlay(image, labels, colour=plane))
         top = max(int(lab.max()) for lab in labels_list)
         label_dtype = np.uint16 if top < 65536 else np.uint32
         labels_out = [lab.astype(label_dtype) for lab in labels_list]
@@ -321,6 +346,10 @@ def predict_files(
             _save_tiff(out / "labels" / f"{path.stem}.tif", labels_out)
         else:
             _save_png(out / "labels" / f"{path.stem}.png", labels_out[0])
+        if settings.rois:
+            from fsmeta.rois import write_rois
+
+            write_rois(out / "rois", path.stem, labels_list, settings.rois, image_name=path.name)
         bar.update(detail=f"{path.name}: {rows[-1].cells} cells")
     write_counts(out / "counts.csv", rows)
     return rows
