@@ -191,6 +191,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from fsmeta.predict import resolve_weights
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="fsmeta-weights-") as cache:
+        weights = resolve_weights(args.weights, tracking_uri=args.tracking_uri or "", cache=cache)
+        if args.format == "onnx":
+            from fsmeta.export import ONNX_TOLERANCE, export_onnx
+
+            out, diff = export_onnx(weights, args.out)
+            print(f"ONNX model: {out} (ONNX Runtime vs PyTorch: max |Δp| {diff:.1e}, tolerance {ONNX_TOLERANCE:g})")
+            return 0
+        from fsmeta.export import PackageInfo, export_bioimageio
+
+        info = PackageInfo(name=args.name or "", authors=tuple(args.author or ()), license=args.license, sample=args.sample)
+        out = export_bioimageio(weights, args.out, info, check=not args.no_check, progress=True)
+    print(f"BioImage.IO model package: {out}" + ("" if args.no_check else " (bioimageio.core's model test passed)"))
+    return 0
+
+
 def _roi_formats(text: str | None) -> tuple[str, ...]:
     from fsmeta.rois import parse_formats
 
@@ -465,6 +490,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rois", metavar="imagej,geojson",
                    help="also write cell outlines under OUT/rois/: imagej (ROI zip for Fiji), geojson (QuPath), or both (default: none)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write weights as ONNX or as a BioImage.IO model package (needs fsmeta[export])")
+    g = p.add_argument_group("model")
+    g.add_argument("--weights", required=True, metavar="W", help="a .safetensors checkpoint or an MLflow URI such as models:/NAME/1 (required)")
+    g.add_argument("--tracking-uri", metavar="URI", help="MLflow server for runs:/ and models:/ URIs (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    g = p.add_argument_group("output")
+    g.add_argument("--format", required=True, choices=["onnx", "bioimageio"], help="onnx: one .onnx file; bioimageio: a model-zoo .zip (required)")
+    g.add_argument("--out", required=True, metavar="FILE", help="model.onnx or model.zip (required)")
+    g = p.add_argument_group("BioImage.IO package")
+    g.add_argument("--name", metavar="TEXT", help="the model's name (default: from the checkpoint, e.g. 'fsmeta FCRN fine-tuned on NAME (K 5)')")
+    g.add_argument("--author", action="append", metavar="NAME", help="an author, repeatable (default: your login name)")
+    g.add_argument("--license", default="CC-BY-4.0", metavar="SPDX", help="licence of the weights (default: CC-BY-4.0)")
+    g.add_argument("--sample", metavar="IMAGE", help="test image of your data, centre-cropped to 256 px (default: a synthetic image)")
+    g.add_argument("--no-check", action="store_true", help="skip bioimageio.core's model test before writing (default: test)")
+    g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("select", help="rank a target's images or patches and pick the ones worth annotating")
     g = p.add_argument_group("input")
