@@ -189,10 +189,10 @@ def _sample_image(sample: str | Path | None, meta: dict[str, Any], stride: int, 
 
 def _cover(image: np.ndarray, prob: np.ndarray) -> np.ndarray:
     """The test image and its segmentation side by side (2:1, as the model zoo shows covers)."""
-    from fsmeta.predict import instance_labels, overlay
+    from fsmeta.predict import instance_labels, outline_overlay
 
     grey = np.repeat(image[..., None], 3, axis=-1)
-    return np.concatenate([grey, overlay(image, instance_labels(prob >= 0.5))], axis=1)
+    return np.concatenate([grey, outline_overlay(image, instance_labels(prob >= 0.5))], axis=1)
 
 
 def _documentation(meta: dict[str, Any], name: str, stride: int) -> str:

@@ -20,9 +20,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data, models, maths", ("fsmeta.data", "fsmeta.data.*", "fsmeta.models", "fsmeta.models.*", "fsmeta.losses", "fsmeta.metrics")),
     ("device and records", ("fsmeta.compute", "fsmeta.step", "fsmeta.augment", "fsmeta.checkpoint", "fsmeta.tracking", "fsmeta.report")),
     ("algorithms", ("fsmeta.meta", "fsmeta.meta.reptile", "fsmeta.meta.sources", "fsmeta.meta.sequential", "fsmeta.meta.resources",
-                    "fsmeta.finetune", "fsmeta.evaluate", "fsmeta.select", "fsmeta.select.*", "fsmeta.predict")),
+                    "fsmeta.finetune", "fsmeta.evaluate", "fsmeta.select", "fsmeta.select.*", "fsmeta.predict", "fsmeta.rois")),
     ("execution on Ray", ("fsmeta.meta.driver", "fsmeta.meta.workers")),
-    ("workflows", ("fsmeta.train", "fsmeta.study", "fsmeta.benchmark", "fsmeta.workflows", "fsmeta.tuning", "fsmeta.tuning.*")),
+    ("workflows", ("fsmeta.train", "fsmeta.study", "fsmeta.benchmark", "fsmeta.workflows", "fsmeta.tuning", "fsmeta.tuning.*",
+                   "fsmeta.export")),
     ("interface", ("fsmeta.cli",)),
 ]
 # Who may import ray (at all, also inside a function) and mlflow.
