@@ -14,6 +14,7 @@ from fsmeta.data.crops import normalise
 from fsmeta.data.store import ImageSet
 from fsmeta.metrics import evaluate_image, summarize
 from fsmeta.models import SegmentationModel
+from fsmeta.progress import Progress
 
 __all__ = ["default_device", "evaluate", "predict_probability"]
 
@@ -35,16 +36,20 @@ def predict_probability(model: SegmentationModel, image: np.ndarray, compute: Co
 
 
 def evaluate(model: SegmentationModel, images: ImageSet, indices: Iterable[int], threshold: float = 0.5,
-             compute: ComputeConfig | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+             compute: ComputeConfig | None = None, progress: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Score ``model`` on the listed images (on its device, see :func:`predict_probability`);
     returns (summary, per-image rows).
 
     The summary holds ``miou`` (mean of per-image IoU), ``pooled_iou`` (TP, FP, FN
     summed over images first), instance ``precision``, ``recall``, ``f1`` and ``n_images``.
+    ``progress`` prints a line every few seconds (off inside the benchmark's cells).
     """
+    indices = list(indices)
+    bar = Progress(len(indices), f"evaluate {images.name}", enabled=progress)
     rows = []
     for i in indices:
         prob = predict_probability(model, images.image(int(i)), compute)
         row = evaluate_image(prob, images.masks[int(i)], threshold)
         rows.append({"image": images.ids[int(i)], **row})
+        bar.update()
     return summarize(rows), rows

@@ -53,7 +53,7 @@ def cell_images(cfg: Config, shots: int, seed: int) -> tuple[ImageSet, np.ndarra
 
 def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, tracker: Tracker, *, shots: int = 5,
                         seed: int = 0, support_images: str | Path | None = None,
-                        support_masks: str | Path | None = None) -> FinetuneResult:
+                        support_masks: str | Path | None = None, progress: bool = True) -> FinetuneResult:
     """Fine-tune a pre-trained checkpoint (or the pretext θ′ of ``fsmeta select``) and save it to ``out``.
 
     The support set is either a user's annotated folders (``support_images`` with
@@ -83,7 +83,7 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
                               "seed": seed, "weights": str(weights), "support_crops": len(x), "crop_size": index.size}
     with tracker.run(f"finetune/{label}/K{n_images}/s{seed}", params=params, tags={"fsmeta.kind": "finetune"}) as run_id:
         _, history = finetune(model, x, y, cfg.finetune, seed=seed, where=f"fine-tune {label}", compute=cfg.compute,
-                              progress=True, augment=cfg.augment)
+                              progress=progress, augment=cfg.augment)
         for epoch, loss in enumerate(history, 1):
             tracker.log_metrics(run_id, {"loss": loss}, step=epoch)
         threshold = decision_threshold(cfg, y)
@@ -94,7 +94,7 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
 
 
 def evaluate_checkpoint(weights: str | Path, cfg: Config, *, shots: int | None = None,
-                        seed: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                        seed: int | None = None, progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Score a fine-tuned checkpoint on the images its K-shot draw held out (default: the draw
     its description records); returns the summary (with weights, target, shots, seed) and per-image rows."""
     model, meta = model_from_checkpoint(weights)
@@ -106,7 +106,7 @@ def evaluate_checkpoint(weights: str | Path, cfg: Config, *, shots: int | None =
     target, _, test = cell_images(cfg, int(shots), int(seed))
     # The threshold the fine-tune chose (eval.threshold_rule), as predict uses it.
     threshold = float(meta.get("threshold", cfg.eval.threshold))
-    summary, rows = evaluate(model, target, test, threshold, compute=cfg.compute)
+    summary, rows = evaluate(model, target, test, threshold, compute=cfg.compute, progress=progress)
     return {"weights": str(weights), "target": cfg.data.target, "shots": int(shots), "seed": int(seed), "threshold": threshold,
             **summary}, rows
 

@@ -219,6 +219,7 @@ def select_for_annotation(
     unit: str | None = None,
     gamma: float | str | None = None,
     seed: int = 0,
+    progress: bool = True,
 ) -> SelectReport:
     """The whole user command: load, pretext, score every image (or patch) of the target, write the outputs.
 
@@ -241,12 +242,12 @@ def select_for_annotation(
     if method != "random" and cfg.select.pretext_epochs > 0:
         # θ′ on pseudo-labels of the whole target (a user's images are all pool), kept for `fsmeta finetune`:
         # the 2023 method fine-tunes θ′, not θ, on the annotations.
-        model = pretext_finetune(model, tgt.images, cfg, seed, gamma=gamma)
+        model = pretext_finetune(model, tgt.images, cfg, seed, gamma=gamma, progress=progress)
         pretext = save_checkpoint(out / "pretext.safetensors", clone_state(model), describe_adapted(
             Kind.PRETEXT, meta, weights=str(weights), target=str(target), seed=seed,
             gamma=resolve_gamma(cfg, tgt.images.name, gamma), config=cfg.to_dict()))
     selection = select_support(model, tgt.images, range(len(tgt.images)), budget, method,
-                               unit or cfg.select.unit, cfg, seed, gamma=gamma, run_pretext=False)
+                               unit or cfg.select.unit, cfg, seed, gamma=gamma, run_pretext=False, progress=progress)
     foreground = predicted_foreground(model, tgt.images, selection, cfg.compute)
     pixels = np.array([it.height * it.width for it in selection.ranking], dtype=np.float64)
     share = np.asarray(foreground) * pixels

@@ -23,6 +23,7 @@ from fsmeta.data.crops import build_crop_index, gather
 from fsmeta.data.store import ImageSet
 from fsmeta.finetune import supervised_loss
 from fsmeta.models import SegmentationModel, make_bn_affine
+from fsmeta.progress import Progress
 from fsmeta.select.pseudo import pseudo_label
 from fsmeta.step import TrainingStep
 
@@ -61,6 +62,7 @@ def pretext_finetune(
     *,
     indices: Iterable[int] | None = None,
     gamma: float | str | None = None,
+    progress: bool = False,
 ) -> SegmentationModel:
     """Fine-tune ``model`` in place on pseudo-labelled crops of ``images``; returns it.
 
@@ -71,6 +73,7 @@ def pretext_finetune(
         seed: the crop order of every epoch.
         indices: images to use; None: every image (``pretext_images=all``).
         gamma: see :func:`pseudo_labelled`.
+        progress: a progress line every few seconds, per epoch (off in studies).
     """
     sel = cfg.select
     make_bn_affine(model)
@@ -84,6 +87,7 @@ def pretext_finetune(
     model.train()
     step = TrainingStep(model, lr=sel.pretext_lr, weight_decay=sel.pretext_weight_decay, compute=cfg.compute)
     size = cfg.data.crop_size
+    bar = Progress(sel.pretext_epochs, "select: pretext fine-tuning", enabled=progress)
     for epoch in range(sel.pretext_epochs):
         order = np.random.default_rng([seed, 4242, epoch]).permutation(len(index))
         for start in range(0, len(order), sel.pretext_batch_size):
@@ -92,6 +96,7 @@ def pretext_finetune(
             xb, yb = host_buffer((len(rows), 1, size, size), step.device), host_buffer((len(rows), 1, size, size), step.device)
             gather(labelled, index, rows, out=(xb.numpy(), yb.numpy()))
             step(supervised_loss, xb, yb)
-        step.read_losses(lambda _, terms: f"pretext on {images.name}: loss is {terms[0]} in epoch {epoch}; lower select.pretext_lr")
+        losses = step.read_losses(lambda _, terms: f"pretext on {images.name}: loss is {terms[0]} in epoch {epoch}; lower select.pretext_lr")
+        bar.update(detail=f"loss {sum(t[0] for t in losses) / max(len(losses), 1):.4f}")
     model.eval()
     return model

@@ -32,6 +32,7 @@ from fsmeta.data.crops import build_crop_index, gather, normalise
 from fsmeta.data.store import ImageSet, to_unit_float
 from fsmeta.errors import FsmetaError
 from fsmeta.models import SegmentationModel
+from fsmeta.progress import Progress
 from fsmeta.select.scorers import SCORERS, ScoreContext, score_patches
 
 UNITS = ("patch", "image")
@@ -165,6 +166,7 @@ def select_support(
     run_pretext: bool = True,
     gamma: float | str | None = None,
     exclude: Iterable[int] | None = None,
+    progress: bool = False,
 ) -> Selection:
     """Rank the pool's candidates by ``method`` and select the top ``budget``.
 
@@ -184,6 +186,7 @@ def select_support(
             never modified.
         gamma: pretext pseudo-label γ override (number or ``"auto"``).
         exclude: image indices that must not be in the pool (e.g. the test split); checked.
+        progress: a progress line every few seconds while images are scored (off in studies).
 
     Returns:
         a :class:`Selection` with every candidate ranked and ``budget`` selected.
@@ -207,8 +210,10 @@ def select_support(
     whole = unit == "image" and sel.image_score == "whole"
     items: list[Item] = []
     per_image: list[Item] = []
+    bar = Progress(len(pool), f"select: {method} scores", enabled=progress)
     for i in pool:
         scored = score_image(model, images, int(i), method, cfg, seed, whole=whole)
+        bar.update()
         if unit == "patch":
             items += scored
         elif scored:  # an image left without candidate patches (candidate_min_foreground) is not a candidate
