@@ -35,7 +35,9 @@ from fsmeta.data.sampling import protocol_split
 from fsmeta.errors import FsmetaError
 from fsmeta.evaluate import default_device, predict_probability
 from fsmeta.progress import Progress
-from fsmeta.report import RESULT_COLUMNS, error_overlay, format_table, render_report, summarize, write_png, write_results
+from fsmeta.report import (
+    RESULT_COLUMNS, error_overlay, format_table, render_report, summarize, summary_metrics, write_png, write_results,
+)
 from fsmeta.study import Cell, run_cell, target_config
 from fsmeta.tracking import Tracker
 from fsmeta.train import apply_threads, meta_train, scratch_checkpoint, transfer_train
@@ -270,6 +272,10 @@ def run_benchmark(
         paths = [*write_results(rows, out), *render_report(out, rows)]
         for path in paths:
             tracker.log_artifact(parent, path)
+        # What a person opening the parent run looks for: the summary as metrics and as a table.
+        summary = summarize(rows)
+        tracker.log_metrics(parent, summary_metrics(summary))
+        tracker.log_table(parent, summary, "summary_table.json")
         if (out / "overlays").is_dir():
             tracker.log_artifact(parent, out / "overlays", "overlays")
         status = "FINISHED"

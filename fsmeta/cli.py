@@ -247,12 +247,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = _load(args)
     apply_threads(cfg)
     r = finetune_checkpoint(args.weights, cfg, args.out, _tracker(cfg), shots=args.shots, seed=args.seed,
-                            support_images=args.support_images, support_masks=args.support_masks)
+                            support_images=args.support_images, support_masks=args.support_masks, register=args.register or "")
     if r.note:
         print(f"note: {r.note}")
     where = f"annotated image(s) of {args.support_images}" if args.support_images else f"image(s) of {r.target}"
     print(f"fine-tuned on {r.images} {where} ({r.crops} crops of {r.crop_size}×{r.crop_size}, "
           f"final loss {r.final_loss:.4f}): {r.path}")
+    if r.registered:
+        print(f"registered in MLflow as {r.registered}: fsmeta predict --weights {r.registered} …")
     return 0
 
 
@@ -435,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     u = p.add_argument_group("your own annotated images (instead of --target's K-shot draw)")
     u.add_argument("--support-images", metavar="DIR", help="fine-tune on every image of this folder (default: none; use --target)")
     u.add_argument("--support-masks", metavar="DIR", help="their masks, paired by name as in `fsmeta data import` (default: none)")
+    p.add_argument("--register", metavar="NAME", help="also register the weights in MLflow's model registry as a new version of "
+                   "NAME, usable as --weights models:/NAME/<version> (default: do not register)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="score weights on the target's test images at full resolution")

@@ -48,6 +48,22 @@ def summarize(rows: list[dict[str, Any]], metric: str = "miou") -> list[dict[str
     ]
 
 
+def summary_metrics(summary: list[dict[str, Any]]) -> dict[str, float]:
+    """The summary as MLflow metrics of the study's parent run, one chart group per statistic:
+    ``miou_mean/<target>/<arch>/<pre-training>/<selection>/K<k>`` and ``miou_std/…`` (fractions, not %)."""
+    import re
+
+    def clean(value: Any) -> str:  # MLflow keys allow letters, digits, _ - . space : /
+        return re.sub(r"[^A-Za-z0-9_.\- :]", "_", str(value))
+
+    metrics: dict[str, float] = {}
+    for s in summary:
+        path = "/".join(clean(s[k]) for k in ("target", "arch", "pretraining", "selection")) + f"/K{s['shots']}"
+        metrics[f"miou_mean/{path}"] = float(s["mean"])
+        metrics[f"miou_std/{path}"] = float(s["std"])
+    return metrics
+
+
 def format_table(summary: list[dict[str, Any]]) -> str:
     """mIoU (%) mean ± std, one column per K, one line per combination of the
     fields that vary (just the pre-training in a single-target study)."""

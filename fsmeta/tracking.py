@@ -19,8 +19,13 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 log = logging.getLogger(__name__)
 
-# MLflow rejects param values longer than this.
+# MLflow rejects param values longer than this, and batches of more metrics than this.
 _MAX_PARAM = 6000
+_MAX_METRICS_PER_BATCH = 1000
+# MLflow 3's UI opens an experiment by its kind: without the tag it guesses, and an
+# experiment without traces may land on the GenAI overview instead of the runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 
 
 def resolve_uri(uri: str = "") -> str:
@@ -48,7 +53,12 @@ class Tracker:
             logging.getLogger("alembic").setLevel(logging.WARNING)
             self._client = MlflowClient(tracking_uri=self.uri)
             found = self._client.get_experiment_by_name(self.experiment)
-            self._experiment_id = found.experiment_id if found else self._client.create_experiment(self.experiment)
+            if found is None:
+                self._experiment_id = self._client.create_experiment(self.experiment, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+            else:
+                self._experiment_id = found.experiment_id
+                if EXPERIMENT_KIND_TAG not in (found.tags or {}):  # older fsmeta experiments; a kind someone chose stays
+                    self._client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return self._client
 
     def start_run(
@@ -110,7 +120,8 @@ class Tracker:
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, int(step or 0)) for k, v in metrics.items()]
-        self.client.log_batch(run_id, metrics=items)
+        for start in range(0, len(items), _MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=items[start : start + _MAX_METRICS_PER_BATCH])
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         if not self.enabled or not run_id:
@@ -122,6 +133,37 @@ class Tracker:
         if not self.enabled or not run_id:
             return
         self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_table(self, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        """A table (one dict per row) as a JSON table artifact, which the MLflow UI shows as a table."""
+        if not self.enabled or not run_id or not rows:
+            return
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        self.client.log_table(run_id, data={c: [r.get(c) for r in rows] for c in columns}, artifact_file=artifact_file)
+
+    def register_model(self, run_id: str, checkpoint: str | Path, name: str) -> int:
+        """Log ``checkpoint`` (and its ``.json`` description) under the run's ``model/`` artifacts and
+        register that folder as a new version of model ``name``; returns the version number, so that
+        ``models:/<name>/<version>`` names the weights for ``fsmeta predict``."""
+        from fsmeta.errors import FsmetaError
+
+        if not self.enabled or not run_id:
+            raise FsmetaError(f"--register {name} needs MLflow tracking; drop --no-tracking")
+        checkpoint = Path(checkpoint)
+        self.client.log_artifact(run_id, str(checkpoint), "model")
+        sidecar = checkpoint.with_suffix(".json")
+        if sidecar.is_file():
+            self.client.log_artifact(run_id, str(sidecar), "model")
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            self.client.create_registered_model(name, description="fsmeta segmentation weights (.safetensors)")
+        source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
+        version = self.client.create_model_version(name, source=source, run_id=run_id,
+                                                   tags={"fsmeta.checkpoint": checkpoint.name})
+        return int(version.version)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         if not self.enabled or not run_id:
@@ -166,7 +208,30 @@ def download_artifact(uri: str, tracking_uri: str = "", dst: str | Path | None =
     target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="fsmeta-artifact-"))
     target.mkdir(parents=True, exist_ok=True)
     try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target), tracking_uri=resolve_uri(tracking_uri))
+        source = _model_version_source(uri, resolve_uri(tracking_uri)) if uri.startswith("models:/") else uri
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target), tracking_uri=resolve_uri(tracking_uri))
     except Exception as exc:  # MlflowException, OSError: the message says which run or path is missing
         raise FsmetaError(f"cannot download {uri} from MLflow at {resolve_uri(tracking_uri)}: {exc}") from None
     return Path(local)
+
+
+def _model_version_source(uri: str, tracking_uri: str) -> str:
+    """Where the files of ``models:/<name>/<version>`` (or ``/latest``, or ``models:/<name>@<alias>``) lie.
+
+    Resolved with a client whose registry is the tracking store: ``download_artifacts``
+    alone looks ``models:/`` up in the process-wide registry URI, not the one given.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    rest = uri[len("models:/"):].strip("/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias).version
+    else:
+        name, _, version = rest.rpartition("/")
+        if version == "latest":
+            version = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    if not name:
+        raise ValueError(f"{uri} does not name a model version (models:/<name>/<version>)")
+    return client.get_model_version_download_uri(name, str(version))

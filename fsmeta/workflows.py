@@ -40,6 +40,7 @@ class FinetuneResult:
     crop_size: int
     final_loss: float  # mean loss of the last epoch
     note: str = ""  # something the user should know (e.g. a crop shrunk to small images)
+    registered: str = ""  # models:/NAME/VERSION when registered in MLflow's model registry
 
 
 def cell_images(cfg: Config, shots: int, seed: int) -> tuple[ImageSet, np.ndarray, np.ndarray]:
@@ -53,14 +54,18 @@ def cell_images(cfg: Config, shots: int, seed: int) -> tuple[ImageSet, np.ndarra
 
 def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, tracker: Tracker, *, shots: int = 5,
                         seed: int = 0, support_images: str | Path | None = None,
-                        support_masks: str | Path | None = None, progress: bool = True) -> FinetuneResult:
+                        support_masks: str | Path | None = None, progress: bool = True,
+                        register: str = "") -> FinetuneResult:
     """Fine-tune a pre-trained checkpoint (or the pretext θ′ of ``fsmeta select``) and save it to ``out``.
 
     The support set is either a user's annotated folders (``support_images`` with
     ``support_masks``: every image, paired by name) or the seeded ``shots``-image draw
     of the prepared target ``cfg.data.target``. The run is logged to ``tracker``; the
     checkpoint's description names the pre-training, the support images and the run.
+    With ``register``, the checkpoint becomes a new version of that registered MLflow model.
     """
+    if register and not tracker.enabled:
+        raise FsmetaError(f"--register {register} needs MLflow tracking; drop --no-tracking")
     model, meta = model_from_checkpoint(weights)
     model.to(default_device())  # CUDA when present
     check_fine_tunable(meta, weights)
@@ -90,7 +95,8 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
         path = save_checkpoint(out, clone_state(model), describe_adapted(
             Kind.FINETUNED, meta, target=target, shots=n_images, seed=seed, support=support_ids, crop_size=index.size,
             threshold=threshold, config=cfg.to_dict(), mlflow_run_id=run_id))
-    return FinetuneResult(path, target, n_images, len(x), index.size, history[-1], note)
+        registered = f"models:/{register}/{tracker.register_model(run_id, path, register)}" if register else ""
+    return FinetuneResult(path, target, n_images, len(x), index.size, history[-1], note, registered)
 
 
 def evaluate_checkpoint(weights: str | Path, cfg: Config, *, shots: int | None = None,

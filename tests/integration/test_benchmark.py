@@ -8,6 +8,7 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 
 from fsmeta import benchmark
@@ -128,7 +129,12 @@ def test_benchmark_logs_one_child_run_per_cell_to_a_real_server(tiny_config, tmp
     assert all({"iou", "pooled_iou", "f1"} <= set(r.data.metrics) for r in cells)
     assert [r for r in children if r.data.tags.get("fsmeta.kind") == "meta"]  # the pre-training is nested too
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"results.csv", "results.parquet", "summary.csv", "fig3_fcrn.png", "fig4_fcrn.png"} <= artifacts
+    assert {"results.csv", "results.parquet", "summary.csv", "summary_table.json", "fig3_fcrn.png", "fig4_fcrn.png"} <= artifacts
+    # the parent run carries the summary: mean and std mIoU per pre-training × selection × K
+    assert parent.data.metrics["miou_mean/synth-he/fcrn/scratch/random/K2"] == pytest.approx(
+        np.mean([r["miou"] for r in rows if r["pretraining"] == "scratch" and r["shots"] == 2]))
+    assert len([k for k in parent.data.metrics if k.startswith("miou_std/")]) == 4  # 2 pre-trainings × 2 K
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs table
     assert all(r.info.status == "FINISHED" for r in runs)
     assert parent.data.tags["fsmeta.cells"] == "8" and parent.data.tags["fsmeta.grid.eval.seeds"] == "0,1"
     assert parent.data.tags["fsmeta.grid.study.pretrainings"] == "meta-bce,scratch"
