@@ -165,7 +165,7 @@ def cmd_data_import(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from fsmeta.checkpoint import model_from_checkpoint
     from fsmeta.compute import prepare_model
-    from fsmeta.predict import PredictSettings, list_inputs, predict_files, resolve_weights
+    from fsmeta.predict import PredictSettings, list_inputs, resolve_weights
 
     settings = PredictSettings(tile=args.tile, overlap=args.overlap, batch=args.batch,
                                threshold=args.threshold if args.threshold is not None else 0.5,
@@ -183,7 +183,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     prepare_model(model, default_device())  # bf16 + channels_last where the device has native bf16
     if args.threshold is None and "threshold" in meta:
         settings = dataclasses.replace(settings, threshold=float(meta["threshold"])).check()
-    rows = predict_files(model, inputs, args.output, settings)
+    from fsmeta.large import predict_inputs  # huge TIFFs and OME-Zarr stream band by band, the rest as before
+
+    rows = predict_inputs(model, inputs, args.output, settings)
     out = Path(args.output)
     total = sum(r.cells for r in rows)
     print(f"{len(rows)} image(s), {total} cells ({meta.get('arch')} weights {args.weights}); "

@@ -287,13 +287,18 @@ class ImageResult:
 def list_inputs(path: str | Path) -> list[Path]:
     """The images to segment: one file, or every TIFF/PNG of a folder."""
     path = Path(path)
+    if path.is_dir() and path.suffix.lower() == ".zarr":  # an OME-Zarr image is a folder
+        return [path]
     if path.is_file():
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise FsmetaError(f"{path} is not a TIFF or PNG image (fsmeta reads {', '.join(IMAGE_SUFFIXES)})")
         return [path]
     if not path.exists():
         raise FsmetaError(f"input {path} does not exist")
-    return list_images(path, "input")
+    zarrs = sorted(p for p in path.iterdir() if p.is_dir() and p.suffix.lower() == ".zarr")
+    if zarrs and not any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()):
+        return zarrs
+    return sorted([*list_images(path, "input"), *zarrs])
 
 
 def predict_files(

@@ -1,0 +1,103 @@
+"""Huge images: OME-TIFF/BigTIFF and OME-Zarr streamed band by band give the masks, labels and
+counts of the in-memory path, written as OME-Zarr that zarr reads back."""
+
+import csv
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+from PIL import Image
+
+import fsmeta.large as large
+from fsmeta.errors import FsmetaError
+from fsmeta.large import open_lazy, predict_inputs
+from fsmeta.predict import PredictSettings, list_inputs, predict_files
+
+
+class Brightness(torch.nn.Module):
+    """Foreground = bright pixels; saturated probabilities, so both paths threshold alike."""
+
+    stride = 8
+
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.tensor(20.0))
+
+    def forward(self, x):
+        return self.gain * x
+
+
+def _cells(h, w, n=40, seed=0, value=200):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    img = np.zeros((h, w), np.uint8)
+    for _ in range(n):
+        cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(2, 15)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = value
+    img[100:102, :] = value  # one long cell across every tile and band seam
+    img[150:260, 37] = value  # and one down across the band seams
+    return img
+
+
+def _zarr_level0(folder):
+    group = zarr.open_group(str(folder), mode="r")
+    (ms,) = group.attrs["multiscales"]
+    assert ms["version"] == "0.4" and [a["name"] for a in ms["axes"]] == ["y", "x"]
+    return np.asarray(group[ms["datasets"][0]["path"]][:])
+
+
+@pytest.fixture
+def stream_everything(monkeypatch):
+    monkeypatch.setattr(large, "LARGE_PIXELS", 1000)  # every TIFF above 1000 px is "huge" here
+
+
+@pytest.mark.parametrize("min_size", [0, 30])
+def test_streamed_tiff_equals_the_in_memory_path(tmp_path, stream_everything, min_size):
+    img = _cells(300, 260)
+    tifffile.imwrite(tmp_path / "slide.tif", img, tile=(64, 64), bigtiff=True)
+    settings = PredictSettings(tile=64, overlap=16, min_size=min_size)
+    (want,) = predict_files(Brightness(), [tmp_path / "slide.tif"], tmp_path / "mem", settings, progress=False)
+    (got,) = predict_inputs(Brightness(), [tmp_path / "slide.tif"], tmp_path / "big", settings, progress=False)
+    assert (got.cells, got.mean_area, got.foreground) == (want.cells, want.mean_area, want.foreground) and got.cells > 10
+    labels = _zarr_level0(tmp_path / "big" / "labels" / "slide.ome.zarr")
+    assert np.array_equal(labels, tifffile.imread(tmp_path / "mem" / "labels" / "slide.tif"))  # same cells, same numbers
+    masks = _zarr_level0(tmp_path / "big" / "masks" / "slide.ome.zarr")
+    assert np.array_equal(masks, tifffile.imread(tmp_path / "mem" / "masks" / "slide.tif"))
+    assert not [p for p in (tmp_path / "big").iterdir() if p.name.startswith(".")]  # no work folders left
+
+
+def test_ome_zarr_input_16_bit_and_counts_in_input_order(tmp_path):
+    img16 = _cells(200, 180, seed=1, value=1).astype(np.uint16) * 3000 + 500  # scaled by its own range, as in memory
+    group = zarr.open_group(str(tmp_path / "in" / "well.ome.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", data=img16[None], chunks=(1, 64, 64))
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"},
+                                                              {"name": "x", "type": "space"}], "datasets": [{"path": "0"}]}]
+    Image.fromarray(_cells(64, 64, n=3, seed=2)).save(tmp_path / "in" / "small.png")
+    tifffile.imwrite(tmp_path / "ref.tif", img16)
+    inputs = list_inputs(tmp_path / "in")
+    assert [p.name for p in inputs] == ["small.png", "well.ome.zarr"]
+    settings = PredictSettings(tile=64, overlap=16)
+    rows = predict_inputs(Brightness(), inputs, tmp_path / "out", settings, progress=False)
+    (want,) = predict_files(Brightness(), [tmp_path / "ref.tif"], tmp_path / "mem", settings, progress=False)
+    assert [r.name for r in rows] == ["small.png", "well.ome.zarr"] and rows[1].cells == want.cells > 0
+    assert np.array_equal(_zarr_level0(tmp_path / "out" / "labels" / "well.ome.zarr"), tifffile.imread(tmp_path / "mem" / "labels" / "ref.tif"))
+    with open(tmp_path / "out" / "counts.csv") as f:
+        assert [(r["image"], int(r["cells"])) for r in csv.DictReader(f)] == [(r.name, r.cells) for r in rows]
+
+
+def test_lazy_reading_of_pyramidal_rgb_ome_tiff(tmp_path):
+    rgb = np.stack([_cells(128, 96, seed=3)] * 3, axis=-1)
+    with tifffile.TiffWriter(tmp_path / "he.ome.tif", bigtiff=True) as tif:
+        tif.write(rgb, tile=(64, 64), subifds=1, metadata={"axes": "YXS"}, photometric="rgb")
+        tif.write(rgb[::2, ::2], tile=(64, 64), subfiletype=1, photometric="rgb")
+    image = open_lazy(tmp_path / "he.ome.tif")
+    assert image.shape == (128, 96) and image.read(10, 20, 30, 50).shape == (10, 20, 3)
+    assert np.array_equal(image.read(10, 20, 30, 50), rgb[10:20, 30:50])
+
+
+def test_streamed_images_refuse_the_watershed(tmp_path, stream_everything):
+    tifffile.imwrite(tmp_path / "slide.tif", _cells(64, 64))
+    with pytest.raises(FsmetaError, match="--watershed needs the whole mask"):
+        predict_inputs(Brightness(), [tmp_path / "slide.tif"], tmp_path / "out", PredictSettings(watershed=True), progress=False)
