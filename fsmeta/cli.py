@@ -185,7 +185,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, threshold=float(meta["threshold"])).check()
     from fsmeta.large import predict_inputs  # huge TIFFs and OME-Zarr stream band by band, the rest as before
 
-    rows = predict_inputs(model, inputs, args.output, settings)
+    rows = predict_inputs(model, inputs, args.output, settings, large_output=args.large_output)
     out = Path(args.output)
     total = sum(r.cells for r in rows)
     print(f"{len(rows)} image(s), {total} cells ({meta.get('arch')} weights {args.weights}); "
@@ -493,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--watershed", action="store_true", help="split touching cells by a distance-transform watershed (default: off)")
     g.add_argument("--min-distance", type=int, default=5, metavar="PX", help="watershed: minimum distance between cell centres (default: 5)")
     g.add_argument("--min-size", type=int, default=0, metavar="PX", help="drop cells smaller than this many pixels (default: 0, keep all)")
+    g.add_argument("--large-output", choices=["auto", "ome-zarr", "bigtiff"], default="auto",
+                   help="masks and labels of a streamed image (OME-Zarr, or a TIFF above 8192² px): auto = BigTIFF "
+                        "for TIFF input, OME-Zarr for OME-Zarr input (default: auto)")
     g.add_argument("--rois", metavar="imagej,geojson",
                    help="also write cell outlines under OUT/rois/: imagej (ROI zip for Fiji), geojson (QuPath), or both (default: none)")
     p.set_defaults(func=cmd_predict)

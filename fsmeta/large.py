@@ -12,9 +12,10 @@ and a second pass writes the final labels 1..N in order of first appearance, as
 the in-memory path numbers them. Peak memory is a few arrays of one band (tile
 height × image width) plus the model's batch, whatever the image height.
 
-Outputs: ``masks/<name>.ome.zarr`` (uint8 0/255) and ``labels/<name>.ome.zarr``
-(uint32), OME-NGFF 0.4 single-scale images (zarr format 2, chunks of the tile
-size), and the image's row in ``counts.csv``. A streamed image gets no overlay
+Outputs: ``masks/<name>`` (uint8 0/255) and ``labels/<name>`` (uint32), for a
+TIFF input as tiled BigTIFF (``.tif``), for an OME-Zarr input as OME-NGFF 0.4
+single-scale images (``.ome.zarr``, zarr format 2, chunks of the tile size);
+``output`` chooses either. And the image's row in ``counts.csv``. A streamed image gets no overlay
 and no ROI files (a slide's outlines are better drawn by QuPath from the labels);
 ``--watershed`` needs the whole mask and is refused.
 """
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 LARGE_PIXELS = 8192 * 8192  # a TIFF with more pixels than this is streamed (one 8-bit copy: 64 MiB)
 ZARR_SUFFIX = ".zarr"
 NGFF_VERSION = "0.4"
+OUTPUTS = ("auto", "ome-zarr", "bigtiff")
 
 
 def is_large(path: str | Path) -> bool:
@@ -189,6 +191,24 @@ def _create_ngff(folder: Path, name: str, shape: tuple[int, int], dtype, chunk: 
     return array
 
 
+def _write_bigtiff(path: Path, array, tile: int) -> Path:
+    """A tiled, zlib-compressed BigTIFF of a zarr array, written tile by tile (atomically)."""
+    import tifffile
+
+    from fsmeta.atomic import atomic_write
+
+    h, w = array.shape
+
+    def tiles():
+        for y0 in range(0, h, tile):
+            band = np.asarray(array[y0: y0 + tile])  # one row of tiles in memory
+            for x0 in range(0, w, tile):
+                yield band[:, x0: x0 + tile]
+
+    return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, tiles(), shape=(h, w), dtype=array.dtype, tile=(tile, tile),
+                                                           bigtiff=True, compression="zlib", photometric="minisblack"))
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
@@ -241,9 +261,13 @@ class _Seams:
 
 
 @torch.no_grad()
-def predict_large(model: SegmentationModel, path: str | Path, out: str | Path, settings, progress: bool = True):
-    """Segment one large image band by band; write OME-Zarr masks and labels under ``out``;
-    return its :class:`~fsmeta.predict.ImageResult` (the row of counts.csv)."""
+def predict_large(model: SegmentationModel, path: str | Path, out: str | Path, settings, progress: bool = True,
+                  output: str = "auto"):
+    """Segment one large image band by band; write its masks and labels under ``out``; return its
+    :class:`~fsmeta.predict.ImageResult` (the row of counts.csv).
+
+    ``output``: ``ome-zarr``, ``bigtiff``, or ``auto`` (BigTIFF for TIFF input, OME-Zarr for OME-Zarr).
+    """
     from scipy import ndimage
 
     from fsmeta.predict import RECEPTIVE_MARGIN, ImageResult, _probability, _ramp, tile_layout
@@ -254,6 +278,10 @@ def predict_large(model: SegmentationModel, path: str | Path, out: str | Path, s
     if settings.rois:
         log.warning("%s is streamed: no ROI files and no overlay are written for it", path)
     path, out = Path(path), Path(out)
+    if output not in OUTPUTS:
+        raise FsmetaError(f"--large-output {output!r}: choose one of {', '.join(OUTPUTS)}")
+    if output == "auto":
+        output = "ome-zarr" if path.suffix.lower() == ZARR_SUFFIX else "bigtiff"
     image = open_lazy(path)
     h, w = image.shape
     model.eval()
@@ -340,12 +368,7 @@ def predict_large(model: SegmentationModel, path: str | Path, out: str | Path, s
         keep[0] = False
         final = np.zeros(len(roots), np.int64)  # by root
         next_id = 1
-        tmp_masks = out / "masks" / f".{stem}.ome.zarr.tmp"
-        tmp_labels = out / "labels" / f".{stem}.ome.zarr.tmp"
-        for folder in (tmp_masks, tmp_labels):
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            if folder.exists():
-                shutil.rmtree(folder)
+        tmp_masks, tmp_labels = work / "masks.ome.zarr", work / "labels.ome.zarr"
         masks_out = _create_ngff(tmp_masks, stem, (h, w), np.uint8, tile, label=False)
         labels_out = _create_ngff(tmp_labels, stem, (h, w), np.uint32, tile, label=True)
         for k, (y0, y1) in enumerate(_bands(h, band_h)):
@@ -359,8 +382,12 @@ def predict_large(model: SegmentationModel, path: str | Path, out: str | Path, s
             labels_out[y0:y1] = final[band_roots].astype(np.uint32)
             masks_out[y0:y1] = (band_roots > 0).astype(np.uint8) * np.uint8(255)
             bar.update(detail=f"labels rows {y0}–{y1}")
-        _replace_dir(tmp_masks, out / "masks" / f"{stem}.ome.zarr")
-        _replace_dir(tmp_labels, out / "labels" / f"{stem}.ome.zarr")
+        for kind, tmp, array in (("masks", tmp_masks, masks_out), ("labels", tmp_labels, labels_out)):
+            (out / kind).mkdir(parents=True, exist_ok=True)
+            if output == "ome-zarr":
+                _replace_dir(tmp, out / kind / f"{stem}.ome.zarr")
+            else:
+                _write_bigtiff(out / kind / f"{stem}.tif", array, tile=max(16, tile // 16 * 16))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     cells = next_id - 1
@@ -368,7 +395,8 @@ def predict_large(model: SegmentationModel, path: str | Path, out: str | Path, s
     return ImageResult(path.name, cells, float(kept_area.mean()) if cells else 0.0, float(kept_area.sum()) / (h * w))
 
 
-def predict_inputs(model: SegmentationModel, inputs: list[Path], out: str | Path, settings, progress: bool = True):
+def predict_inputs(model: SegmentationModel, inputs: list[Path], out: str | Path, settings, progress: bool = True,
+                   large_output: str = "auto"):
     """``fsmeta predict``: every input, the large ones streamed (:func:`predict_large`), the others in
     memory (:func:`fsmeta.predict.predict_files`); one counts.csv with a row per image in input order."""
     from fsmeta.predict import predict_files, write_counts
@@ -382,7 +410,7 @@ def predict_inputs(model: SegmentationModel, inputs: list[Path], out: str | Path
         raise FsmetaError(f"input names clash once extensions are dropped: {', '.join(clash)}; rename one of each")
     rows = {p: r for p, r in zip(small, _rows_by_input(predict_files(model, small, out, settings, progress=progress), small))}
     for p in large:
-        rows[p] = [predict_large(model, p, out, settings, progress=progress)]
+        rows[p] = [predict_large(model, p, out, settings, progress=progress, output=large_output)]
     ordered = [r for p in inputs for r in rows[p]]
     write_counts(Path(out) / "counts.csv", ordered)
     return ordered

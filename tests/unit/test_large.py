@@ -53,19 +53,23 @@ def stream_everything(monkeypatch):
     monkeypatch.setattr(large, "LARGE_PIXELS", 1000)  # every TIFF above 1000 px is "huge" here
 
 
-@pytest.mark.parametrize("min_size", [0, 30])
-def test_streamed_tiff_equals_the_in_memory_path(tmp_path, stream_everything, min_size):
+@pytest.mark.parametrize("min_size,output", [(0, "auto"), (30, "ome-zarr")])
+def test_streamed_tiff_equals_the_in_memory_path(tmp_path, stream_everything, min_size, output):
     img = _cells(300, 260)
     tifffile.imwrite(tmp_path / "slide.tif", img, tile=(64, 64), bigtiff=True)
     settings = PredictSettings(tile=64, overlap=16, min_size=min_size)
     (want,) = predict_files(Brightness(), [tmp_path / "slide.tif"], tmp_path / "mem", settings, progress=False)
-    (got,) = predict_inputs(Brightness(), [tmp_path / "slide.tif"], tmp_path / "big", settings, progress=False)
+    (got,) = predict_inputs(Brightness(), [tmp_path / "slide.tif"], tmp_path / "big", settings, progress=False, large_output=output)
     assert (got.cells, got.mean_area, got.foreground) == (want.cells, want.mean_area, want.foreground) and got.cells > 10
-    labels = _zarr_level0(tmp_path / "big" / "labels" / "slide.ome.zarr")
+    if output == "auto":  # TIFF in, tiled BigTIFF out
+        with tifffile.TiffFile(tmp_path / "big" / "labels" / "slide.tif") as tif:
+            assert tif.is_bigtiff and tif.pages[0].is_tiled
+        labels, masks = (tifffile.imread(tmp_path / "big" / kind / "slide.tif") for kind in ("labels", "masks"))
+    else:
+        labels, masks = (_zarr_level0(tmp_path / "big" / kind / "slide.ome.zarr") for kind in ("labels", "masks"))
     assert np.array_equal(labels, tifffile.imread(tmp_path / "mem" / "labels" / "slide.tif"))  # same cells, same numbers
-    masks = _zarr_level0(tmp_path / "big" / "masks" / "slide.ome.zarr")
     assert np.array_equal(masks, tifffile.imread(tmp_path / "mem" / "masks" / "slide.tif"))
-    assert not [p for p in (tmp_path / "big").iterdir() if p.name.startswith(".")]  # no work folders left
+    assert not [p for p in (tmp_path / "big").rglob("*") if p.name.startswith(".") and p.name.endswith("tmp")]  # no work files left
 
 
 def test_ome_zarr_input_16_bit_and_counts_in_input_order(tmp_path):
@@ -101,3 +105,20 @@ def test_streamed_images_refuse_the_watershed(tmp_path, stream_everything):
     tifffile.imwrite(tmp_path / "slide.tif", _cells(64, 64))
     with pytest.raises(FsmetaError, match="--watershed needs the whole mask"):
         predict_inputs(Brightness(), [tmp_path / "slide.tif"], tmp_path / "out", PredictSettings(watershed=True), progress=False)
+
+
+def test_cli_streams_a_huge_tiff(tmp_path, stream_everything, capsys):
+    from fsmeta.checkpoint import save_checkpoint
+    from fsmeta.cli import main
+    from fsmeta.models import build_model
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "w.safetensors", build_model("unet").state_dict(), {"arch": "unet", "bn_affine": False, "kind": "meta"})
+    tifffile.imwrite(tmp_path / "slide.tif", _cells(96, 80))
+    args = ["predict", "--weights", str(ckpt), "--input", str(tmp_path / "slide.tif"), "--output", str(tmp_path / "out"), "--tile", "64",
+            "--overlap", "16", "--threshold", "0.45"]
+    assert main([*args, "--large-output", "ome-zarr"]) == 0
+    labels = _zarr_level0(tmp_path / "out" / "labels" / "slide.ome.zarr")
+    with open(tmp_path / "out" / "counts.csv") as f:
+        (row,) = csv.DictReader(f)
+    assert int(row["cells"]) == labels.max() and labels.shape == (96, 80)
