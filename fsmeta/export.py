@@ -82,9 +82,7 @@ def probability_net(checkpoint: str | Path) -> tuple[ProbabilityNet, dict[str, A
 
 
 def _require(module: str, what: str) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
+    if not _has(module):
         raise FsmetaError(f"{what} needs {module}; install fsmeta's export extra: pip install 'fsmeta[export]'")
 
 
@@ -326,7 +324,10 @@ def build_bioimageio(checkpoint: str | Path, folder: str | Path, info: PackageIn
 def _has(module: str) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec(module) is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # "bioimageio.spec" when there is no "bioimageio" at all
+        return False
 
 
 def _user() -> str:

@@ -94,3 +94,13 @@ def test_probability_net_state_dict_loads_into_the_declared_architecture(arch):
     net = ProbabilityNet(arch, affine=True)
     again = ProbabilityNet(arch, affine=True)
     again.load_state_dict(net.state_dict())  # what bioimageio.core does with weights.pt
+
+
+def test_without_the_export_extra_the_error_says_what_to_install(tmp_path, monkeypatch, capsys):
+    import fsmeta.export as export
+
+    monkeypatch.setattr(export, "_has", lambda module: False)
+    ckpt = _checkpoint(tmp_path / "w.safetensors", "unet", True, kind="finetuned")
+    for fmt, out in (("onnx", "m.onnx"), ("bioimageio", "m.zip")):
+        assert main(["export", "--weights", str(ckpt), "--format", fmt, "--out", str(tmp_path / out)]) == 2
+        assert "pip install 'fsmeta[export]'" in capsys.readouterr().err
