@@ -49,8 +49,9 @@ def summarize(rows: list[dict[str, Any]], metric: str = "miou") -> list[dict[str
 
 
 def summary_metrics(summary: list[dict[str, Any]]) -> dict[str, float]:
-    """The summary as MLflow metrics of the study's parent run, one chart group per statistic:
-    ``miou_mean/<target>/<arch>/<pre-training>/<selection>/K<k>`` and ``miou_std/…`` (fractions, not %)."""
+    """The summary as MLflow metrics of the study's parent run:
+    ``miou_mean/<target>/<arch>/<pre-training>/<selection>/K<k>`` and ``miou_std/…`` (fractions, not %).
+    MLflow's UI groups charts by the key up to its last ``/``: one section per combination, a chart per K."""
     import re
 
     def clean(value: Any) -> str:  # MLflow keys allow letters, digits, _ - . space : /
