@@ -188,8 +188,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     rows = predict_inputs(model, inputs, args.output, settings, large_output=args.large_output)
     out = Path(args.output)
     total = sum(r.cells for r in rows)
-    print(f"{len(rows)} image(s), {total} cells ({meta.get('arch')} weights {args.weights}); "
-          f"masks/, labels/, overlays/ and counts.csv in {out}")
+    folders = "masks/, labels/, overlays/" + (", rois/" if settings.rois else "")
+    print(f"{len(rows)} image(s), {total} cells ({meta.get('arch')} weights {args.weights}); {folders} and counts.csv in {out}")
     return 0
 
 

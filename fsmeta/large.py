@@ -15,9 +15,10 @@ height × image width) plus the model's batch, whatever the image height.
 Outputs: ``masks/<name>`` (uint8 0/255) and ``labels/<name>`` (uint32), for a
 TIFF input as tiled BigTIFF (``.tif``), for an OME-Zarr input as OME-NGFF 0.4
 single-scale images (``.ome.zarr``, zarr format 2, chunks of the tile size);
-``output`` chooses either. And the image's row in ``counts.csv``. A streamed image gets no overlay
-and no ROI files (a slide's outlines are better drawn by QuPath from the labels);
-``--watershed`` needs the whole mask and is refused.
+``output`` chooses either. And the image's row in ``counts.csv``, and with
+``--rois`` the same ROI files as :mod:`fsmeta.rois` writes (each cell traced from
+its own bounding-box window). A streamed image gets no overlay (it would be the
+size of the image); ``--watershed`` needs the whole mask and is refused.
 """
 
 from __future__ import annotations
@@ -276,7 +277,7 @@ def predict_large(model: SegmentationModel, path: str | Path, out: str | Path, s
         raise FsmetaError(f"{path}: --watershed needs the whole mask in memory; a streamed image "
                           f"(OME-Zarr, or a TIFF above {LARGE_PIXELS:,} pixels) is labelled without it")
     if settings.rois:
-        log.warning("%s is streamed: no ROI files and no overlay are written for it", path)
+        log.info("%s is streamed: ROI files are written, no overlay", path)
     path, out = Path(path), Path(out)
     if output not in OUTPUTS:
         raise FsmetaError(f"--large-output {output!r}: choose one of {', '.join(OUTPUTS)}")
@@ -382,6 +383,12 @@ def predict_large(model: SegmentationModel, path: str | Path, out: str | Path, s
             labels_out[y0:y1] = final[band_roots].astype(np.uint32)
             masks_out[y0:y1] = (band_roots > 0).astype(np.uint8) * np.uint8(255)
             bar.update(detail=f"labels rows {y0}–{y1}")
+        kept_area = areas[keep]
+        cells = next_id - 1
+        if settings.rois:
+            area_of = np.zeros(cells + 1, np.int64)
+            area_of[final[keep]] = areas[keep]
+            _write_streamed_rois(out / "rois", stem, path.name, labels_out, band_h, area_of, settings.rois)
         for kind, tmp, array in (("masks", tmp_masks, masks_out), ("labels", tmp_labels, labels_out)):
             (out / kind).mkdir(parents=True, exist_ok=True)
             if output == "ome-zarr":
@@ -390,8 +397,6 @@ def predict_large(model: SegmentationModel, path: str | Path, out: str | Path, s
                 _write_bigtiff(out / kind / f"{stem}.tif", array, tile=max(16, tile // 16 * 16))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    cells = next_id - 1
-    kept_area = areas[keep]
     return ImageResult(path.name, cells, float(kept_area.mean()) if cells else 0.0, float(kept_area.sum()) / (h * w))
 
 
@@ -428,6 +433,39 @@ def _rows_by_input(rows, inputs: list[Path]) -> list[list]:
             pending = next(it, None)
         grouped.append(mine)
     return grouped
+
+
+def _write_streamed_rois(folder: Path, stem: str, name: str, labels, band: int, area_of: np.ndarray, formats) -> None:
+    """ROI files of a streamed image, as :func:`fsmeta.rois.write_rois` writes them for one page: bounding boxes
+    in a first pass over bands, then each cell traced from the band that holds it whole, or from its own window."""
+    from scipy import ndimage
+
+    from fsmeta.rois import CellOutline, outline_points, write_geojson, write_imagej
+
+    n = len(area_of) - 1
+    h, w = labels.shape
+    lo_y, hi_y = np.full(n + 1, h, np.int64), np.zeros(n + 1, np.int64)
+    lo_x, hi_x = np.full(n + 1, w, np.int64), np.zeros(n + 1, np.int64)
+    for y0, y1 in _bands(h, band):
+        for k, box in enumerate(ndimage.find_objects(np.asarray(labels[y0:y1])), start=1):
+            if box is not None:
+                lo_y[k], hi_y[k] = min(lo_y[k], box[0].start + y0), max(hi_y[k], box[0].stop + y0)
+                lo_x[k], hi_x[k] = min(lo_x[k], box[1].start), max(hi_x[k], box[1].stop)
+    points: list[np.ndarray | None] = [None] * (n + 1)
+    for y0, y1 in _bands(h, band):
+        rows = np.asarray(labels[y0:y1])
+        for k in np.flatnonzero((lo_y >= y0) & (hi_y <= y1) & (hi_y > 0)):
+            window = rows[lo_y[k] - y0: hi_y[k] - y0, lo_x[k]: hi_x[k]] == k
+            points[k] = outline_points(window, int(lo_y[k]), int(lo_x[k]))
+    for k in range(1, n + 1):
+        if points[k] is None:  # crosses a band edge: read its own window
+            window = np.asarray(labels[lo_y[k]: hi_y[k], lo_x[k]: hi_x[k]]) == k
+            points[k] = outline_points(window, int(lo_y[k]), int(lo_x[k]))
+    outlines = [CellOutline(k, points[k], int(area_of[k])) for k in range(1, n + 1)]
+    if "imagej" in formats:
+        write_imagej(folder / f"{stem}.zip", [outlines])
+    if "geojson" in formats:
+        write_geojson(folder / f"{stem}.geojson", outlines, name)
 
 
 def _stem(path: Path) -> str:

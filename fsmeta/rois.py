@@ -56,7 +56,6 @@ def cell_outlines(labels: np.ndarray) -> list[CellOutline]:
     outline of its largest piece, so there is still exactly one polygon per cell.
     """
     from scipy import ndimage
-    from skimage.measure import find_contours
 
     labels = np.asarray(labels)
     n = int(labels.max()) if labels.size else 0
@@ -67,17 +66,23 @@ def cell_outlines(labels: np.ndarray) -> list[CellOutline]:
     for k, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is None:  # a label without pixels: the labels are not 1..N
             raise ValueError(f"label {k} has no pixels; instance labels must be 1..N")
-        y0, x0 = box[0].start, box[1].start
-        cell = np.pad(labels[box] == k, 1).astype(np.float32)
-        # 'high': diagonal neighbours of a cell join, as in the 8-connected labelling.
-        contours = find_contours(cell, 0.5, fully_connected="high")
-        best = max(contours, key=_shoelace)
-        # Contour (row, col) in padded pixel-centre coordinates → image x, y on pixel edges.
-        xy = np.stack([best[:, 1] + x0 - 0.5, best[:, 0] + y0 - 0.5], axis=1)
-        if len(xy) > 1 and np.array_equal(xy[0], xy[-1]):
-            xy = xy[:-1]
-        outlines.append(CellOutline(k, xy, int(areas[k])))
+        outlines.append(CellOutline(k, outline_points(labels[box] == k, box[0].start, box[1].start), int(areas[k])))
     return outlines
+
+
+def outline_points(cell: np.ndarray, y0: int, x0: int) -> np.ndarray:
+    """(n, 2) x, y of the outer boundary of the largest piece of ``cell`` (a boolean window whose
+    top-left pixel is image pixel (y0, x0)), on the pixel edges."""
+    from skimage.measure import find_contours
+
+    padded = np.pad(cell, 1).astype(np.float32)
+    # 'high': diagonal neighbours of a cell join, as in the 8-connected labelling.
+    best = max(find_contours(padded, 0.5, fully_connected="high"), key=_shoelace)
+    # Contour (row, col) in padded pixel-centre coordinates → image x, y on pixel edges.
+    xy = np.stack([best[:, 1] + x0 - 0.5, best[:, 0] + y0 - 0.5], axis=1)
+    if len(xy) > 1 and np.array_equal(xy[0], xy[-1]):
+        xy = xy[:-1]
+    return xy
 
 
 def _shoelace(rc: np.ndarray) -> float:
@@ -149,4 +154,4 @@ def write_rois(folder: str | Path, stem: str, labels_pages: Sequence[np.ndarray]
     return written
 
 
-__all__ = ["ROI_FORMATS", "CellOutline", "parse_formats", "cell_outlines", "write_imagej", "geojson", "write_geojson", "write_rois"]
+__all__ = ["ROI_FORMATS", "CellOutline", "parse_formats", "cell_outlines", "outline_points", "write_imagej", "geojson", "write_geojson", "write_rois"]

@@ -122,3 +122,18 @@ def test_cli_streams_a_huge_tiff(tmp_path, stream_everything, capsys):
     with open(tmp_path / "out" / "counts.csv") as f:
         (row,) = csv.DictReader(f)
     assert int(row["cells"]) == labels.max() and labels.shape == (96, 80)
+
+
+def test_streamed_rois_equal_the_in_memory_ones(tmp_path, stream_everything):
+    import json
+
+    import roifile
+
+    tifffile.imwrite(tmp_path / "slide.tif", _cells(300, 260, seed=4))
+    settings = PredictSettings(tile=64, overlap=16, rois=("imagej", "geojson"))
+    (want,) = predict_files(Brightness(), [tmp_path / "slide.tif"], tmp_path / "mem", settings, progress=False)
+    (got,) = predict_inputs(Brightness(), [tmp_path / "slide.tif"], tmp_path / "big", settings, progress=False)
+    mem, big = (json.loads((tmp_path / d / "rois" / "slide.geojson").read_text()) for d in ("mem", "big"))
+    assert big == mem and len(big["features"]) == got.cells == want.cells  # the long cells cross band seams
+    rois = roifile.roiread(tmp_path / "big" / "rois" / "slide.zip")
+    assert [r.name for r in rois] == [r.name for r in roifile.roiread(tmp_path / "mem" / "rois" / "slide.zip")]
