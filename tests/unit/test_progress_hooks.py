@@ -3,7 +3,6 @@ asked and stay silent inside studies (the default). Fine-tuning's progress is th
 step's own (finetune(progress=True))."""
 
 import numpy as np
-import torch
 
 from fsmeta.config import load_config
 from fsmeta.data.store import ImageSet
