@@ -16,10 +16,17 @@ from fsmeta.report import summarize, summary_metrics
 from fsmeta.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING, Tracker
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite store for the module (each new store costs seconds of schema migrations)."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    return folder, f"sqlite:///{folder / 'mlflow.db'}"
+
+
 @pytest.fixture
-def uri(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the sqlite store keeps artifacts in ./mlruns
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+def uri(store, monkeypatch):
+    monkeypatch.chdir(store[0])  # the sqlite store keeps artifacts in ./mlruns
+    return store[1]
 
 
 def test_experiments_are_model_training_experiments(uri):
