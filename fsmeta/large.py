@@ -79,6 +79,12 @@ class LazyImage:
     y_axis: int
     x_axis: int
     where: str
+    handle: Any = None  # the open TiffFile behind a TIFF's zarr store, closed by close()
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -112,6 +118,7 @@ def open_lazy(path: str | Path) -> LazyImage:
     import zarr
 
     path = Path(path)
+    tif = None
     try:
         if path.suffix.lower() == ZARR_SUFFIX:
             node = zarr.open(str(path), mode="r")
@@ -137,6 +144,8 @@ def open_lazy(path: str | Path) -> LazyImage:
     except DataError:
         raise
     except Exception as exc:  # zarr, tifffile and JSON errors all mean the same to a user
+        if tif is not None:
+            tif.close()
         raise DataError(f"{path} is not a readable OME-Zarr or TIFF image: {exc}") from None
     axes = axes.lower()
     if len(axes) != array.ndim or "y" not in axes or "x" not in axes:
@@ -153,9 +162,11 @@ def open_lazy(path: str | Path) -> LazyImage:
         elif n == 1:
             index.append(0)
         else:
+            if tif is not None:
+                tif.close()
             raise DataError(f"{path} has {n} planes along axis {name!r}; a streamed image must be one 2-D plane "
                             "(grey or RGB); split the stack first")
-    return LazyImage(array, tuple(index), channel, axes.index("y"), axes.index("x"), str(path))
+    return LazyImage(array, tuple(index), channel, axes.index("y"), axes.index("x"), str(path), tif)
 
 
 def _value_range(image: LazyImage, band: int) -> tuple[float, float]:
@@ -295,7 +306,11 @@ def predict_large(model: SegmentationModel, path: str | Path, out: str | Path, s
     rows_of = [(y0, h if i == len(ys) - 1 else y0 + ty) for i, y0 in enumerate(ys)]
     cols_of = [(x0, w if j == len(xs) - 1 else x0 + tx) for j, x0 in enumerate(xs)]
     band_h = max(y1 - y0 for y0, y1 in rows_of)
-    scale = None if image.dtype == np.uint8 else _value_range(image, band_h)  # other depths: by their own range, as in memory
+    try:
+        scale = None if image.dtype == np.uint8 else _value_range(image, band_h)  # other depths: by their own range, as in memory
+    except BaseException:
+        image.close()
+        raise
     device = next(model.parameters()).device
 
     def unit(pixels: np.ndarray) -> np.ndarray:
@@ -396,6 +411,7 @@ def predict_large(model: SegmentationModel, path: str | Path, out: str | Path, s
             else:
                 _write_bigtiff(out / kind / f"{stem}.tif", array, tile=max(16, tile // 16 * 16))
     finally:
+        image.close()
         shutil.rmtree(work, ignore_errors=True)
     return ImageResult(path.name, cells, float(kept_area.mean()) if cells else 0.0, float(kept_area.sum()) / (h * w))
 

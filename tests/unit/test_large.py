@@ -99,6 +99,7 @@ def test_lazy_reading_of_pyramidal_rgb_ome_tiff(tmp_path):
     image = open_lazy(tmp_path / "he.ome.tif")
     assert image.shape == (128, 96) and image.read(10, 20, 30, 50).shape == (10, 20, 3)
     assert np.array_equal(image.read(10, 20, 30, 50), rgb[10:20, 30:50])
+    image.close()
 
 
 def test_streamed_images_refuse_the_watershed(tmp_path, stream_everything):
