@@ -285,7 +285,7 @@ class ImageResult:
 
 
 def list_inputs(path: str | Path) -> list[Path]:
-    """The images to segment: one file, or every TIFF/PNG of a folder."""
+    """The images to segment: one file or OME-Zarr folder, or every TIFF/PNG and ``*.zarr`` of a folder."""
     path = Path(path)
     if path.is_dir() and path.suffix.lower() == ".zarr":  # an OME-Zarr image is a folder
         return [path]
@@ -296,7 +296,9 @@ def list_inputs(path: str | Path) -> list[Path]:
     if not path.exists():
         raise FsmetaError(f"input {path} does not exist")
     zarrs = sorted(p for p in path.iterdir() if p.is_dir() and p.suffix.lower() == ".zarr")
-    if zarrs and not any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()):
+    if not zarrs:
+        return list_images(path, "input")
+    if not any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()):
         return zarrs
     return sorted([*list_images(path, "input"), *zarrs])
 
