@@ -185,12 +185,12 @@ def _sample_image(sample: str | Path | None, meta: dict[str, Any], stride: int, 
     return np.ascontiguousarray(image[y0 : y0 + h, x0 : x0 + w])
 
 
-def _cover(image: np.ndarray, prob: np.ndarray) -> np.ndarray:
+def _cover(image: np.ndarray, prob: np.ndarray, threshold: float) -> np.ndarray:
     """The test image and its segmentation side by side (2:1, as the model zoo shows covers)."""
     from fsmeta.predict import instance_labels, outline_overlay
 
     grey = np.repeat(image[..., None], 3, axis=-1)
-    return np.concatenate([grey, outline_overlay(image, instance_labels(prob >= 0.5))], axis=1)
+    return np.concatenate([grey, outline_overlay(image, instance_labels(prob >= threshold))], axis=1)
 
 
 def _documentation(meta: dict[str, Any], name: str, stride: int) -> str:
@@ -203,7 +203,8 @@ def _documentation(meta: dict[str, Any], name: str, stride: int) -> str:
         f"- input `raw`: one 8-bit grey image (batch, channel, y, x), sides multiples of {stride} px; "
         "preprocessing scales it to [-1, 1] as x·2/255 − 1 (fsmeta's normalisation). fsmeta scales 16-bit "
         "or float images by their own min–max range to [0, 1] first; do the same before running this model.",
-        "- output `probability`: foreground probability per pixel; fsmeta thresholds it at 0.5 and labels "
+        f"- output `probability`: foreground probability per pixel; fsmeta thresholds it at "
+        f"{float(meta.get('threshold', 0.5)):g} (the threshold this checkpoint records, else 0.5) and labels "
         "8-connected components as cells. Tiles overlapping by 64 px reproduce a whole-image pass.", "",
         "## Training data", "",
     ]
@@ -221,7 +222,8 @@ def _documentation(meta: dict[str, Any], name: str, stride: int) -> str:
 
 
 def _config_subset(meta: dict[str, Any]) -> dict[str, Any]:
-    keep = ("arch", "bn_affine", "kind", "pretraining", "target", "shots", "seed", "support", "fsmeta_version", "mlflow_run_id")
+    keep = ("arch", "bn_affine", "kind", "pretraining", "target", "shots", "seed", "support", "threshold", "fsmeta_version",
+            "mlflow_run_id")
     return json.loads(json.dumps({k: meta[k] for k in keep if k in meta}, default=str))
 
 
@@ -246,7 +248,7 @@ def build_bioimageio(checkpoint: str | Path, folder: str | Path, info: PackageIn
         test_out = net(x).numpy()
     np.save(folder / "test_input.npy", test_in)
     np.save(folder / "test_output.npy", test_out)
-    Image.fromarray(_cover(image, test_out[0, 0])).save(folder / "cover.png")
+    Image.fromarray(_cover(image, test_out[0, 0], float(meta.get("threshold", 0.5)))).save(folder / "cover.png")
     step(f"test image {image.shape[1]}×{image.shape[0]} and cover")
 
     torch.save(net.state_dict(), folder / "weights.pt")
