@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from fsmeta.atomic import sweep_stale
 from fsmeta.data.catalogue import PublicSet, public_layouts
 from fsmeta.data.io import check_pixels, mask_to_binary, pair_by_name, read_image, to_grey
 from fsmeta.data.store import Record, write_store
@@ -482,7 +483,8 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
     if final.is_dir():
         return final
     into.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{archive.stem}.unpack-", dir=into))
+    sweep_stale(into, f".{archive.stem}.unpack-")  # left by a killed unpack
+    tmp = Path(tempfile.mkdtemp(prefix=f".{archive.stem}.unpack-{os.getpid()}-", dir=into))
     try:
         with zipfile.ZipFile(archive) as zf:
             for member in zf.namelist():
