@@ -471,3 +471,52 @@ def test_select_refuses_an_unlabelled_image_named_like_a_path(tmp_path, capsys, 
     argv = ["select", "--weights", ckpt, "--target", tmp_path / "pool", "--budget", "1", "--unit", "image",
             "--method", "random", "--out", tmp_path / "sel"]
     refused(tmp_path, argv, capsys, "'a\\\\b'")
+
+
+def test_select_refuses_a_bomb_in_an_unlabelled_folder(tmp_path, capsys, ckpt):
+    png(tmp_path / "pool" / "ok.png", blob()[0])
+    png_header_only(tmp_path / "pool" / "huge.png", 20000, 20000)
+    argv = ["select", "--weights", ckpt, "--target", tmp_path / "pool", "--budget", "1", "--unit", "image",
+            "--method", "random", "--out", tmp_path / "sel"]
+    refused(tmp_path, argv, capsys, "huge.png", "20000×20000")
+
+
+def test_finetune_refuses_a_bomb_among_the_support_images(tmp_path, capsys, ckpt):
+    images, masks = pair_folder(tmp_path / "in")
+    (images / "cell1.png").unlink()
+    png_header_only(images / "cell1.png", 20000, 20000)
+    refused(tmp_path, _finetune(tmp_path, ckpt, images, masks), capsys, "cell1.png", "20000×20000")
+
+
+def test_a_folder_symlink_loop_is_not_followed(tmp_path, capsys):
+    images, masks = pair_folder(tmp_path / "in")
+    os.symlink(images, images / "again")  # images/again/again/… forever, if followed
+    rc, out, _ = run(_import(tmp_path, images, masks), capsys)
+    assert rc == 0 and "imported 2 image/mask pairs" in out
+
+
+def test_prepare_refuses_a_zip_slip_archive_and_writes_nothing_outside(tmp_path, capsys):
+    import zipfile
+
+    archive = tmp_path / "zips" / "TNBC_NucleiSegmentation.zip"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("TNBC_NucleiSegmentation/Slide_01/01_1.png", b"x")
+        zf.writestr("../../ESCAPED.txt", b"pwned")
+    argv = ["data", "prepare", "tnbc", "--from", archive, "--data-root", tmp_path / "data"]
+    refused(tmp_path, argv, capsys, "ESCAPED.txt", "outside its folder", allowed=("data",))
+    assert not list(tmp_path.parent.rglob("ESCAPED*")) and not (tmp_path / "data" / "tnbc").exists()
+
+
+def test_a_killed_unpack_leaves_nothing_for_ever(tmp_path):
+    import zipfile
+
+    from fsmeta.data.prepare import unpack
+
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("a/x.txt", b"x")
+    stale = tmp_path / "out" / f".a.unpack-{dead_pid()}-zz"
+    stale.mkdir(parents=True)
+    unpack(archive, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a"]
