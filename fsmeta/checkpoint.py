@@ -80,18 +80,30 @@ def check_fine_tunable(meta: dict[str, Any], path: str | Path) -> None:
                           "(or the pretext.safetensors of `fsmeta select`)")
 
 
+# No weight or batch-norm statistic of a trained FCRN or U-Net comes near this (they are
+# O(1) and weight decay keeps them there); meta.inner_lr=1e9 gave finite weights of 1e22.
+MAX_ABS_VALUE = 1e8
+
+
 def validate_state(state: dict[str, torch.Tensor], where: str | Path) -> None:
-    """Refuse weights or batch-norm statistics that are NaN or infinite, naming the first key.
+    """Refuse weights or batch-norm statistics that are NaN, infinite or beyond
+    :data:`MAX_ABS_VALUE`, naming the first such key.
 
     A diverged training (too large a learning rate) can end with a finite loss and
-    an infinite running variance; such a model predicts nothing, so it is never
-    saved and never used.
+    an infinite running variance, or with finite weights of 1e22; such a model
+    predicts nothing, so it is never saved and never used.
     """
     for key, value in state.items():
-        if torch.is_floating_point(value) and not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
-            raise FsmetaError(f"{where}: {key} holds {bad} NaN or infinite value(s) of {value.numel()}; "
+        if not torch.is_floating_point(value) or value.numel() == 0:
+            continue
+        finite = torch.isfinite(value)
+        if not bool(finite.all()):
+            raise FsmetaError(f"{where}: {key} holds {int((~finite).sum())} NaN or infinite value(s) of {value.numel()}; "
                               "the training diverged (lower the learning rate); refusing these weights")
+        largest = float(value.detach().abs().max())
+        if largest > MAX_ABS_VALUE:
+            raise FsmetaError(f"{where}: {key} holds values up to {largest:.3g}, beyond the {MAX_ABS_VALUE:.0e} any trained "
+                              "model stays within; the training diverged (lower the learning rate); refusing these weights")
 
 
 def _parse_meta(raw: str, path: Path) -> dict[str, Any]:

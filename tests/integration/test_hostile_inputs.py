@@ -392,6 +392,23 @@ def test_a_diverged_finetune_writes_no_checkpoint(tmp_path, capsys, ckpt):
     refused(tmp_path, _finetune(tmp_path, ckpt, images, masks, "finetune.lr=1e9", "finetune.epochs=3"), capsys, "out.safetensors")
 
 
+def test_a_diverged_meta_training_writes_no_checkpoint(tmp_path, capsys):
+    """Defect 3: meta.inner_lr=1e9 wrote finite weights of ~1e22 with exit 0; predict then wrote empty masks."""
+    argv = ["meta-train", "--out", tmp_path / "meta", "--no-tracking", "--data-root", tmp_path / "data", *TINY_SET,
+            "--set", "meta.inner_lr=1e9"]
+    refused(tmp_path, argv, capsys, "meta-last.safetensors", "the training diverged", allowed=("data", "meta"))
+    assert not list((tmp_path / "meta").rglob("*.safetensors"))
+
+
+def test_predict_refuses_weights_beyond_any_trained_model(tmp_path, capsys):
+    state = initial_theta("fcrn", 0)
+    key = next(k for k, v in state.items() if k.endswith("weight") and v.is_floating_point())
+    state[key] = state[key] * 1e21
+    weights = raw_safetensors(tmp_path / "huge.safetensors", state, json.dumps({"arch": "fcrn", "bn_affine": False}))
+    image = png(tmp_path / "in" / "a.png", blob()[0])
+    refused(tmp_path, _predict(tmp_path, weights, image), capsys, "huge.safetensors", key, "diverged")
+
+
 def test_save_checkpoint_refuses_non_finite_tensors_and_writes_nothing(tmp_path):
     state = initial_theta("fcrn", 0)
     key = next(k for k in state if k.endswith("running_var"))
