@@ -274,6 +274,8 @@ def _load(item: Item, spec: PublicSet, base: Path, stacks: dict[Path, Any]) -> R
     mask = mask_to_binary(raw_mask, "nonzero") if spec.name == "b39" else _binary_public(raw_mask)
     if not mask.any():
         log.warning("%s has no foreground pixels; its weighted BCE uses w = 1", where_mask)
+    elif mask.all():
+        log.warning("%s is foreground everywhere: the weighted BCE gives it weight 0 and nothing is learned from it", where_mask)
     return Record(id=item.id, image=image, mask=mask, split=item.split, source=src)
 
 
