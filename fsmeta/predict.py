@@ -277,7 +277,8 @@ def check_inputs(inputs: list[Path]) -> None:
     errors = []
     for path in inputs:
         try:
-            for k, plane in enumerate(planes := read_planes(path)):
+            planes = read_planes(path)
+            for k, plane in enumerate(planes):
                 image_to_unit(plane, f"{path}" + (f" page {k}" if len(planes) > 1 else ""))
         except FsmetaError as exc:
             errors.append(str(exc))

@@ -86,7 +86,6 @@ def check_pixels(path: str | Path, width: int, height: int, pages: int = 1) -> N
                         f"limit of {limit:,}; cut it into tiles, or raise the limit with {MAX_PIXELS_ENV}=N")
 
 
-
 def read_planes(path: str | Path) -> list[np.ndarray]:
     """The image planes of one file: a list of (H, W) or (H, W, C) arrays (C = 2, 3 or 4).
 
