@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +35,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
+# Temporaries named without their writer's pid are taken for stale once this old.
+LEGACY_STALE_S = 24 * 3600
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -49,7 +54,8 @@ def sweep_stale(folder: Path, prefix: str, files_containing: str = "") -> list[P
 
     A SIGKILL mid-write leaves its temporary behind; the pid in its name tells a
     live writer's from a dead one's, so a concurrent write is never disturbed.
-    Returns what was removed.
+    Temporaries from before pids were in the names go once a day old. Returns
+    what was removed.
     """
     removed = []
     if not folder.is_dir():
@@ -58,8 +64,11 @@ def sweep_stale(folder: Path, prefix: str, files_containing: str = "") -> list[P
         if not p.name.startswith(prefix) or files_containing not in p.name:
             continue
         pid = p.name[len(prefix):].split("-", 1)[0]
-        if not pid.isdigit() or _pid_alive(int(pid)):
-            continue
+        if pid.isdigit():
+            if _pid_alive(int(pid)):
+                continue
+        elif time.time() - p.lstat().st_mtime < LEGACY_STALE_S:
+            continue  # a name without a pid (earlier fsmeta versions wrote those): only once it is old
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:

@@ -177,8 +177,8 @@ def write_store(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = check_replaceable(root, name)
-    for kind_ in ("tmp", "old"):
-        sweep_stale(root, f".{name}.{kind_}-")
+    for stage in ("tmp", "old"):
+        sweep_stale(root, f".{name}.{stage}-")
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=root))
     try:
         n, fg, px = 0, 0, 0

@@ -267,8 +267,13 @@ def test_stale_temporaries_of_killed_writers_are_swept(tmp_path, capsys):
     (stale_store / "store.arrow").write_bytes(b"half")
     live = tmp_path / "data" / f".cells.tmp-{os.getpid()}-xyz"  # a writer still running: kept
     live.mkdir()
+    legacy_old, legacy_new = tmp_path / "data" / ".cells.tmp-k2j4h5g6", tmp_path / "data" / ".cells.tmp-a1b2c3d4"
+    legacy_old.mkdir()
+    legacy_new.mkdir()  # no pid in the name (older fsmeta): removed only once a day old
+    os.utime(legacy_old, (0, 0))
     assert run(_import(tmp_path, images, masks), capsys)[0] == 0
     assert not stale_store.exists() and live.exists()
+    assert not legacy_old.exists() and legacy_new.exists()
     ckpts = tmp_path / "run" / "checkpoints"
     ckpts.mkdir(parents=True)
     stale_ckpt = ckpts / f".meta-last.safetensors.{pid}-q1w2.tmp.safetensors"
