@@ -80,12 +80,74 @@ def check_fine_tunable(meta: dict[str, Any], path: str | Path) -> None:
                           "(or the pretext.safetensors of `fsmeta select`)")
 
 
+# No weight or batch-norm statistic of a trained FCRN or U-Net comes near this (they are
+# O(1) and weight decay keeps them there); meta.inner_lr=1e9 gave finite weights of 1e22.
+MAX_ABS_VALUE = 1e8
+
+
+def validate_state(state: dict[str, torch.Tensor], where: str | Path) -> None:
+    """Refuse weights or batch-norm statistics that are NaN, infinite or beyond
+    :data:`MAX_ABS_VALUE`, naming the first such key.
+
+    A diverged training (too large a learning rate) can end with a finite loss and
+    an infinite running variance, or with finite weights of 1e22; such a model
+    predicts nothing, so it is never saved and never used.
+    """
+    for key, value in state.items():
+        if not torch.is_floating_point(value) or value.numel() == 0:
+            continue
+        finite = torch.isfinite(value)
+        if not bool(finite.all()):
+            raise FsmetaError(f"{where}: {key} holds {int((~finite).sum())} NaN or infinite value(s) of {value.numel()}; "
+                              "the training diverged (lower the learning rate); refusing these weights")
+        largest = float(value.detach().abs().max())
+        if largest > MAX_ABS_VALUE:
+            raise FsmetaError(f"{where}: {key} holds values up to {largest:.3g}, beyond the {MAX_ABS_VALUE:.0e} any trained "
+                              "model stays within; the training diverged (lower the learning rate); refusing these weights")
+
+
+def _parse_meta(raw: str, path: Path) -> dict[str, Any]:
+    """The checkpoint's JSON description, checked for what loading it needs."""
+    from fsmeta.models import ARCHITECTURES
+
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise FsmetaError(f"{path}: its fsmeta metadata is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise FsmetaError(f"{path}: its fsmeta metadata is a {type(meta).__name__}, not a JSON object")
+    for key in ("arch", "bn_affine"):
+        if key not in meta:
+            raise FsmetaError(f"{path}: its fsmeta metadata lacks {key!r}")
+    if meta["arch"] not in ARCHITECTURES:
+        raise FsmetaError(f"{path}: metadata arch={meta['arch']!r} is not one of {', '.join(ARCHITECTURES)}")
+    if not isinstance(meta["bn_affine"], bool):
+        raise FsmetaError(f"{path}: metadata bn_affine={meta['bn_affine']!r} is not true or false")
+    return meta
+
+
+def resume_point(meta: dict[str, Any], iterations: int, path: str | Path) -> int:
+    """The iteration a meta-training checkpoint resumes at; refuses one past ``meta.iterations``.
+
+    Resuming with fewer iterations than the checkpoint has done would write a final
+    model labelled with the smaller count that holds the larger one.
+    """
+    done = meta.get("iteration")
+    if isinstance(done, bool) or not isinstance(done, int) or done < 0:
+        raise FsmetaError(f"{path}: metadata iteration={done!r} is not a non-negative whole number")
+    if done > iterations:
+        raise FsmetaError(f"cannot resume {path}: it has done {done} iterations but meta.iterations={iterations}; "
+                          f"set meta.iterations to {done} or more, or start anew without --resume")
+    return done
+
+
 def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write ``state`` and ``meta`` (JSON-serialisable; must name ``arch`` and ``bn_affine``) atomically."""
     path = Path(path)
     for key in ("arch", "bn_affine"):
         if key not in meta:
             raise ValueError(f"checkpoint metadata needs {key!r}")
+    validate_state(state, path)
     meta = {**meta, "fsmeta_version": __version__}
     text = json.dumps(meta, sort_keys=True, default=str)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
@@ -107,7 +169,7 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
         raise FsmetaError(f"{path} is not a readable safetensors checkpoint: {exc}") from None
     if raw is None:
         raise FsmetaError(f"{path} is a safetensors file without fsmeta metadata (arch, batch-norm mode)")
-    return json.loads(raw)
+    return _parse_meta(raw, path)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -123,6 +185,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 def model_from_checkpoint(path: str | Path, *, dropout: float = 0.0) -> tuple[SegmentationModel, dict[str, Any]]:
     """Rebuild the model a checkpoint describes and load its weights (strictly)."""
     state, meta = load_checkpoint(path)
+    validate_state(state, path)
     model = build_model(meta["arch"], affine=bool(meta["bn_affine"]), dropout=dropout)
     try:
         model.load_state_dict(state)

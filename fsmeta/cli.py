@@ -123,8 +123,9 @@ def _data_root(args: argparse.Namespace) -> Path:
 
 
 def _refuse_existing(root: Path, name: str, replace: bool) -> None:
-    from fsmeta.data.store import read_meta
+    from fsmeta.data.store import check_replaceable, read_meta
 
+    check_replaceable(root, name)
     meta = read_meta(root, name)
     if meta is not None and not replace:
         raise FsmetaError(f"data set {name!r} already exists under {root} ({meta.get('kind')}, {meta.get('images')} images); "

@@ -8,6 +8,7 @@ unless noted; ``configs/demo.yaml`` reduces the scale for a laptop.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -323,6 +324,7 @@ class Config:
     tune: TuningConfig = field(default_factory=TuningConfig)
 
     def validate(self) -> "Config":
+        check_ranges(self)
         checks = [
             (self.arch in ARCHITECTURES, f"arch={self.arch!r} is not one of {', '.join(ARCHITECTURES)}"),
             (self.meta.variant in VARIANTS, f"meta.variant={self.meta.variant!r} is not one of {', '.join(VARIANTS)}"),
@@ -390,6 +392,76 @@ class Config:
     def flat(self) -> dict[str, Any]:
         """Dotted keys → values, for MLflow params."""
         return flatten(self.to_dict())
+
+
+# Allowed ranges of the numeric settings: (low, low inclusive, high, high inclusive); None is unbounded.
+# A key ending in ".*" applies to every value of that table. Learning rates must be positive: 0 learns
+# nothing and a negative rate climbs the loss; too large a rate diverges, and diverged weights are
+# refused when they are saved (fsmeta.checkpoint.validate_state).
+_POSITIVE = (0.0, False, None, False)
+_NON_NEGATIVE = (0.0, True, None, False)
+_AT_LEAST_1 = (1, True, None, False)
+_UNIT_OPEN = (0.0, False, 1.0, False)
+RANGES: dict[str, tuple[Any, bool, Any, bool]] = {
+    "threads": _NON_NEGATIVE,
+    "data.min_foreground": _NON_NEGATIVE,
+    "data.source_stride.*": _AT_LEAST_1,
+    "data.finetune_stride.*": _AT_LEAST_1,
+    "data.synth.images": _AT_LEAST_1,
+    "data.synth.size": (8, True, None, False),
+    "meta.inner_lr": _POSITIVE,
+    "meta.weight_decay": _NON_NEGATIVE,
+    "meta.epsilon": _POSITIVE,
+    "transfer.steps": _AT_LEAST_1,
+    "transfer.batch_size": _AT_LEAST_1,
+    "transfer.lr": _POSITIVE,
+    "transfer.weight_decay": _NON_NEGATIVE,
+    "finetune.epochs": _AT_LEAST_1,
+    "finetune.batch_size": _AT_LEAST_1,
+    "finetune.lr": _POSITIVE,
+    "finetune.weight_decay": _NON_NEGATIVE,
+    "select.patches_per_shot.*": _AT_LEAST_1,
+    "select.psi.*": _POSITIVE,
+    "select.candidate_min_foreground": _NON_NEGATIVE,
+    "select.pretext_batch_size": _AT_LEAST_1,
+    "select.pretext_lr": _POSITIVE,
+    "select.pretext_weight_decay": _NON_NEGATIVE,
+    "select.batch_size": _AT_LEAST_1,
+    "eval.threshold": _UNIT_OPEN,
+    "ray.cpus_per_worker": _NON_NEGATIVE,
+    "ray.num_cpus": _NON_NEGATIVE,
+    "ray.placement_timeout_s": _POSITIVE,
+    "ray.recreate_attempts": _NON_NEGATIVE,
+    "study.overlays": _NON_NEGATIVE,
+}
+
+
+def _describe(rng: tuple[Any, bool, Any, bool]) -> str:
+    lo, lo_in, hi, hi_in = rng
+    if hi is None:
+        return f"{'at least' if lo_in else 'greater than'} {lo}"
+    return f"in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+
+
+def check_ranges(cfg: "Config") -> None:
+    """Every number of ``cfg`` finite, and each key of :data:`RANGES` in its range; else a
+    :class:`ConfigError` naming the key, its value and the allowed range."""
+    flat = flatten(dataclasses.asdict(cfg))
+    for key, value in flat.items():
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{key}={value} must be a finite number")
+    for pattern, rng in RANGES.items():
+        keys = [k for k in flat if k.startswith(pattern[:-1])] if pattern.endswith(".*") else [pattern]
+        for key in keys:
+            value = flat.get(key)
+            if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            lo, lo_in, hi, hi_in = rng
+            ok = (value >= lo if lo_in else value > lo) and (hi is None or (value <= hi if hi_in else value < hi))
+            if not ok:
+                raise ConfigError(f"{key}={value} is out of range: it must be {_describe(rng)}")
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -482,6 +554,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
                 raise ConfigError(f"{where} must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
         if tp is int and float(value) != int(value):
             raise ConfigError(f"{where} must be a whole number, got {value!r}")
         return tp(value)

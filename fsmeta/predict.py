@@ -303,6 +303,22 @@ def list_inputs(path: str | Path) -> list[Path]:
     return sorted([*list_images(path, "input"), *zarrs])
 
 
+def check_inputs(inputs: list[Path]) -> None:
+    """Read every input once before anything is written, so one bad file leaves no partial
+    outputs; one error names every unreadable file."""
+    errors = []
+    for path in inputs:
+        try:
+            planes = read_planes(path)
+            for k, plane in enumerate(planes):
+                image_to_unit(plane, f"{path}" + (f" page {k}" if len(planes) > 1 else ""))
+        except FsmetaError as exc:
+            errors.append(str(exc))
+    if errors:
+        shown = "\n  ".join(errors[:20]) + (f"\n  … and {len(errors) - 20} more" if len(errors) > 20 else "")
+        raise FsmetaError(f"{len(errors)} of {len(inputs)} input image(s) cannot be segmented; nothing was written:\n  {shown}")
+
+
 def predict_files(
     model: SegmentationModel,
     inputs: list[Path],
@@ -319,6 +335,7 @@ def predict_files(
     dupes = sorted({s for s in stems if stems.count(s) > 1})
     if dupes:
         raise FsmetaError(f"input names clash once extensions are dropped: {', '.join(dupes)}; rename one of each")
+    check_inputs(inputs)
     model.eval()
     rows: list[ImageResult] = []
     bar = Progress(len(inputs), "predict", enabled=progress)

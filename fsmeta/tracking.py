@@ -33,6 +33,18 @@ def resolve_uri(uri: str = "") -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+def check_store_exists(tracking_uri: str, wanted: str) -> None:
+    """Refuse to read from a SQLite tracking store that does not exist: opening it would
+    create an empty ``mlflow.db`` (in the working directory, by default) and then fail."""
+    from fsmeta.errors import FsmetaError
+
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        if not db.is_file():
+            raise FsmetaError(f"cannot read {wanted}: the MLflow tracking store {db} does not exist "
+                              "(give --tracking-uri, or set MLFLOW_TRACKING_URI, to the store that holds the run)")
+
+
 class Tracker:
     """Logs runs to one MLflow experiment; a disabled tracker accepts every call and logs nothing."""
 
@@ -205,6 +217,7 @@ def download_artifact(uri: str, tracking_uri: str = "", dst: str | Path | None =
     from fsmeta.errors import FsmetaError
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    check_store_exists(resolve_uri(tracking_uri), uri)
     target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="fsmeta-artifact-"))
     target.mkdir(parents=True, exist_ok=True)
     try:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fsmeta.augment import augmentation
-from fsmeta.checkpoint import Kind, describe_pretraining, load_checkpoint, save_checkpoint
+from fsmeta.checkpoint import Kind, describe_pretraining, load_checkpoint, resume_point, save_checkpoint
 from fsmeta.compute import default_device, host_buffer
 from fsmeta.config import Config, changed_keys, flatten
 from fsmeta.data.crops import gather
@@ -110,7 +110,7 @@ def meta_train(
         changed = changed_keys(flatten(meta.get("config", {})), flat, ignore=("data.root",), only=_RESUME_KEYS)
         if changed:
             raise FsmetaError(f"cannot resume {last}: configuration differs in {', '.join(changed[:5])}")
-        start, run_id = int(meta["iteration"]), meta.get("mlflow_run_id", "")
+        start, run_id = resume_point(meta, cfg.meta.iterations, last), meta.get("mlflow_run_id", "")
         tracker.resume_run(run_id, system_metrics=True)
         log.info("resuming meta-training at iteration %d of %d from %s", start, cfg.meta.iterations, last)
     else:

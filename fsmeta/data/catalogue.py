@@ -33,6 +33,8 @@ class PublicSet:
     sizes: dict[str, int] = field(default_factory=dict)  # known byte sizes by file name
     sha256: dict[str, str] = field(default_factory=dict)  # known digests by file name
     optional_urls: tuple[str, ...] = ()  # fetched when available, e.g. an official split
+    # sha256 of the unpacked files by path below the data set's folder; None: fsmeta.data.checksums' record
+    member_sha256: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,9 @@ image needs exactly one mask and every mask one image.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -44,6 +46,11 @@ _MASK_SUFFIX_RE = re.compile(r"[_\-. ](?:" + "|".join(MASK_SUFFIXES) + r")$", re
 _SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
 MIN_SIDE = 8  # the smallest image side fsmeta accepts: one cell of the models' 8× pooling
 _LISTED = 20  # how many offending files an error message names before summarising
+# The most pixels (all pages of a file together) a reader decodes: 2^28, a 16384×16384 image,
+# 256 MiB as 8-bit and 1 GiB as float32 once converted. A larger file is refused from its header,
+# before any pixel is decompressed, so a small crafted file cannot claim gigabytes.
+DEFAULT_MAX_PIXELS = 2**28
+MAX_PIXELS_ENV = "FSMETA_MAX_PIXELS"
 
 
 def _names(paths: Iterable[object], limit: int = _LISTED) -> str:
@@ -53,6 +60,30 @@ def _names(paths: Iterable[object], limit: int = _LISTED) -> str:
 
 
 # ---------------------------------------------------------------- reading
+
+
+def max_pixels() -> int:
+    """The pixel limit in force: ``$FSMETA_MAX_PIXELS`` when set, else :data:`DEFAULT_MAX_PIXELS`."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(float(raw))
+    except (ValueError, OverflowError):
+        value = 0
+    if value < 1:
+        raise DataError(f"{MAX_PIXELS_ENV}={raw!r} must be a whole number of pixels, at least 1")
+    return value
+
+
+def check_pixels(path: str | Path, width: int, height: int, pages: int = 1) -> None:
+    """Refuse, from the header's sizes, a file holding more pixels than :func:`max_pixels`."""
+    limit = max_pixels()
+    total = int(width) * int(height) * max(1, int(pages))
+    if total > limit:
+        stack = f" × {pages} pages" if pages > 1 else ""
+        raise DataError(f"{path} declares {width}×{height} pixels{stack} ({total:,} pixels), more than fsmeta's "
+                        f"limit of {limit:,}; cut it into tiles, or raise the limit with {MAX_PIXELS_ENV}=N")
 
 
 def read_planes(path: str | Path) -> list[np.ndarray]:
@@ -97,6 +128,7 @@ def _read_tiff(path: Path) -> list[np.ndarray]:
             if not tif.series:
                 raise DataError(f"{path} holds no image data")
             series = tif.series[0]
+            _check_tiff_pixels(path, series)
             _check_tiff_size(path, tif)
             data = series.asarray()
             axes = series.axes
@@ -128,6 +160,18 @@ def _read_tiff(path: Path) -> list[np.ndarray]:
     return planes
 
 
+def _check_tiff_pixels(path: Path, series) -> None:
+    shape, axes = tuple(series.shape), series.axes
+    if "Y" not in axes or "X" not in axes:
+        return  # refused after reading, by its axes
+    h, w = shape[axes.index("Y")], shape[axes.index("X")]
+    pages = 1
+    for n, a in zip(shape, axes):
+        if a not in "YXS":
+            pages *= n
+    check_pixels(path, w, h, pages)
+
+
 def _check_tiff_size(path: Path, tif) -> None:
     """A TIFF cut short (an interrupted copy or download) names the bytes it lacks."""
     size = path.stat().st_size
@@ -143,7 +187,16 @@ def _read_png(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            # Pillow's own bomb check is replaced by fsmeta's limit, from the same header.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                im = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+        with im:
+            check_pixels(path, *im.size, getattr(im, "n_frames", 1) if im.format != "PNG" else 1)
             im.load()
             mode = im.mode
             if mode == "P":
@@ -159,7 +212,9 @@ def _read_png(path: Path) -> np.ndarray:
                 arr = np.asarray(im)
             else:
                 arr = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path} is not a readable PNG (corrupt or truncated): {exc}") from None
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
@@ -340,6 +395,9 @@ def _read_pair(image_path: Path, mask_path: Path) -> list[PairedPlane]:
         mask = mask_to_binary(m)
         if not mask.any():
             log.warning("%s has no foreground pixels; its weighted BCE uses w = 1", mask_path)
+        elif mask.all():
+            log.warning("%s is foreground everywhere: the weighted BCE gives it weight 0 and nothing is "
+                        "learned from it; check the mask (inverted?)", mask_path)
         ident = image_path.stem + (f"-p{k:03d}" if len(planes) > 1 else "")
         out.append(PairedPlane(ident, image_to_unit(img, where), mask, f"{image_path}:{mask_path}" + (f"#{k}" if len(planes) > 1 else "")))
     return out

@@ -45,8 +45,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from fsmeta.atomic import sweep_stale
 from fsmeta.data.catalogue import PublicSet, public_layouts
-from fsmeta.data.io import mask_to_binary, pair_by_name, read_image, to_grey
+from fsmeta.data.io import check_pixels, mask_to_binary, pair_by_name, read_image, to_grey
 from fsmeta.data.store import Record, write_store
 from fsmeta.errors import DataError
 
@@ -181,6 +182,9 @@ def _items_em(base: Path, spec: PublicSet) -> tuple[Path, list[Item]]:
         try:
             with tifffile.TiffFile(path) as tif:
                 counts[path] = len(tif.pages)
+                check_pixels(path, tif.pages[0].imagewidth, tif.pages[0].imagelength, counts[path])
+        except DataError:
+            raise
         except Exception as exc:
             raise DataError(f"{path} is not a readable TIFF (corrupt or truncated): {exc}") from None
     if counts[image] != counts[mask]:
@@ -270,6 +274,8 @@ def _load(item: Item, spec: PublicSet, base: Path, stacks: dict[Path, Any]) -> R
     mask = mask_to_binary(raw_mask, "nonzero") if spec.name == "b39" else _binary_public(raw_mask)
     if not mask.any():
         log.warning("%s has no foreground pixels; its weighted BCE uses w = 1", where_mask)
+    elif mask.all():
+        log.warning("%s is foreground everywhere: the weighted BCE gives it weight 0 and nothing is learned from it", where_mask)
     return Record(id=item.id, image=image, mask=mask, split=item.split, source=src)
 
 
@@ -307,6 +313,58 @@ def _records(items: list[Item], spec: PublicSet, base: Path, progress: bool) -> 
         raise DataError(f"{spec.title}: {len(errors)} of {len(items)} pair(s) are wrong, nothing was written:\n  {head}{more}")
 
 
+# ---------------------------------------------------------------- checksums
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_members(spec: PublicSet, where: str | Path, items: list[Item]) -> int:
+    """Check every file ``items`` read against ``spec.member_sha256`` (by default
+    :data:`fsmeta.data.checksums.MEMBER_SHA256`).
+
+    A file whose digest differs from the recorded one stops preparing (naming the
+    file and both digests) when the record is the public file's own; otherwise,
+    and for files or data sets with no recorded digest, a warning says plainly that
+    they are not verified. Returns how many files matched their record.
+    """
+    from fsmeta.data.checksums import AUTHORITATIVE, MEMBER_SHA256
+
+    name = spec.name
+    known = spec.member_sha256 if spec.member_sha256 is not None else MEMBER_SHA256.get(name, {})
+    where = Path(where)
+    files = sorted({p for it in items for p in (it.image, it.mask)})
+    if not known:
+        log.warning("%s: no checksums are known for this data set's files; its %d file(s) are not verified", name, len(files))
+        return 0
+    matched, unknown, differ = 0, [], []
+    for path in files:
+        rel = path.relative_to(where).as_posix() if path.is_relative_to(where) else path.name
+        expected = known.get(rel)
+        if expected is None:
+            unknown.append(rel)
+            continue
+        actual = _sha256(path)
+        if actual == expected:
+            matched += 1
+        else:
+            differ.append(f"{path} has sha256 {actual}, expected {expected}")
+    if differ and name in AUTHORITATIVE:
+        raise DataError(f"{name}: {len(differ)} file(s) differ from the public data set's recorded checksums "
+                        f"(tampered or damaged; nothing was written):\n  " + "\n  ".join(differ[:_LISTED]))
+    if differ:
+        log.warning("%s: %d file(s) match no recorded checksum (the public original's is not known, only a "
+                    "re-encoded copy's), so they are not verified: %s", name, len(differ), _names([d.split(" has ")[0] for d in differ]))
+    if unknown:
+        log.warning("%s: no known checksum for %d file(s), not verified: %s", name, len(unknown), _names(unknown))
+    return matched
+
+
 # ---------------------------------------------------------------- download and unpack
 
 
@@ -332,6 +390,9 @@ def _verify(path: Path, name: str, spec: PublicSet | None, shown: Path | str | N
                 digest.update(block)
         if digest.hexdigest() != spec.sha256[name]:
             raise DataError(f"{shown} has sha256 {digest.hexdigest()}, expected {spec.sha256[name]}")
+    elif spec:
+        log.warning("%s: no known sha256 for %s; checked only for size and format, its unpacked files are "
+                    "checked against fsmeta's recorded checksums where known", shown, name)
     if name.lower().endswith(".zip"):
         try:
             with zipfile.ZipFile(path) as zf:
@@ -424,7 +485,8 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
     if final.is_dir():
         return final
     into.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{archive.stem}.unpack-", dir=into))
+    sweep_stale(into, f".{archive.stem}.unpack-")  # left by a killed unpack
+    tmp = Path(tempfile.mkdtemp(prefix=f".{archive.stem}.unpack-{os.getpid()}-", dir=into))
     try:
         with zipfile.ZipFile(archive) as zf:
             for member in zf.namelist():
@@ -518,8 +580,10 @@ def prepare(
         if unpacked is None:
             raise
         where, items = READERS[name](unpacked, spec)
+    verified = verify_members(spec, where, items)
     provenance = {
         "dataset": spec.title,
+        "verified_files": verified,
         "source": str(Path(where).resolve()),
         "pairs": len(items),
         "expected_pairs": spec.pairs,
@@ -533,5 +597,6 @@ def prepare(
 
 
 def shrunk(name: str, **changes: Any) -> PublicSet:
-    """``PUBLIC[name]`` with some expectations changed (small test fixtures, mirrors with other counts)."""
-    return replace(PUBLIC[name], **changes)
+    """``PUBLIC[name]`` with some expectations changed (small test fixtures, mirrors with other counts);
+    other files than the public ones, so no recorded checksums unless ``member_sha256`` is given."""
+    return replace(PUBLIC[name], **{"member_sha256": {}, **changes})

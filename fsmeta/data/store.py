@@ -27,11 +27,13 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
+from fsmeta.atomic import sweep_stale
 from fsmeta.errors import DataError
 
 STORE_FILE = "store.arrow"
 META_FILE = "meta.json"
 IMAGE_DTYPES = ("uint8", "float32")
+_MAX_NAME = 200  # characters of a data set name or image id: room for suffixes under the 255-byte file-name limit
 
 SCHEMA = pa.schema(
     [
@@ -101,6 +103,43 @@ def to_unit_float(image: np.ndarray) -> np.ndarray:
     return image.astype(np.float32, copy=False)
 
 
+def check_name(value: object, what: str = "image id") -> str:
+    """``value`` if it can safely become one file name, else a :class:`DataError` naming it.
+
+    Ids and data set names end up as file names (``to_annotate/ID.png``, ``ROOT/NAME``),
+    so none may climb out of its folder or hide: no ``/`` or ``\\``, not ``.``/``..``
+    or a leading dot, no control characters, not blank or padded with spaces.
+    """
+    text = value if isinstance(value, str) else None
+    problem = ""
+    if text is None:
+        problem = f"is a {type(value).__name__}, not text"
+    elif not text.strip():
+        problem = "is empty or blank"
+    elif text != text.strip():
+        problem = "starts or ends with a space"
+    elif "/" in text or "\\" in text:
+        problem = "contains a path separator ('/' or '\\')"
+    elif text.startswith("."):
+        problem = "starts with '.'"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in text):
+        problem = "contains a control character"
+    elif len(text) > _MAX_NAME:
+        problem = f"is longer than {_MAX_NAME} characters"
+    if problem:
+        raise DataError(f"invalid {what} {value!r}: it {problem}; it becomes a file name, "
+                        "so use letters, digits, spaces inside, '-', '_' and '.' (not first)")
+    return text
+
+
+def is_store_folder(folder: Path) -> bool:
+    """True when ``folder`` holds an fsmeta data set and nothing else (so replacing it loses nothing)."""
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    names = {p.name for p in folder.iterdir()}
+    return STORE_FILE in names and names <= {STORE_FILE, META_FILE}
+
+
 def _check_record(name: str, rec: Record, dtype: str) -> None:
     img, mask = rec.image, rec.mask
     where = rec.source or rec.id
@@ -134,17 +173,20 @@ def write_store(
     """
     if image_dtype not in IMAGE_DTYPES:
         raise ValueError(f"image_dtype must be one of {IMAGE_DTYPES}, got {image_dtype!r}")
-    if not name or "/" in name or name.startswith("."):
-        raise DataError(f"invalid data set name {name!r}: use letters, digits, '-' and '_'")
+    check_name(name, "data set name")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+    final = check_replaceable(root, name)
+    for stage in ("tmp", "old"):
+        sweep_stale(root, f".{name}.{stage}-")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=root))
     try:
         n, fg, px = 0, 0, 0
         ids: set[str] = set()
         shapes: set[tuple[int, int]] = set()
         with pa.OSFile(str(tmp / STORE_FILE), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
             for rec in records:
+                check_name(rec.id, f"image id (from {rec.source or name})")
                 _check_record(name, rec, image_dtype)
                 if rec.id in ids:
                     raise DataError(f"{rec.source or rec.id}: duplicate image id {rec.id!r} in data set {name}")
@@ -182,10 +224,11 @@ def write_store(
             **(extra_meta or {}),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        final = root / name
         old = None
         if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
+            if not is_store_folder(final):  # appeared while this store was written
+                raise DataError(f"{final} exists and is not an fsmeta data set; nothing was replaced")
+            old = Path(tempfile.mkdtemp(prefix=f".{name}.old-{os.getpid()}-", dir=root))
             os.replace(final, old / name)
         os.replace(tmp, final)
         if old is not None:
@@ -194,6 +237,24 @@ def write_store(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_replaceable(root: str | Path, name: str) -> Path:
+    """``root/name`` if writing a data set there can only replace an fsmeta data set, else a DataError naming it."""
+    final = Path(root) / check_name(name, "data set name")
+    if (final.exists() or final.is_symlink()) and not is_store_folder(final):
+        raise DataError(f"{final} exists and is not an fsmeta data set (it holds "
+                        f"{_listing(final)}); fsmeta replaces only its own data sets: move it or choose another name")
+    return final
+
+
+def _listing(folder: Path, limit: int = 5) -> str:
+    if not folder.is_dir():
+        return "a file, not a folder"
+    names = sorted(p.name for p in folder.iterdir())
+    if not names:
+        return "nothing, but is not a data set"
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def read_meta(root: str | Path, name: str) -> dict[str, Any] | None:
@@ -234,6 +295,7 @@ def _binary_views(column: pa.ChunkedArray) -> Iterator[memoryview | np.ndarray]:
 
 def open_store(root: str | Path, name: str) -> ImageSet:
     """Memory-map a prepared data set. Raises :class:`DataError` naming the file when it is missing or corrupt."""
+    check_name(name, "data set name")
     folder = Path(root) / name
     meta = read_meta(root, name)
     if meta is None:
@@ -254,9 +316,12 @@ def open_store(root: str | Path, name: str) -> ImageSet:
             raise DataError(f"{path}: an image or mask does not match its recorded size {w}×{h}")
         images.append(raw_img.view(dtype).reshape(h, w))
         masks.append(raw_mask.reshape(h, w))
+    ids = table["id"].to_pylist()
+    for ident in ids:  # a store from elsewhere is input like any other
+        check_name(ident, f"image id in {path}")
     return ImageSet(
         name=name,
-        ids=table["id"].to_pylist(),
+        ids=ids,
         images=images,
         masks=masks,
         splits=table["split"].to_pylist(),

@@ -21,12 +21,15 @@ anyway, the driver re-creates it and re-runs its task. Every call is a pure
 function of (θ, task), so none of this changes the result.
 
 Connection: ``ray.address``, else ``$RAY_ADDRESS`` (set for ``ray job submit``
-drivers), else a new local instance with the dashboard off or bound to
-127.0.0.1. A Ray already initialised in this process is reused and left running.
+drivers), else a new local instance bound to 127.0.0.1 (GCS, raylet, workers and
+agents; the dashboard off or on 127.0.0.1 too), so nothing fsmeta starts is
+reachable from another machine. A Ray already initialised in this process is
+reused and left running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -67,9 +70,31 @@ def connect(cfg: Config, min_cpus: float = 0.0) -> bool:
         ray.init(address=address, logging_level=logging.WARNING)
         return False
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(min_cpus))
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=cfg.ray.include_dashboard,
-             dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    with _loopback_node():
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=cfg.ray.include_dashboard,
+                 dashboard_host="127.0.0.1", logging_level=logging.WARNING)
     return True
+
+
+@contextlib.contextmanager
+def _loopback_node():
+    """Make a local instance started inside this block take 127.0.0.1 as its node address.
+
+    On Linux Ray binds GCS, raylet and workers to the node address, which it takes
+    from the outward-facing interface; ``_node_ip_address="127.0.0.1"`` is turned
+    back into that address. Ray's own switch for a single-machine instance (the
+    macOS/Windows default, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) is read at
+    import, so it is flipped here for the duration of ``ray.init`` only; a later
+    ``ray.init(address=...)`` to a cluster still finds the real node address.
+    """
+    from ray._private import ray_constants
+
+    before = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 class RayBackend:

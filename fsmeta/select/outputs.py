@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fsmeta.atomic import atomic_write_bytes
+from fsmeta.atomic import atomic_write_bytes, path_inside, sweep_stale
 from fsmeta.config import ComputeConfig, Config
-from fsmeta.data.store import ImageSet
+from fsmeta.data.store import ImageSet, check_name
 from fsmeta.errors import DataError, FsmetaError
 from fsmeta.models import SegmentationModel
-from fsmeta.select.selection import Selection, item_name, select_support
+from fsmeta.select.selection import Selection, check_budget, item_name, select_support
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def read_unlabelled_folder(folder: str | Path) -> Target:
 
     files = list_images(folder, "image")
     arrays = [image_to_unit(read_image(p), where=str(p)) for p in files]
-    ids = [p.stem for p in files]
+    ids = [check_name(p.stem, f"image name (from {p})") for p in files]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         raise DataError(f"{folder}: several files share the name {dup[0]!r} (e.g. .tif and .png); keep one")
@@ -129,7 +129,9 @@ def _write_array(path_stem: Path, array: np.ndarray) -> Path:
 def _write_to_annotate(target: Target, selection: Selection, folder: Path) -> list[Path]:
     """Fill a temporary folder and rename it to ``folder`` (replacing an old one)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    for kind in ("tmp", "old"):
+        sweep_stale(folder.parent, f".{folder.name}.{kind}-")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-{os.getpid()}-", dir=folder.parent))
     written = []
     try:
         originals: dict[int, np.ndarray] = {}
@@ -137,7 +139,7 @@ def _write_to_annotate(target: Target, selection: Selection, folder: Path) -> li
         # By image, so a folder target's original file is read once.
         for it in sorted(selection.selected, key=lambda t: (t.image, t.y, t.x)):
             if target.files is not None and selection.unit == "image":
-                dst = tmp / target.files[it.image].name
+                dst = path_inside(tmp, target.files[it.image].name)
                 shutil.copyfile(target.files[it.image], dst)
                 written.append(dst)
                 continue
@@ -150,11 +152,11 @@ def _write_to_annotate(target: Target, selection: Selection, folder: Path) -> li
             else:
                 raw = images.images[it.image]
             stem = images.ids[it.image] if selection.unit == "image" else f"{images.ids[it.image]}_y{it.y}_x{it.x}"
-            written.append(_write_array(tmp / stem, raw[it.y : it.y + it.height, it.x : it.x + it.width]))
+            written.append(_write_array(path_inside(tmp, stem), raw[it.y : it.y + it.height, it.x : it.x + it.width]))
         os.chmod(tmp, 0o755)
         old = None
         if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-{os.getpid()}-", dir=folder.parent))
             os.replace(folder, old / folder.name)
         os.replace(tmp, folder)
         if old is not None:
@@ -238,6 +240,7 @@ def select_for_annotation(
         log.warning("%s is already fine-tuned; selection usually starts from pre-trained weights", weights)
     tgt = load_target(target, cfg)
     method = method or cfg.select.method
+    check_budget(tgt.images, range(len(tgt.images)), budget, unit or cfg.select.unit, cfg)  # before the pretext trains
     pretext = None
     if method != "random" and cfg.select.pretext_epochs > 0:
         # θ′ on pseudo-labels of the whole target (a user's images are all pool), kept for `fsmeta finetune`:

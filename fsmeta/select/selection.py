@@ -145,6 +145,34 @@ def score_image(model: SegmentationModel, images: ImageSet, i: int, method: str,
     return items
 
 
+def check_budget(images: ImageSet, pool: Iterable[int], budget: int, unit: str, cfg: Config) -> None:
+    """Refuse a budget larger than the pool's candidates before any training or scoring.
+
+    Counts what :func:`score_image` would score: the images, or the windows of the
+    patch grid (after ``select.candidate_min_foreground``, which reads true masks).
+    """
+    sel = cfg.select
+    pool = [int(i) for i in pool]
+    if budget < 1:
+        raise FsmetaError(f"the selection budget must be at least 1, got {budget}")
+    if unit == "image":
+        if budget > len(pool):
+            raise FsmetaError(f"a budget of {budget} image(s) is larger than the pool of {len(pool)} image(s) of {images.name}")
+        return
+    stride = sel.patch_stride or cfg.data.stride(images.name, "finetune")
+    count = 0
+    for i in pool:
+        h, w = images.images[i].shape[:2]
+        grid = patch_grid(h, w, sel.patch_size, stride)
+        if sel.candidate_min_foreground > 0:
+            mask = images.masks[i]
+            grid = [g for g in grid if int(np.count_nonzero(mask[g[0] : g[0] + g[2], g[1] : g[1] + g[3]])) >= sel.candidate_min_foreground]
+        count += len(grid)
+    if budget > count:
+        raise FsmetaError(f"a budget of {budget} patches is larger than the {count} candidate patches of the pool "
+                          f"({len(pool)} image(s) of {images.name}, {sel.patch_size}×{sel.patch_size} patches at stride {stride})")
+
+
 def rank(items: list[Item]) -> tuple[Item, ...]:
     """Highest score first; ties by (image, y, x)."""
     if not items:

@@ -96,19 +96,30 @@ def test_worker_killed_mid_iteration_is_restarted_with_the_same_result(tiny_conf
     assert_same_state(faulty, reference(cfg, tmp_path / "seq"))
 
 
-@pytest.mark.slow
+# The head's health checks at their fastest: a lost node is declared dead in about a
+# second instead of Ray's ~16 s default, so the default suite can afford the test.
+FAST_NODE_LOSS = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 300,
+                  "health_check_timeout_ms": 300, "health_check_failure_threshold": 3}
+
+
+@pytest.mark.parametrize("iterations,system_config", [
+    pytest.param(4, {}, marks=pytest.mark.slow, id="ray-defaults"),
+    pytest.param(2, FAST_NODE_LOSS, id="fast-health-checks"),
+])
 @pytest.mark.timeout(400)
-def test_node_lost_mid_run_is_survived_with_the_same_result(tiny_config, tmp_path, ray_session, monkeypatch):
+def test_node_lost_mid_run_is_survived_with_the_same_result(tiny_config, tmp_path, ray_session, monkeypatch,
+                                                            iterations, system_config):
     import ray
     from ray.cluster_utils import Cluster
 
     ray.shutdown()  # this test needs a cluster of its own; the next user restarts the session's instance
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    head_args = {"num_cpus": 0, **({"_system_config": system_config} if system_config else {})}
+    cluster = Cluster(initialize_head=True, head_node_args=head_args)
     try:
         nodes = [cluster.add_node(num_cpus=2)]
         ray.init(address=cluster.address, logging_level="WARNING")
         cluster.wait_for_nodes()
-        cfg = tiny_config("meta.backend=ray", "threads=1", "meta.iterations=4", "meta.inner_steps=30")
+        cfg = tiny_config("meta.backend=ray", "threads=1", f"meta.iterations={iterations}", "meta.inner_steps=30")
 
         def lose_the_worker_node(backend):
             cluster.remove_node(nodes[0], allow_graceful=False)

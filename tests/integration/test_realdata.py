@@ -34,5 +34,7 @@ def test_real_data_prepares(shared_data, tmp_path, name, folder, count, shape, f
     assert len(s) == count and len(set(s.ids)) == count
     assert {m.shape for m in s.masks} == {shape} and all(img.dtype == np.uint8 for img in s.images)
     assert s.meta["kind"] == "public" and s.meta["provenance"]["pairs"] == count
+    # every file read matched its recorded sha256 (fsmeta/data/checksums.py)
+    assert s.meta["provenance"]["verified_files"] == (2 if name == "em" else 2 * count)
     assert s.foreground_fraction() == pytest.approx(fraction, abs=0.005)
     assert all(m.any() for m in s.masks)  # no annotated slice comes out empty

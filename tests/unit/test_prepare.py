@@ -360,3 +360,60 @@ def test_cli_prepare(tmp_path, capsys, monkeypatch, caplog):
     assert "already exists" in capsys.readouterr().err
     assert main(["data", "prepare", "sstem", "--data-root", root, "--replace"]) == 2
     assert "exactly one of --from PATH" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- checksums (issue 16, defect 6)
+
+
+def _digests(top: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.relative_to(top).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(top.rglob("*")) if p.is_file()}
+
+
+def test_the_public_data_sets_record_member_checksums():
+    from fsmeta.data.checksums import AUTHORITATIVE, MEMBER_SHA256
+
+    assert len(MEMBER_SHA256["tnbc"]) == 100 and len(MEMBER_SHA256["sstem"]) == 40 and len(MEMBER_SHA256["em"]) == 2
+    assert AUTHORITATIVE == {"tnbc", "sstem"}
+    assert all(re.fullmatch(r"[0-9a-f]{64}", d) for table in MEMBER_SHA256.values() for d in table.values())
+
+
+def test_a_tampered_archive_from_a_mirror_is_refused_by_its_members(tmp_path, served_tnbc):
+    """The zip unpacks (its CRCs are its own), but a member differs from the recorded digest."""
+    genuine = _digests(tmp_path / "src" / "TNBC_NucleiSegmentation")
+    spec = shrunk("tnbc", pairs=5, shape=(H, W), member_sha256=genuine)
+    bad = tmp_path / "src" / "TNBC_NucleiSegmentation" / "GT_01" / "01_1.png"
+    _png(bad, np.zeros((H, W), np.uint8))  # an attacker's (or a broken mirror's) mask
+    _zip_tree(tmp_path / "src", tmp_path / "www" / "TNBC_NucleiSegmentation.zip")
+    server = served_tnbc()
+    root = tmp_path / "data"
+    with pytest.raises(DataError, match=r"GT_01/01_1.png has sha256 [0-9a-f]{64}, expected " + genuine["GT_01/01_1.png"]):
+        prepare("tnbc", root, download_files=True, mirror=server.url, spec=spec, progress=False)
+    assert not (root / "tnbc").exists()
+
+
+def test_verified_members_are_recorded_and_unknown_ones_said_plainly(tmp_path, caplog):
+    make_tnbc(tmp_path / "src")
+    top = tmp_path / "src" / "TNBC_NucleiSegmentation"
+    known = _digests(top)
+    del known["Slide_10/10_1.png"]
+    spec = shrunk("tnbc", pairs=5, shape=(H, W), member_sha256=known)
+    with caplog.at_level(logging.WARNING):
+        prepare("tnbc", tmp_path / "data", tmp_path / "src", spec=spec, progress=False)
+    assert open_store(tmp_path / "data", "tnbc").meta["provenance"]["verified_files"] == 9
+    assert "no known checksum for 1 file(s), not verified: Slide_10/10_1.png" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a data set with no record at all (BBBC005, BBBC039)
+        prepare("tnbc", tmp_path / "data2", tmp_path / "src", spec=SPECS["tnbc"], progress=False)
+    assert "no checksums are known for this data set's files" in caplog.text
+
+
+def test_an_unrecorded_em_copy_warns_instead_of_failing(tmp_path, caplog):
+    """The recorded EM digests are of a re-encoded copy; the public original is not known."""
+    make_em(tmp_path / "src")
+    spec = shrunk("em", pairs=5, shape=(H, W), member_sha256={"training.tif": "0" * 64, "training_groundtruth.tif": "0" * 64})
+    with caplog.at_level(logging.WARNING):
+        prepare("em", tmp_path / "data", tmp_path / "src", spec=spec, progress=False)
+    assert "match no recorded checksum" in caplog.text and "training.tif" in caplog.text
