@@ -311,7 +311,6 @@ def predict_large(model: SegmentationModel, path: str | Path, out: str | Path, s
     except BaseException:
         image.close()
         raise
-    device = next(model.parameters()).device
 
     def unit(pixels: np.ndarray) -> np.ndarray:
         grey = to_grey(pixels)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 
 import psutil
-import pytest
 
 from fsmeta.config import load_config
 
