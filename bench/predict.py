@@ -147,15 +147,15 @@ def main() -> None:
     print(f"predict on CPU: {args.arch}, {args.size}×{args.size} image, overlap {args.overlap}, batch {args.batch}, "
           f"best of {args.repeats} runs × {args.rounds} rounds")
     print(f"machine: {platform.machine()}, {os.cpu_count()} logical CPUs, load average {os.getloadavg()[0]:.1f}, python {platform.python_version()}")
-    print(f"{'mode':<12}{'precision':<12}{'threads':>8}{'seconds':>9}{'MPx/s':>8}{'CPU s':>8}{'MPx/CPU-s':>11}{'peak RSS':>11}{'growth':>10}"
-          f"{'|Δp| tiled':>12}{'|Δp| fp32':>11}{'mask =':>8}")
+    print(f"{'mode':<12}{'precision':<18}{'threads':>8}{'seconds':>9}{'MPx/s':>8}{'CPU s':>8}{'MPx/CPU-s':>11}{'peak RSS':>11}{'growth':>10}"
+          f"{'|Δp| tiled':>12}{'|Δp| fp32':>11}{'mask =':>10}")
     for (mode, tile, precision), r in results.items():
         label = f"tiled {tile}" if mode == "tiled" else "whole"
         d = f"{diffs[(mode, tile, precision)]:.2g}" if (mode, tile, precision) in diffs else "-"
         dp = f"{diffs[(mode, tile, precision + ' vs fp32')]:.2g}" if (mode, tile, precision + " vs fp32") in diffs else "-"
         agree = f"{100 * diffs[(mode, tile, precision + ' mask agreement')]:.3f}%" if (mode, tile, precision + " mask agreement") in diffs else "-"
-        print(f"{label:<12}{r['precision']:<12}{r['threads']:>8}{r['seconds']:>9.2f}{r['mpx_per_s']:>8.3f}{r['cpu_seconds']:>8.1f}{r['mpx_per_cpu_s']:>11.3f}"
-              f"{r['peak_rss_mb']:>9.0f}MB{r['peak_rss_mb'] - r['rss_before_mb']:>8.0f}MB{d:>12}{dp:>11}{agree:>8}")
+        print(f"{label:<12}{r['precision']:<18}{r['threads']:>8}{r['seconds']:>9.2f}{r['mpx_per_s']:>8.3f}{r['cpu_seconds']:>8.1f}{r['mpx_per_cpu_s']:>11.3f}"
+              f"{r['peak_rss_mb']:>9.0f}MB{r['peak_rss_mb'] - r['rss_before_mb']:>8.0f}MB{d:>12}{dp:>11}{agree:>10}")
     for precision in args.precisions:
         w = results.get(("whole", 0, precision))
         for t in args.tiles:
