@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +35,19 @@ from fsmeta.data.registry import load_dataset, resolve_sources
 from fsmeta.data.sampling import protocol_split
 from fsmeta.errors import FsmetaError
 from fsmeta.evaluate import default_device, predict_probability
+from fsmeta.graph import Graph, Unit, capacity, check_fits, pretraining_kind, unit_bundles
 from fsmeta.progress import Progress
 from fsmeta.report import (
     RESULT_COLUMNS, error_overlay, format_table, render_report, summarize, summary_metrics, write_png, write_results,
 )
 from fsmeta.study import Cell, run_cell, target_config
-from fsmeta.tracking import Tracker
+from fsmeta.tracking import RecordingTracker, Tracker
 from fsmeta.train import apply_threads, meta_train, scratch_checkpoint, transfer_train
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "benchmark.json"
+SCHEDULE_FILE = "schedule.jsonl"  # one line per unit of work run: kind, start and end (Unix seconds), CPUs and GPUs held
 # Besides config.RUNTIME_KEYS (where and how fast cells run; a resumed benchmark may move
 # to other hardware), the grid's axes may grow or shrink on --resume: a cell's result depends on its own
 # coordinates and the rest of the configuration, so recorded cells stay valid and only
@@ -86,13 +89,32 @@ def _check_resume(state: dict[str, Any], cfg: Config, out: Path) -> None:
         raise FsmetaError(f"cannot resume the benchmark in {out}: its configuration differs in {', '.join(changed[:5])}")
 
 
-def pretrain(cfg: Config, target: str, arch: str, pretraining: str, out: Path, tracker: Tracker, parent: str, progress: bool = True) -> Path:
+def _folder(out: Path, target: str, arch: str, pretraining: str) -> Path:
+    return out / "pretrained" / target / arch / pretraining
+
+
+def pretrained_path(out: Path, target: str, arch: str, pretraining: str) -> Path:
+    """Where the pre-training's final checkpoint is kept (it exists once the pre-training is done)."""
+    return _folder(out, target, arch, pretraining) / f"{pretraining_kind(pretraining)}.safetensors"
+
+
+def pretext_path(out: Path, target: str, arch: str, pretraining: str) -> Path:
+    return _folder(out, target, arch, pretraining) / "pretext.safetensors"
+
+
+def uses_pretext(cfg: Config) -> bool:
+    """The 2023 pipeline scores and fine-tunes θ′; select.pretext_epochs=0: θ itself."""
+    return cfg.eval.protocol == "2023" and cfg.select.pretext_epochs > 0
+
+
+def pretrain_base(cfg: Config, target: str, arch: str, pretraining: str, out: Path, tracker: Tracker, parent: str | None,
+                  progress: bool = True) -> Path:
     """Pre-train once per (target, arch, pre-training); a finished checkpoint is reused, an interrupted
     meta-training resumes from its last checkpoint."""
     tcfg = target_config(cfg, target, arch, pretraining)
-    folder = out / "pretrained" / target / arch / pretraining
-    kind = "meta" if pretraining.startswith("meta-") else pretraining
-    final = folder / f"{kind}.safetensors"
+    folder = _folder(out, target, arch, pretraining)
+    kind = pretraining_kind(pretraining)
+    final = pretrained_path(out, target, arch, pretraining)
     if not final.is_file():
         if kind == "meta":
             final = meta_train(tcfg, folder, tracker, resume=True, parent_run_id=parent, progress=progress)
@@ -100,16 +122,21 @@ def pretrain(cfg: Config, target: str, arch: str, pretraining: str, out: Path, t
             final = transfer_train(tcfg, folder, tracker, parent_run_id=parent, progress=progress)
         else:
             final = scratch_checkpoint(tcfg, folder)
-    if cfg.eval.protocol != "2023" or cfg.select.pretext_epochs == 0:
-        return final  # select.pretext_epochs=0: selection scores and fine-tuning start from θ itself
-    # The 2023 pipeline scores and fine-tunes θ′, the pre-trained model adapted to the
-    # target's pseudo-labels; it sees only pixels, so one θ′ serves every split and method.
-    pretext = folder / "pretext.safetensors"
+    return final
+
+
+def pretrain_pretext(cfg: Config, target: str, arch: str, pretraining: str, out: Path, tracker: Tracker, parent: str | None) -> Path:
+    """The 2023 pipeline's θ′: the pre-trained model adapted to the target's pseudo-labels. It sees
+    only pixels, so one θ′ serves every split and method."""
+    tcfg = target_config(cfg, target, arch, pretraining)
+    final = pretrained_path(out, target, arch, pretraining)
+    pretext = pretext_path(out, target, arch, pretraining)
     if not pretext.is_file():
         from fsmeta.checkpoint import Kind, describe_adapted, model_from_checkpoint, save_checkpoint
         from fsmeta.models import clone_state
         from fsmeta.select import pretext_finetune
 
+        apply_threads(tcfg)  # the same torch threads wherever θ′ is trained: in the driver or in a Ray task
         model, meta = model_from_checkpoint(final)
         model.to(default_device())
         with tracker.run(f"pretext/{target}/{arch}/{pretraining}", parent_run_id=parent,
@@ -121,8 +148,18 @@ def pretrain(cfg: Config, target: str, arch: str, pretraining: str, out: Path, t
     return pretext
 
 
+def pretrain(cfg: Config, target: str, arch: str, pretraining: str, out: Path, tracker: Tracker, parent: str, progress: bool = True) -> Path:
+    """The checkpoint the cells of (target, arch, pre-training) start from: the pre-trained θ, or
+    in the 2023 pipeline its θ′ (:func:`pretrain_pretext`)."""
+    final = pretrain_base(cfg, target, arch, pretraining, out, tracker, parent, progress)
+    if not uses_pretext(cfg):
+        return final
+    return pretrain_pretext(cfg, target, arch, pretraining, out, tracker, parent)
+
+
 def _cell_job(cfg_dict: dict[str, Any], checkpoint: str, cell: dict[str, Any], overlays: int) -> dict[str, Any]:
     """One cell, as run in a Ray task or in-process: metrics, plus overlays of the first test images."""
+    start = time.time()
     cfg = config_from_dict(cfg_dict)
     apply_threads(cfg)
     c = Cell(**cell)
@@ -135,7 +172,14 @@ def _cell_job(cfg_dict: dict[str, Any], checkpoint: str, cell: dict[str, Any], o
     for i in test[:overlays]:
         prob = predict_probability(model, target.image(int(i)))
         drawn.append((target.ids[int(i)], error_overlay(prob >= metrics["threshold"], target.masks[int(i)])))
-    return {"metrics": metrics, "overlays": drawn}
+    return {"metrics": metrics, "overlays": drawn, "span": [start, time.time()]}
+
+
+def _record_span(out: Path, key: str, kind: str, span: list[float], demand: dict[str, float]) -> None:
+    """One line of OUT/schedule.jsonl: where a study's time went (bench/cluster_schedule.py reads it)."""
+    line = {"unit": key, "kind": kind, "start": span[0], "end": span[1], "cpus": demand.get("CPU", 0.0), "gpus": demand.get("GPU", 0.0)}
+    with open(out / SCHEDULE_FILE, "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def _cell_config(cfg: Config, cell: Cell) -> dict[str, Any]:
@@ -189,6 +233,187 @@ class _RayCells:
             self.ray.shutdown()
 
 
+def study_graph(cfg: Config, cells: list[Cell], cluster: dict[str, float],
+                n_sources: dict[tuple[str, str], int] | None = None) -> list[Unit]:
+    """The study as units of work (:mod:`fsmeta.graph`): per (target, arch, pre-training) its
+    pre-training, in the 2023 pipeline its θ′, and every cell depending on the checkpoint it
+    starts from. ``n_sources`` (source data sets per (target, arch)) is read from the
+    configuration when not given."""
+    units: list[Unit] = []
+    targets = list(dict.fromkeys(c.target for c in cells))
+    final: dict[tuple[str, str, str], str] = {}
+    for t in targets:
+        for a in cfg.study.archs:
+            n = n_sources[(t, a)] if n_sources is not None else len(resolve_sources(target_config(cfg, t, a)))
+            for p in cfg.study.pretrainings:
+                kind = pretraining_kind(p)
+                base = Unit(f"{kind}/{t}/{a}/{p}", kind, tuple(unit_bundles(cfg, kind, n, cluster)), (), len(units))
+                units.append(base)
+                final[(t, a, p)] = base.key
+                if uses_pretext(cfg):
+                    pretext = Unit(f"pretext/{t}/{a}/{p}", "pretext", tuple(unit_bundles(cfg, "pretext", n, cluster)), (base.key,), len(units))
+                    units.append(pretext)
+                    final[(t, a, p)] = pretext.key
+    cell_bundles = tuple(unit_bundles(cfg, "cell", 0, cluster))
+    units += [Unit(cell_key(c), "cell", cell_bundles, (final[(c.target, c.arch, c.pretraining)],), len(units) + i)
+              for i, c in enumerate(cells)]
+    return units
+
+
+def _unit_job(cfg_dict: dict[str, Any], kind: str, model: list[str], out: str, run_id: str) -> dict[str, Any]:
+    """One pre-training or θ′, as run in a Ray task of the graph scheduler: its checkpoint, and the
+    tracking calls for the driver to replay (the driver alone talks to MLflow)."""
+    start = time.time()
+    cfg = config_from_dict(cfg_dict)
+    apply_threads(cfg)
+    tracker = RecordingTracker(run_id)
+    t, a, p = model
+    if kind == "pretext":
+        path = pretrain_pretext(cfg, t, a, p, Path(out), tracker, None)
+    else:
+        path = pretrain_base(cfg, t, a, p, Path(out), tracker, None, progress=False)
+    return {"checkpoint": str(path), "calls": tracker.calls, "span": [start, time.time()]}
+
+
+_RUN_NAMES = {"meta": "meta-train", "transfer": "transfer-train"}
+
+
+class _RayGraph:
+    """The graph scheduler (``study.scheduler=graph``): every unit a Ray task with its declared
+    resources, started by :func:`fsmeta.graph.launchable` as they fit and as their inputs exist;
+    cells come back through :meth:`results` to be recorded by the driver.
+
+    A meta-training with the Ray backend runs in a placement group of its driver's bundle and one
+    per source actor (bundle 0 for the task, the actors find theirs by
+    :func:`fsmeta.meta.resources.actor_bundle_offset`). A unit lost with its node is re-run by
+    Ray (``ray.max_task_retries``); an interrupted meta-training resumes from its checkpoint."""
+
+    def __init__(self, cfg: Config, out: Path, tracker: Tracker, parent: str, cells: list[Cell], todo: list[Cell],
+                 cell_args) -> None:
+        from fsmeta.meta.driver import connect
+
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.ray, self._pg, self._remove_pg, self._in_pg = ray, placement_group, remove_placement_group, PlacementGroupSchedulingStrategy
+        self.cfg, self.out, self.tracker, self.parent = cfg, out, tracker, parent
+        self.started = connect(cfg)
+        cluster = ray.cluster_resources()
+        if cfg.study.cell_gpus > 0 and cluster.get("GPU", 0.0) == 0:
+            if self.started:
+                ray.shutdown()
+            raise FsmetaError(f"study.cell_gpus={cfg.study.cell_gpus} but the Ray cluster has no GPU; set study.cell_gpus=0")
+        self.cap = capacity(cfg, cluster)
+        units = study_graph(cfg, cells, cluster)
+        check_fits(units, self.cap)
+        self.graph = Graph({u.key: u for u in units})
+        self.models: dict[str, tuple[str, str, str]] = {}
+        for c in cells:
+            for kind in ("pretext", pretraining_kind(c.pretraining)):
+                self.models[f"{kind}/{c.target}/{c.arch}/{c.pretraining}"] = (c.target, c.arch, c.pretraining)
+        pending = {cell_key(c) for c in todo}
+        self.cells = {cell_key(c): c for c in cells}
+        for u in units:  # resume: what exists is done
+            if u.kind == "cell":
+                if u.key not in pending:
+                    self.graph.done.add(u.key)
+            elif self._checkpoint(u).is_file():
+                self.graph.done.add(u.key)
+        self.cell_args = cell_args
+        retries = cfg.ray.max_task_retries
+        self.unit_remote = ray.remote(max_retries=-1 if retries < 0 else retries)(_unit_job)
+        self.cell_remote = ray.remote(num_cpus=cfg.study.cell_cpus, num_gpus=cfg.study.cell_gpus, max_retries=3)(_cell_job)
+        self.refs: dict[Any, tuple[Unit, str, Any]] = {}  # ref → (unit, MLflow run id, placement group)
+
+    def _checkpoint(self, u: Unit) -> Path:
+        t, a, p = self.models[u.key]
+        return pretext_path(self.out, t, a, p) if u.kind == "pretext" else pretrained_path(self.out, t, a, p)
+
+    def _run_id(self, u: Unit) -> str:
+        """The MLflow run a pre-training logs to: created here (the driver), or for an interrupted
+        meta-training the run its last checkpoint names."""
+        t, a, p = self.models[u.key]
+        if u.kind == "scratch":
+            return ""
+        if u.kind == "meta":
+            last = self.out / "pretrained" / t / a / p / "checkpoints" / "meta-last.safetensors"
+            if last.is_file():
+                from fsmeta.checkpoint import read_checkpoint_meta
+
+                run_id = read_checkpoint_meta(last).get("mlflow_run_id", "")
+                if run_id:
+                    return self.tracker.resume_run(run_id)
+        name = _RUN_NAMES.get(u.kind, f"{u.kind}/{t}/{a}/{p}")
+        return self.tracker.start_run(name, parent_run_id=self.parent, tags={"fsmeta.kind": u.kind, "fsmeta.target": t})
+
+    def _launch(self, u: Unit) -> None:
+        if u.kind == "cell":
+            c = self.cells[u.key]
+            self.refs[self.cell_remote.remote(*self.cell_args(c))] = (u, "", None)
+            return
+        run_id = self._run_id(u)
+        own = u.bundles[0]
+        options: dict[str, Any] = {"num_cpus": own.get("CPU", 0.0), "num_gpus": own.get("GPU", 0.0)}
+        pg = None
+        if len(u.bundles) > 1:  # a meta-training's driver and its source actors, reserved together
+            pg = self._pg([dict(b) for b in u.bundles], strategy=self.cfg.ray.placement_strategy, name=f"fsmeta-{u.key}")
+            options["scheduling_strategy"] = self._in_pg(pg, placement_group_bundle_index=0)
+        ref = self.unit_remote.options(**options).remote(self.cfg.to_dict(), u.kind, list(self.models[u.key]), str(self.out), run_id)
+        self.refs[ref] = (u, run_id, pg)
+
+    def results(self):
+        """Run the graph; yield (cell, result) as cells finish."""
+        while not self.graph.finished():
+            for u in self.graph.start(self.cap):
+                self._launch(u)
+            if not self.refs:
+                raise FsmetaError("the study graph is stuck: no unit running and none can start")
+            done, _ = self.ray.wait(list(self.refs), num_returns=1)
+            for ref in done:
+                u, run_id, pg = self.refs.pop(ref)
+                try:
+                    result = self.ray.get(ref)
+                except self.ray.exceptions.RayTaskError as exc:
+                    self.tracker.end_run(run_id, "FAILED")
+                    cause = exc.cause if isinstance(exc.cause, BaseException) else None
+                    raise (cause or exc) from None
+                finally:
+                    if pg is not None:
+                        self._remove_pg(pg)
+                _record_span(self.out, u.key, u.kind, result["span"], u.demand)
+                if u.kind == "cell":
+                    yield self.cells[u.key], result
+                else:
+                    RecordingTracker.replay(self.tracker, run_id, result["calls"])
+                self.graph.finish(u.key)
+
+    def close(self) -> None:
+        for ref, (_, run_id, pg) in self.refs.items():
+            self.ray.cancel(ref, force=True)
+            self.tracker.end_run(run_id, "KILLED")
+            if pg is not None:
+                self._remove_pg(pg)
+        self.refs = {}
+        if self.started:
+            self.ray.shutdown()
+
+
+def _driver_demand(cfg: Config, target: str, arch: str, pretraining: str) -> dict[str, float]:
+    """What a pre-training run in the driver (study.scheduler=sequential) holds, for schedule.jsonl:
+    a meta-training's source actors on the Ray backend; nothing reserved otherwise."""
+    if pretraining_kind(pretraining) != "meta" or cfg.meta.backend != "ray":
+        return {}
+    from fsmeta.meta.resources import actor_bundle
+
+    import ray
+
+    tcfg = target_config(cfg, target, arch, pretraining)
+    n = len(resolve_sources(tcfg))
+    bundle = actor_bundle(tcfg.ray, ray.cluster_resources() if ray.is_initialized() else {}, n)
+    return {r: n * bundle.get(r, 0.0) for r in ("CPU", "GPU")}
+
+
 def run_benchmark(
     cfg: Config,
     out_dir: str | Path,
@@ -238,22 +463,36 @@ def run_benchmark(
     status = "FAILED"
     executor: Any = None
     try:
-        checkpoints = {}
-        for t in targets:
-            for a in cfg.study.archs:
-                for p in cfg.study.pretrainings:
-                    checkpoints[(t, a, p)] = pretrain(cfg, t, a, p, out, tracker, parent, progress)
-
         done = {cell_key(c) for c in cells if (cells_dir / f"{cell_key(c)}.json").is_file()}
         todo = [c for c in cells if cell_key(c) not in done]
         if done:
             log.info("benchmark: %d of %d cells already recorded, %d to run", len(done), len(cells), len(todo))
-        executor = _RayCells(cfg) if cfg.study.executor == "ray" and todo else _LocalCells()
         first_seed = cfg.eval.seeds[0]
         max_k = max(cfg.eval.shots)
-        for c in todo:
+
+        def cell_args(c: Cell, checkpoint: Path) -> tuple:
             n_overlays = cfg.study.overlays if (c.seed == first_seed and c.shots == max_k) else 0
-            executor.submit(c, (_cell_config(cfg, c), str(checkpoints[(c.target, c.arch, c.pretraining)]), dataclasses.asdict(c), n_overlays))
+            return (_cell_config(cfg, c), str(checkpoint), dataclasses.asdict(c), n_overlays)
+
+        if cfg.study.executor == "ray" and cfg.study.scheduler == "graph":
+            final = {(c.target, c.arch, c.pretraining): (pretext_path if uses_pretext(cfg) else pretrained_path)(out, c.target, c.arch, c.pretraining)
+                     for c in cells}
+            executor = _RayGraph(cfg, out, tracker, parent, cells, todo,
+                                 lambda c: cell_args(c, final[(c.target, c.arch, c.pretraining)]))
+        else:
+            checkpoints = {}
+            for t in targets:
+                for a in cfg.study.archs:
+                    for p in cfg.study.pretrainings:
+                        start = time.time()
+                        have = pretrained_path(out, t, a, p).is_file() and (not uses_pretext(cfg) or pretext_path(out, t, a, p).is_file())
+                        checkpoints[(t, a, p)] = pretrain(cfg, t, a, p, out, tracker, parent, progress)
+                        if not have:
+                            _record_span(out, f"{pretraining_kind(p)}/{t}/{a}/{p}", pretraining_kind(p), [start, time.time()],
+                                         _driver_demand(cfg, t, a, p))
+            executor = _RayCells(cfg) if cfg.study.executor == "ray" and todo else _LocalCells()
+            for c in todo:
+                executor.submit(c, cell_args(c, checkpoints[(c.target, c.arch, c.pretraining)]))
         bar = Progress(len(cells), "benchmark cells", start=len(done), every=0.0, enabled=progress)
         for c, result in executor.results():
             if "error" in result:
@@ -265,6 +504,8 @@ def run_benchmark(
                 write_png(out / "overlays" / c.target / f"{c.arch}-{c.pretraining}-{c.selection}-K{c.shots}-{image_id}.png", rgb)
             record = {**c.params(), **m, "run_id": run_id}
             atomic_write_bytes(cells_dir / f"{cell_key(c)}.json", (json.dumps(record, indent=2) + "\n").encode())
+            if not isinstance(executor, _RayGraph):
+                _record_span(out, cell_key(c), "cell", result["span"], {"CPU": cfg.study.cell_cpus, "GPU": cfg.study.cell_gpus})
             bar.update(detail=f"{c.name()}: mIoU {m['miou']:.3f}")
 
         rows = [json.loads((cells_dir / f"{cell_key(c)}.json").read_text()) for c in cells]
@@ -284,7 +525,7 @@ def run_benchmark(
         status = "KILLED"
         raise
     finally:
-        if isinstance(executor, _RayCells):
+        if isinstance(executor, (_RayCells, _RayGraph)):
             executor.close()
         tracker.end_run(parent, status)
 

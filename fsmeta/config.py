@@ -225,6 +225,12 @@ class StudyConfig:
     # others run random selection alone, e.g. the baselines of the 2023 paper's Table 2.
     selection_pretrainings: list[str] = field(default_factory=list)
     executor: str = "ray"  # "ray": every cell a Ray task; "local": cells one after another in this process
+    # With executor=ray: "graph" runs the study as a dependency graph (pre-trainings in parallel, each
+    # cell as soon as its model exists; fsmeta.graph); "sequential" pre-trains one model after another
+    # in the driver, then runs the cells.
+    scheduler: str = "graph"
+    max_gpus: float = 0.0  # graph scheduler: at most this many GPUs in use by the study at once; 0: the whole cluster
+    max_cpus: float = 0.0  # graph scheduler: at most this many CPUs in use by the study at once; 0: the whole cluster
     cell_cpus: float = 1.0  # CPUs per cell task (torch threads in the task)
     cell_gpus: float = 0.0  # GPUs per cell task; fractions pack several cells on one GPU
     overlays: int = 3  # test images per target drawn as overlays (TP white, FP red, FN green, TN black)
@@ -350,6 +356,10 @@ class Config:
             raise ConfigError(f"study.selection_pretrainings={st.selection_pretrainings} names {stray}, not in study.pretrainings={st.pretrainings}")
         if st.executor not in ("ray", "local"):
             raise ConfigError(f"study.executor={st.executor!r} is not 'ray' or 'local'")
+        if st.scheduler not in ("graph", "sequential"):
+            raise ConfigError(f"study.scheduler={st.scheduler!r} is not 'graph' or 'sequential'")
+        if st.max_gpus < 0 or st.max_cpus < 0:
+            raise ConfigError(f"study.max_gpus={st.max_gpus} and study.max_cpus={st.max_cpus} must be >= 0 (0: no cap)")
         if st.cell_cpus <= 0 or st.cell_gpus < 0:
             raise ConfigError(f"study.cell_cpus={st.cell_cpus} must be > 0 and study.cell_gpus={st.cell_gpus} >= 0")
         tu = self.tune
@@ -475,7 +485,8 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # Settings that change where or how fast a run computes, never what it computes
 # (the compute path is bit-identical on the CPU and within bf16 noise on CUDA):
 # changing them never blocks a resume.
-RUNTIME_KEYS = ("ray.", "tracking.", "threads", "compute.", "meta.backend", "study.executor", "study.cell_cpus", "study.cell_gpus")
+RUNTIME_KEYS = ("ray.", "tracking.", "threads", "compute.", "meta.backend", "study.executor", "study.cell_cpus", "study.cell_gpus",
+                "study.scheduler", "study.max_gpus", "study.max_cpus")
 
 
 def field_path(key: str) -> str:

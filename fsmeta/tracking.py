@@ -200,6 +200,55 @@ class Tracker:
         self.end_run(run_id, "FINISHED")
 
 
+class RecordingTracker(Tracker):
+    """A tracker for a unit of work run away from the driver (a Ray task of the graph scheduler):
+    it logs nothing, records every call against the one run the driver created for it
+    (``run_id``; "" when tracking is off), and :meth:`replay` logs them from the driver, the
+    only process that talks to MLflow. Metrics keep their steps, not their times."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(enabled=bool(run_id))
+        self.run_id = run_id
+        self.calls: list[tuple[str, tuple]] = []
+
+    def start_run(self, name: str, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
+                  parent_run_id: str | None = None, system_metrics: bool = False) -> str:
+        if self.run_id:
+            self.calls.append(("set_tags", ({"mlflow.runName": name, **(tags or {})},)))
+            if params:
+                self.calls.append(("log_params", (params,)))
+        return self.run_id
+
+    def resume_run(self, run_id: str, system_metrics: bool = False) -> str:
+        return run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        if run_id:
+            self.calls.append(("log_params", (dict(params),)))
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        if run_id:
+            self.calls.append(("log_metrics", ({k: float(v) for k, v in metrics.items()}, step)))
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        if run_id:
+            self.calls.append(("set_tags", (dict(tags),)))
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        if run_id:
+            self.calls.append(("log_artifact", (str(path), artifact_path)))
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        if run_id:
+            self.calls.append(("end_run", (status,)))
+
+    @staticmethod
+    def replay(tracker: Tracker, run_id: str, calls: list[tuple[str, tuple]]) -> None:
+        """Log ``calls`` (a unit's record) to ``run_id`` through the driver's ``tracker``."""
+        for method, args in calls:
+            getattr(tracker, method)(run_id, *args)
+
+
 def tracker_from_config(tracking_cfg: Any) -> Tracker:
     return Tracker(tracking_cfg.uri, tracking_cfg.experiment, tracking_cfg.enabled)
 
