@@ -133,8 +133,9 @@ class Graph:
     running: set[str] = field(default_factory=set)
 
     def ready(self) -> list[Unit]:
-        return [u for k, u in self.units.items()
-                if k not in self.done and k not in self.running and all(d in self.done for d in u.deps)]
+        # A dependency outside the graph counts as done (its checkpoint came from elsewhere).
+        return [u for k, u in self.units.items() if k not in self.done and k not in self.running
+                and all(d in self.done or d not in self.units for d in u.deps)]
 
     def free(self, cap: dict[str, float]) -> dict[str, float]:
         used = {r: sum(self.units[k].demand[r] for k in self.running) for r in RESOURCES}
