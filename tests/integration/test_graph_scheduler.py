@@ -103,7 +103,8 @@ def test_a_node_lost_mid_study_reruns_only_its_work(tiny_config, tmp_path, ray_s
     import ray
     from ray.cluster_utils import Cluster
 
-    benchmark.run_benchmark(tiny_config(*GRID, "study.executor=local"), tmp_path / "local", OFF, progress=False)
+    longer = ["meta.iterations=8", "meta.inner_steps=10"]  # long enough for the node loss to land inside the meta-training
+    benchmark.run_benchmark(tiny_config(*GRID, *longer, "study.executor=local"), tmp_path / "local", OFF, progress=False)
     ray.shutdown()  # this test needs a cluster of its own; the next user restarts the session's instance
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     outcome: dict = {}
@@ -112,8 +113,7 @@ def test_a_node_lost_mid_study_reruns_only_its_work(tiny_config, tmp_path, ray_s
         nodes = [cluster.add_node(num_cpus=2), cluster.add_node(num_cpus=2)]
         ray.init(address=cluster.address, logging_level="WARNING")
         cluster.wait_for_nodes()
-        cfg = tiny_config(*GRID, "study.executor=ray", "study.scheduler=graph", "meta.backend=ray", "meta.iterations=8",
-                          "meta.inner_steps=10", "ray.cpus_per_worker=1")
+        cfg = tiny_config(*GRID, *longer, "study.executor=ray", "study.scheduler=graph", "meta.backend=ray", "ray.cpus_per_worker=1")
 
         def run():
             try:
