@@ -6,6 +6,16 @@ For every target, architecture and pre-training the model is pre-trained once
 each cell a Ray task (``study.cell_cpus`` / ``study.cell_gpus``, so several cells
 share a GPU) or, with ``study.executor=local``, one after another in-process.
 
+Scheduling on Ray (``study.scheduler``): ``graph`` (the default) runs the study
+as a dependency graph (:mod:`fsmeta.graph`): every pre-training and θ′ is a Ray
+task with its declared resources, as many at once as the cluster (or
+``study.max_gpus``/``study.max_cpus``) fits, and each cell starts as soon as its
+checkpoint exists; the driver only schedules, replays the units' MLflow calls
+and records. ``sequential`` pre-trains one model after another in the driver,
+then runs the cells. Every unit is a pure function of its configuration and
+inputs, so both give the in-process table bit for bit. ``OUT/schedule.jsonl``
+records when each unit ran and what it held.
+
 Resumability: each finished cell is recorded as ``OUT/cells/<key>.json``
 (written atomically, with its MLflow run id) the moment its result reaches the
 driver; ``--resume`` skips recorded cells and finished pre-trainings, resumes an
@@ -475,9 +485,10 @@ def run_benchmark(
             return (_cell_config(cfg, c), str(checkpoint), dataclasses.asdict(c), n_overlays)
 
         if cfg.study.executor == "ray" and cfg.study.scheduler == "graph":
-            final = {(c.target, c.arch, c.pretraining): (pretext_path if uses_pretext(cfg) else pretrained_path)(out, c.target, c.arch, c.pretraining)
+            where = out.resolve()  # Ray tasks may run in another working directory, or on another node
+            final = {(c.target, c.arch, c.pretraining): (pretext_path if uses_pretext(cfg) else pretrained_path)(where, c.target, c.arch, c.pretraining)
                      for c in cells}
-            executor = _RayGraph(cfg, out, tracker, parent, cells, todo,
+            executor = _RayGraph(cfg, where, tracker, parent, cells, todo,
                                  lambda c: cell_args(c, final[(c.target, c.arch, c.pretraining)]))
         else:
             checkpoints = {}
