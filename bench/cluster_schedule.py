@@ -68,8 +68,11 @@ def analyse(spans: list[dict], units: list[graph.Unit], gpus: float, cap: dict[s
     busy = sum(s["gpus"] * (s["end"] - s["start"]) for s in spans)
     seconds = {s["unit"]: s["end"] - s["start"] for s in spans}
     bound = graph.lower_bound(units, seconds, cap)
+    # The graph scheduler's policy replayed on the same durations (fsmeta.graph.simulate): the schedule
+    # without this machine's overheads (worker start-up, a starved driver), to tell policy from load.
+    replay = max(b for _, b in graph.simulate(units, seconds, cap).values())
     return {"wall": wall, "busy": busy, "util": busy / (gpus * wall), "critical": graph.critical_path(units, seconds),
-            "bound": bound, "ratio": wall / bound}
+            "bound": bound, "ratio": wall / bound, "replay": replay, "replay_util": busy / (gpus * replay)}
 
 
 def gantt(spans: list[dict], gpus: float, title: str, path: Path) -> None:
@@ -113,15 +116,20 @@ def run_simulated(args) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="fsmeta-cluster-"))
+    work = Path(args.analyse or args.workdir or tempfile.mkdtemp(prefix="fsmeta-cluster-"))
     base = [*SCALED, f"data.root={work / 'data'}"]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the driver's node holds no unit
+    cluster = None
+    if args.analyse:
+        resources = {"CPU": float(args.nodes * args.cpus_per_node), "GPU": float(args.nodes * args.gpus_per_node)}
+    else:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the driver's node holds no unit
     try:
-        for _ in range(args.nodes):
-            cluster.add_node(num_cpus=args.cpus_per_node, num_gpus=args.gpus_per_node)
-        ray.init(address=cluster.address, logging_level="WARNING")
-        cluster.wait_for_nodes()
-        resources = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        if cluster is not None:
+            for _ in range(args.nodes):
+                cluster.add_node(num_cpus=args.cpus_per_node, num_gpus=args.gpus_per_node)
+            ray.init(address=cluster.address, logging_level="WARNING")
+            cluster.wait_for_nodes()
+            resources = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         gpus = resources["GPU"]
         print(f"simulated cluster: {args.nodes} nodes × ({args.cpus_per_node} CPUs, {args.gpus_per_node} GPUs) = {resources}; "
               f"this machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start")
@@ -130,7 +138,8 @@ def run_simulated(args) -> None:
             cfg = load_config(None, [*base, f"study.scheduler={scheduler}"])
             out = work / scheduler
             t0 = time.time()
-            run_benchmark(cfg, out, Tracker(enabled=False), progress=False)
+            if not args.analyse:
+                run_benchmark(cfg, out, Tracker(enabled=False), progress=False)
             total = time.time() - t0
             spans = read_schedule(out)
             units = study_graph(cfg, grid(cfg), resources, n_sources={(t, a): 4 for t in cfg.study.targets for a in cfg.study.archs})
@@ -139,16 +148,19 @@ def run_simulated(args) -> None:
             png = REPO / "docs" / f"schedule_{scheduler}.png"
             gantt(spans, gpus, f"study.scheduler={scheduler}: {len(spans)} units on {gpus:g} simulated GPUs, wall {r['wall']:.0f} s, "
                   f"GPU-slot utilisation {100 * r['util']:.0f} %", png)
-            print(f"  {scheduler:<10}: {r['units']} units ({r['cells']} cells) in {r['wall']:.1f} s (run_benchmark {total:.1f} s); "
+            print(f"  {scheduler:<10}: {r['units']} units ({r['cells']} cells) in {r['wall']:.1f} s (run_benchmark {'—' if args.analyse else f'{total:.1f} s'}); "
                   f"GPU-slot utilisation {100 * r['util']:.1f} %; critical path {r['critical']:.1f} s; lower bound {r['bound']:.1f} s; "
                   f"wall / bound {r['ratio']:.2f}; Gantt → {png.relative_to(REPO)}", flush=True)
+            print(f"  {'':<10}  the graph policy replayed on these durations: {r['replay']:.1f} s = {r['replay'] / r['bound']:.2f}× the bound, "
+                  f"GPU-slot utilisation {100 * r['replay_util']:.1f} %")
         same = (work / "sequential" / "results.csv").read_bytes() == (work / "graph" / "results.csv").read_bytes()
         print(f"  results.csv of both runs identical: {same}")
         print(f"  graph vs sequential: {results['sequential']['wall'] / results['graph']['wall']:.2f}× shorter wall time; "
               f"load average {os.getloadavg()[0]:.1f} at the end")
     finally:
-        ray.shutdown()
-        cluster.shutdown()
+        if cluster is not None:
+            ray.shutdown()
+            cluster.shutdown()
 
 
 def paper_units(cfg: Config, gpus: int, rates: dict[str, dict[str, float]], packing_gain: float) -> tuple[list[graph.Unit], dict[str, float], dict]:
@@ -221,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus-per-node", type=int, default=4, help="CPUs each simulated node declares (default: 4)")
     p.add_argument("--workdir", help="where the two studies write (default: a new temporary folder)")
     p.add_argument("--projection-only", action="store_true", help="skip the simulated cluster")
+    p.add_argument("--analyse", metavar="DIR", help="analyse the two studies a previous run left in DIR (its --workdir) instead of running them")
     p.add_argument("--config", default=str(REPO / "configs" / "paper.yaml"), help="the study to project (default: configs/paper.yaml)")
     p.add_argument("--project-gpus", type=int, nargs="+", default=[8, 32], help="GPU counts to project for (default: 8 32)")
     p.add_argument("--measure", action="store_true", help="measure project_paper's rates on this machine's device")

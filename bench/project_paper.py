@@ -94,7 +94,7 @@ def measure_rates(archs: list[str], cfg: Config, device: torch.device, quick: bo
     if quick:
         crop, batch, steps = min(crop, 64), min(batch, 4), 1
     out: dict[str, dict[str, float]] = {}
-    fsmeta_mode = {"fsmeta": modes(device, False)["fsmeta" if not cuda else "fsmeta bf16+CL"]}
+    fsmeta_mode = {"fsmeta": modes(device, False)["fsmeta default" if not cuda else "fsmeta bf16+CL"]}
     for arch in archs:
         crops_per_s = max(throughput(arch, device, crop, batch, steps, 1, fsmeta_mode)["fsmeta"])
         torch.manual_seed(0)
