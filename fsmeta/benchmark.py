@@ -57,6 +57,10 @@ from fsmeta.train import apply_threads, meta_train, scratch_checkpoint, transfer
 log = logging.getLogger(__name__)
 
 STATE_FILE = "benchmark.json"
+# Ray gives a task that asks for a GPU a fresh worker process each time (max_calls=1 by default), so
+# every cell would pay a Python, torch and CUDA start-up (seconds; ~20 s on a loaded 2-core machine).
+# A cell frees its model when it returns, so its worker may run the next one: 0 = no limit.
+CELL_MAX_CALLS = 0
 SCHEDULE_FILE = "schedule.jsonl"  # one line per unit of work run: kind, start and end (Unix seconds), CPUs and GPUs held
 # Besides config.RUNTIME_KEYS (where and how fast cells run; a resumed benchmark may move
 # to other hardware), the grid's axes may grow or shrink on --resume: a cell's result depends on its own
@@ -224,7 +228,8 @@ class _RayCells:
                 ray.shutdown()
             # A task asking for a GPU on a cluster without one would wait forever.
             raise FsmetaError(f"study.cell_gpus={cfg.study.cell_gpus} but the Ray cluster has no GPU; set study.cell_gpus=0")
-        self.remote = ray.remote(num_cpus=cfg.study.cell_cpus, num_gpus=cfg.study.cell_gpus, max_retries=3)(_cell_job)
+        self.remote = ray.remote(num_cpus=cfg.study.cell_cpus, num_gpus=cfg.study.cell_gpus, max_retries=3,
+                                 max_calls=CELL_MAX_CALLS)(_cell_job)
         self.refs: dict[Any, Any] = {}
 
     def submit(self, token: Any, args: tuple) -> None:
@@ -333,7 +338,8 @@ class _RayGraph:
         self.cell_args = cell_args
         retries = cfg.ray.max_task_retries
         self.unit_remote = ray.remote(max_retries=-1 if retries < 0 else retries)(_unit_job)
-        self.cell_remote = ray.remote(num_cpus=cfg.study.cell_cpus, num_gpus=cfg.study.cell_gpus, max_retries=3)(_cell_job)
+        self.cell_remote = ray.remote(num_cpus=cfg.study.cell_cpus, num_gpus=cfg.study.cell_gpus, max_retries=3,
+                                      max_calls=CELL_MAX_CALLS)(_cell_job)
         self.refs: dict[Any, tuple[Unit, str, Any]] = {}  # ref → (unit, MLflow run id, placement group)
 
     def _checkpoint(self, u: Unit) -> Path:
