@@ -58,7 +58,9 @@ def test_meta_trainings_start_first_and_a_blocked_one_is_not_starved_by_gpu_unit
     for u in [first[1], nxt[0]]:
         g.finish(u.key)
     after = g.start(CLUSTER)
-    assert after[0].kind == "meta" and all(u.kind == "cell" for u in after[1:])  # the last meta; cells before transfers
+    # the last meta-training, then the transfer trainings, then cells in what is left
+    assert [u.kind for u in after[:3]] == ["meta", "transfer", "transfer"] and all(u.kind == "cell" for u in after[3:])
+    assert sum(u.demand["GPU"] for u in after) == CLUSTER["GPU"]
 
 
 def test_a_per_study_cap_limits_what_the_study_holds_and_a_unit_larger_than_it_is_refused():
