@@ -337,7 +337,9 @@ class _RayGraph:
                 self.graph.done.add(u.key)
         self.cell_args = cell_args
         retries = cfg.ray.max_task_retries
-        self.unit_remote = ray.remote(max_retries=-1 if retries < 0 else retries)(_unit_job)
+        # A pre-training's worker exits when it returns (max_calls=1): it started source actors and a
+        # placement group, and a cell must not inherit that state; a unit is long, its start-up negligible.
+        self.unit_remote = ray.remote(max_retries=-1 if retries < 0 else retries, max_calls=1)(_unit_job)
         self.cell_remote = ray.remote(num_cpus=cfg.study.cell_cpus, num_gpus=cfg.study.cell_gpus, max_retries=3,
                                       max_calls=CELL_MAX_CALLS)(_cell_job)
         self.refs: dict[Any, tuple[Unit, str, Any]] = {}  # ref → (unit, MLflow run id, placement group)
