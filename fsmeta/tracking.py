@@ -238,6 +238,10 @@ class RecordingTracker(Tracker):
         if run_id:
             self.calls.append(("log_artifact", (str(path), artifact_path)))
 
+    def log_table(self, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        if run_id and rows:
+            self.calls.append(("log_table", ([dict(r) for r in rows], artifact_file)))
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         if run_id:
             self.calls.append(("end_run", (status,)))
