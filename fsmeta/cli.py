@@ -165,7 +165,7 @@ def cmd_data_import(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from fsmeta.checkpoint import model_from_checkpoint
-    from fsmeta.compute import prepare_model
+    from fsmeta.compute import inference_model, prepare_model
     from fsmeta.predict import PredictSettings, list_inputs, resolve_weights
 
     settings = PredictSettings(tile=args.tile, overlap=args.overlap, batch=args.batch,
@@ -181,7 +181,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="fsmeta-weights-") as cache:  # an MLflow download lives only until loaded
         model, meta = model_from_checkpoint(resolve_weights(args.weights, tracking_uri=args.tracking_uri or "", cache=cache))
-    prepare_model(model, default_device())  # bf16 + channels_last where the device has native bf16
+    # bf16 + channels_last where the device has native bf16, with batch norm folded in; fp32 elsewhere
+    model = inference_model(prepare_model(model, default_device()))
     if args.threshold is None and "threshold" in meta:
         settings = dataclasses.replace(settings, threshold=float(meta["threshold"])).check()
     from fsmeta.large import predict_inputs  # huge TIFFs and OME-Zarr stream band by band, the rest as before

@@ -8,7 +8,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from fsmeta.compute import autocast, channels_last, default_device, to_device
+from fsmeta.compute import autocast, channels_last, default_device, inference_model, to_device
 from fsmeta.config import ComputeConfig
 from fsmeta.data.crops import normalise
 from fsmeta.data.store import ImageSet
@@ -47,8 +47,9 @@ def evaluate(model: SegmentationModel, images: ImageSet, indices: Iterable[int],
     indices = list(indices)
     bar = Progress(len(indices), f"evaluate {images.name}", enabled=progress)
     rows = []
+    scorer = inference_model(model, compute)  # bf16: batch norm folded (a copy); fp32: the model itself
     for i in indices:
-        prob = predict_probability(model, images.image(int(i)), compute)
+        prob = predict_probability(scorer, images.image(int(i)), compute)
         row = evaluate_image(prob, images.masks[int(i)], threshold)
         rows.append({"image": images.ids[int(i)], **row})
         bar.update()

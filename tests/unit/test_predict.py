@@ -199,3 +199,17 @@ def test_weights_from_an_mlflow_run(tmp_path, checkpoint, capsys):
     capsys.readouterr()
     args[2] = "runs:/0123456789abcdef/checkpoints/w.safetensors"
     assert main(args) == 2 and "cannot download runs:/0123456789abcdef" in capsys.readouterr().err
+
+
+def test_inference_folds_batch_norm_only_under_bf16():
+    """fp32 predicts with the model itself (the exact path); bf16 with a folded copy, as close to
+    the unfolded bf16 prediction as bf16 rounding allows (measured 5e-5 vs fp32 on a 2048² image)."""
+    from fsmeta.compute import inference_model
+
+    model = _model()
+    assert inference_model(model, FP32) is model
+    folded = inference_model(model, BF16)
+    assert folded is not model and not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    image = np.random.default_rng(4).random((96, 120)).astype(np.float32)
+    unfolded = predict_whole(prepare_model(_model(), torch.device("cpu"), BF16), image, compute=BF16)
+    assert np.abs(predict_whole(folded, image, compute=BF16) - unfolded).max() < 2e-3
