@@ -191,7 +191,7 @@ def paper_units(cfg: Config, gpus: int, rates: dict[str, dict[str, float]], pack
 
 
 def projection(args) -> None:
-    from project_paper import measure_rates, per_arch, project, rate
+    from project_paper import given_rates, measure_rates, project
 
     from fsmeta.compute import default_device
 
@@ -203,11 +203,7 @@ def projection(args) -> None:
             print("note: no GPU here — the rates are this CPU's, so the projection is for GPUs as fast as this CPU (machine loaded)")
         rates = measure_rates(archs, cfg, device, quick=False)
     else:
-        tables = {"train": per_arch(args.train_crops_per_s, "--train-crops-per-s"),
-                  "eval": per_arch(args.eval_mpx_per_s, "--eval-mpx-per-s"),
-                  "inner": per_arch(args.inner_step_seconds, "--inner-step-seconds")}
-        labels = {"train": "--train-crops-per-s", "eval": "--eval-mpx-per-s", "inner": "--inner-step-seconds"}
-        rates = {a: {k: rate(tables[k], a, labels[k]) for k in tables} for a in archs}
+        rates = given_rates(args, archs)
     print(f"\nprojection of {args.config} ({len(grid(cfg))} cells) with bench/project_paper.py's per-unit costs, packing gain {args.packing_gain:g}:")
     print(f"{'GPUs':>4} {'sequential (sim)':>17} {'as run now (project_paper)':>27} {'graph (sim)':>12} {'lower bound':>12} "
           f"{'graph/bound':>12} {'util seq':>9} {'util graph':>11}")

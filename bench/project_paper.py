@@ -79,6 +79,15 @@ def rate(table: dict[str, float], arch: str, label: str) -> float:
 # ---------------------------------------------------------------- measuring
 
 
+def given_rates(args: argparse.Namespace, archs: list[str]) -> dict[str, dict[str, float]]:
+    """Per-architecture rates from --train-crops-per-s, --eval-mpx-per-s and --inner-step-seconds."""
+    labels = {"train": "--train-crops-per-s", "eval": "--eval-mpx-per-s", "inner": "--inner-step-seconds"}
+    tables = {"train": per_arch(args.train_crops_per_s, labels["train"]),
+              "eval": per_arch(args.eval_mpx_per_s, labels["eval"]),
+              "inner": per_arch(args.inner_step_seconds, labels["inner"])}
+    return {a: {k: rate(tables[k], a, labels[k]) for k in tables} for a in archs}
+
+
 def measure_rates(archs: list[str], cfg: Config, device: torch.device, quick: bool) -> dict[str, dict[str, float]]:
     """Training crops/s, inference MPx/s and seconds per inner step of each arch on ``device``."""
     from train_step import modes, throughput
@@ -209,11 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         rates = measure_rates(archs, cfg, device, args.quick)
         source = "measured here"
     else:
-        tables = {"train": per_arch(args.train_crops_per_s, "--train-crops-per-s"),
-                  "eval": per_arch(args.eval_mpx_per_s, "--eval-mpx-per-s"),
-                  "inner": per_arch(args.inner_step_seconds, "--inner-step-seconds")}
-        labels = {"train": "--train-crops-per-s", "eval": "--eval-mpx-per-s", "inner": "--inner-step-seconds"}
-        rates = {a: {k: rate(tables[k], a, labels[k]) for k in tables} for a in archs}
+        rates = given_rates(args, archs)
         source = "given"
 
     targets = list(dict.fromkeys(c.target for c in cells))

@@ -11,15 +11,10 @@ Each trial meta-trains the target's sources with its own source actors. The tria
 is reserved with ``tune.PlacementGroupFactory``: bundle 0 for the trial itself
 (fine-tuning and validation), one bundle per source actor, so a trial never waits
 for actors that a neighbour holds (an unreserved actor inside a trial hangs Tune).
-Every ``tune.eval_every`` meta-iterations the trial fine-tunes copies of θ on K-shot
-support sets and reports ``val_miou``, the mean mIoU over ``tune.shots`` ×
-``tune.seeds`` on the **validation split**, so ASHA can stop weak trials early.
-
-The splits (:func:`tune_split`): the target's fixed test split is the 2023
-protocol's (``eval.test_fraction``, ``eval.split_seed``) and is never read; the
-rest (the pool) is cut into validation images (``tune.val_fraction``) and the
-images support sets are drawn from. A benchmark with ``eval.protocol=2023`` and
-the same split then scores the tuned configuration on images tuning never saw.
+Trials report validation mIoU as they meta-train, so ASHA can stop weak ones early,
+and never read the 2023 protocol's test split (:mod:`~fsmeta.tuning.trial`). A
+benchmark with ``eval.protocol=2023`` and the same split then scores the tuned
+configuration on images tuning never saw.
 
 The package, by concern: :mod:`~fsmeta.tuning.space` (search spaces),
 :mod:`~fsmeta.tuning.trial` (one trial), :mod:`~fsmeta.tuning.resources` (a trial's
