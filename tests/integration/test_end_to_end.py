@@ -64,7 +64,10 @@ def test_resume_refuses_a_changed_configuration(tiny_config, tmp_path):
     # The inner loops' thread count changes θ (summation order): refused too. The driver's threads do not.
     with pytest.raises(FsmetaError, match="configuration differs in meta.inner_threads"):
         meta_train(tiny_config("meta.iterations=2", "meta.inner_threads=2"), tmp_path, OFF, resume=True, progress=False)
-    meta_train(tiny_config("meta.iterations=2", "threads=1"), tmp_path, OFF, resume=True, progress=False)
+    resumed, _ = load_checkpoint(meta_train(tiny_config("meta.iterations=2", "threads=1"), tmp_path, OFF, resume=True, progress=False))
+    # ... and the resumed run at --threads 1 ends on the weights of an uninterrupted run at 2 (issue 16, defect 4).
+    whole, _ = load_checkpoint(meta_train(tiny_config("meta.iterations=2"), tmp_path / "whole", OFF, progress=False))
+    _assert_same_state(whole, resumed)
 
 
 def test_tiny_study_end_to_end(tiny_config, tmp_path, monkeypatch):
