@@ -8,8 +8,9 @@ with the summary metrics and table, cells nested under it), serves it with
 - ``runs.png``: the same with ``?workflowType=machine_learning`` (the runs table);
 - ``parent-metrics.png``: the parent run's Model metrics tab (the summary charts).
 
-Needs Debian's ``chromium`` (``apt-get install chromium``). The screenshots are
-not committed (no binaries in the repository); docs/user-guide.md says what they show.
+Needs Debian's ``chromium`` (``apt-get install chromium``). ``runs.png`` of a run on
+2026-12-01 (MLflow 3.17.2) is docs/mlflow_runs.png; docs/user-guide.md says what the
+three show.
 
     python bench/mlflow_view.py --out /tmp/mlflow-view
 """

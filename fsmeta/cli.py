@@ -285,7 +285,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     cfg = _load(args, demo=True)
     t0 = time.perf_counter()
-    rows = run_demo(cfg, args.out, _tracker(cfg))
+    tracker = _tracker(cfg)
+    rows = run_demo(cfg, args.out, tracker)
     out = Path(args.out)
     print()
     print(f"mIoU (%) on {cfg.data.target}, mean ± std over {len(cfg.eval.seeds)} seeds ({cfg.arch}, {cfg.eval.protocol} protocol):")
@@ -295,7 +296,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if cfg.tracking.enabled:
         from fsmeta.tracking import resolve_uri
 
-        print(f"MLflow runs: {resolve_uri(cfg.tracking.uri)} (view with: mlflow ui --backend-store-uri {resolve_uri(cfg.tracking.uri)} --host 127.0.0.1)")
+        print(f"MLflow runs: {resolve_uri(cfg.tracking.uri)} (view with: mlflow ui --backend-store-uri {resolve_uri(cfg.tracking.uri)} "
+              f"--host 127.0.0.1, then open {tracker.runs_page()})")
     print(f"wall time: {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -73,6 +73,13 @@ class Tracker:
                     self._client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return self._client
 
+    def runs_page(self, port: int = 5000) -> str:
+        """The address of this experiment's runs table in a local ``mlflow ui`` on ``port``. MLflow 3's
+        UI opens a bare experiment link on the GenAI overview until a browser has chosen *Model
+        training*; ``workflowType=machine_learning`` opens the runs table directly."""
+        self.client  # noqa: B018 — resolves (or creates) the experiment
+        return f"http://127.0.0.1:{port}/#/experiments/{self._experiment_id}?workflowType=machine_learning"
+
     def start_run(
         self,
         name: str,

@@ -82,3 +82,10 @@ def test_register_needs_tracking(tmp_path, capsys):
     code = main(["finetune", "--weights", str(ckpt), "--no-tracking", "--register", "nuclei", "--out", str(tmp_path / "ft.safetensors"),
                  "--data-root", str(tmp_path / "data")])
     assert code == 2 and "--register nuclei needs MLflow tracking" in capsys.readouterr().err
+
+
+def test_runs_page_opens_the_runs_table_of_this_experiment(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "lab-study")
+    page = tracker.runs_page(port=5123)
+    experiment = tracker.client.get_experiment_by_name("lab-study")
+    assert page == f"http://127.0.0.1:5123/#/experiments/{experiment.experiment_id}?workflowType=machine_learning"
