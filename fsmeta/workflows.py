@@ -13,10 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from fsmeta.checkpoint import Kind, check_fine_tunable, describe_adapted, model_from_checkpoint, save_checkpoint
+from fsmeta.checkpoint import Kind, check_fine_tunable, describe_adapted, model_from_checkpoint, pretraining_name, save_checkpoint
 from fsmeta.compute import default_device, prepare_model
 from fsmeta.config import Config
-from fsmeta.data.crops import build_crop_index
 from fsmeta.data.io import load_folder, support_crop_index
 from fsmeta.data.registry import load_dataset
 from fsmeta.data.sampling import draw_support, held_out_images
@@ -25,7 +24,7 @@ from fsmeta.errors import FsmetaError
 from fsmeta.evaluate import evaluate
 from fsmeta.finetune import finetune, support_crops
 from fsmeta.models import clone_state
-from fsmeta.study import cell_split, decision_threshold
+from fsmeta.study import Cell, cell_split, decision_threshold, random_support
 from fsmeta.tracking import Tracker
 
 
@@ -76,16 +75,18 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
         folder = Path(support_images).resolve()
         images = load_folder(support_images, support_masks)
         index, note = support_crop_index(images, cfg.data.crop_size, cfg.data.stride("default", "finetune"), cfg.data.min_foreground)
-        target, label, support_ids = f"folder:{folder}", folder.name, list(images.ids)
+        x, y = support_crops(images, index)
+        target, label, support_ids, crop_size = f"folder:{folder}", folder.name, list(images.ids), index.size
     else:
-        images, support, _ = cell_images(cfg, shots, seed)
-        index = build_crop_index(images, cfg.data.crop_size, cfg.data.stride(cfg.data.target, "finetune"),
-                                 cfg.data.min_foreground, subset=support)
-        target, label, support_ids = cfg.data.target, cfg.data.target, [images.ids[i] for i in support]
+        # The benchmark's own K-shot cell: the same draw, the same crops.
+        images = load_dataset(cfg.data.target, cfg)
+        pool, _ = cell_split(cfg, len(images), seed)
+        cell = Cell(cfg.data.target, meta["arch"], pretraining_name(meta), "random", shots, seed)
+        x, y, support, _ = random_support(cfg, images, pool, cell)
+        target, label, support_ids, crop_size = cfg.data.target, cfg.data.target, [images.ids[i] for i in support], cfg.data.crop_size
     n_images = len(support_ids)
-    x, y = support_crops(images, index)
     params: dict[str, Any] = {"target": target, "arch": meta["arch"], "pretraining": meta.get("kind", ""), "shots": n_images,
-                              "seed": seed, "weights": str(weights), "support_crops": len(x), "crop_size": index.size}
+                              "seed": seed, "weights": str(weights), "support_crops": len(x), "crop_size": crop_size}
     with tracker.run(f"finetune/{label}/K{n_images}/s{seed}", params=params, tags={"fsmeta.kind": "finetune"}) as run_id:
         _, history = finetune(model, x, y, cfg.finetune, seed=seed, where=f"fine-tune {label}", compute=cfg.compute,
                               progress=progress, augment=cfg.augment)
@@ -93,10 +94,10 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
             tracker.log_metrics(run_id, {"loss": loss}, step=epoch)
         threshold = decision_threshold(cfg, y)
         path = save_checkpoint(out, clone_state(model), describe_adapted(
-            Kind.FINETUNED, meta, target=target, shots=n_images, seed=seed, support=support_ids, crop_size=index.size,
+            Kind.FINETUNED, meta, target=target, shots=n_images, seed=seed, support=support_ids, crop_size=crop_size,
             threshold=threshold, config=cfg.to_dict(), mlflow_run_id=run_id))
         registered = f"models:/{register}/{tracker.register_model(run_id, path, register)}" if register else ""
-    return FinetuneResult(path, target, n_images, len(x), index.size, history[-1], note, registered)
+    return FinetuneResult(path, target, n_images, len(x), crop_size, history[-1], note, registered)
 
 
 def evaluate_checkpoint(weights: str | Path, cfg: Config, *, shots: int | None = None,
