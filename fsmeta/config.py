@@ -121,6 +121,7 @@ class FinetuneConfig:
     epochs: int = 20
     steps: int = 0  # a step budget instead of epochs (batches drawn across epochs, so cost does not grow with the crops); 0: epochs
     batch_size: int = 64
+    crop_size: int = 0  # the side of the fine-tuning crops; 0: data.crop_size (the paper's: one size for meta-training and fine-tuning)
     lr: float = 1e-4
     weight_decay: float = 5e-4
 
@@ -323,6 +324,10 @@ class Config:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     tune: TuningConfig = field(default_factory=TuningConfig)
 
+    def finetune_crop_size(self) -> int:
+        """The side of the fine-tuning crops: ``finetune.crop_size``, or ``data.crop_size`` when it is 0."""
+        return int(self.finetune.crop_size or self.data.crop_size)
+
     def validate(self) -> "Config":
         check_ranges(self)
         checks = [
@@ -334,6 +339,8 @@ class Config:
             (self.eval.threshold_rule in ("fixed", "prior"), f"eval.threshold_rule={self.eval.threshold_rule!r} is not 'fixed' or 'prior'"),
             (0.0 < self.eval.test_fraction < 1.0, f"eval.test_fraction={self.eval.test_fraction} must lie in (0, 1)"),
             (self.data.crop_size >= 8, f"data.crop_size={self.data.crop_size} is too small (at least 8)"),
+            (self.finetune.crop_size == 0 or self.finetune.crop_size >= 8,
+             f"finetune.crop_size={self.finetune.crop_size} is too small (at least 8; 0: data.crop_size)"),
             (self.meta.shots >= 1, f"meta.shots={self.meta.shots} must be at least 1"),
             (self.meta.inner_steps >= 1, f"meta.inner_steps={self.meta.inner_steps} must be at least 1"),
             (self.meta.iterations >= 1, f"meta.iterations={self.meta.iterations} must be at least 1"),
@@ -424,6 +431,7 @@ RANGES: dict[str, tuple[Any, bool, Any, bool]] = {
     "finetune.epochs": _AT_LEAST_1,
     "finetune.steps": _NON_NEGATIVE,
     "finetune.batch_size": _AT_LEAST_1,
+    "finetune.crop_size": _NON_NEGATIVE,
     "finetune.lr": _POSITIVE,
     "finetune.weight_decay": _NON_NEGATIVE,
     "select.patches_per_shot.*": _AT_LEAST_1,

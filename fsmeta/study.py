@@ -109,7 +109,7 @@ def random_support(cfg: Config, target: ImageSet, pool: np.ndarray, cell: Cell) 
     """The 2020 protocol: K images drawn by the seed, all their crops at the fine-tune stride."""
     support = draw_support(pool, cell.shots, cell.seed, target=cell.target)
     try:
-        index = build_crop_index(target, cfg.data.crop_size, cfg.data.stride(cell.target, "finetune"),
+        index = build_crop_index(target, cfg.finetune_crop_size(), cfg.data.stride(cell.target, "finetune"),
                                  cfg.data.min_foreground, subset=support)
     except DataError as exc:
         ids = ", ".join(target.ids[i] for i in support)
@@ -122,7 +122,7 @@ def _ranking_file(cfg: Config, checkpoint: Path, cell: Cell) -> Path:
     """Where the ranking of a (checkpoint, method, unit, split seed) is kept. The name hashes
     everything a ranking depends on: the checkpoint's bytes, select.*, the crop grid and the split."""
     digest = hashlib.sha256(checkpoint.read_bytes())
-    key = {"select": dataclasses.asdict(cfg.select), "crop": cfg.data.crop_size, "stride": cfg.data.stride(cell.target, "finetune"),
+    key = {"select": dataclasses.asdict(cfg.select), "crop": cfg.finetune_crop_size(), "stride": cfg.data.stride(cell.target, "finetune"),
            "split": [cfg.eval.protocol, cfg.eval.test_fraction, cfg.eval.split_seed], "target": cell.target}
     digest.update(json.dumps(key, sort_keys=True, default=str).encode())
     return checkpoint.parent / "rankings" / f"{cell.selection}-{cfg.select.unit}-s{cell.seed}-{digest.hexdigest()[:16]}.json"

@@ -74,7 +74,7 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
     if support_images:
         folder = Path(support_images).resolve()
         images = load_folder(support_images, support_masks)
-        index, note = support_crop_index(images, cfg.data.crop_size, cfg.data.stride("default", "finetune"), cfg.data.min_foreground)
+        index, note = support_crop_index(images, cfg.finetune_crop_size(), cfg.data.stride("default", "finetune"), cfg.data.min_foreground)
         x, y = support_crops(images, index)
         target, label, support_ids, crop_size = f"folder:{folder}", folder.name, list(images.ids), index.size
     else:
@@ -83,7 +83,7 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
         pool, _ = cell_split(cfg, len(images), seed)
         cell = Cell(cfg.data.target, meta["arch"], pretraining_name(meta), "random", shots, seed)
         x, y, support, _ = random_support(cfg, images, pool, cell)
-        target, label, support_ids, crop_size = cfg.data.target, cfg.data.target, [images.ids[i] for i in support], cfg.data.crop_size
+        target, label, support_ids, crop_size = cfg.data.target, cfg.data.target, [images.ids[i] for i in support], cfg.finetune_crop_size()
     n_images = len(support_ids)
     params: dict[str, Any] = {"target": target, "arch": meta["arch"], "pretraining": meta.get("kind", ""), "shots": n_images,
                               "seed": seed, "weights": str(weights), "support_crops": len(x), "crop_size": crop_size}

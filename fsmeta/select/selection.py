@@ -264,7 +264,7 @@ def selection_crops(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fine-tuning crops of a selection, labelled with the TRUE masks (the annotation).
 
-    ``unit="image"``: every ``data.crop_size`` crop of the selected images at the
+    ``unit="image"``: every fine-tuning crop (``finetune.crop_size``) of the selected images at the
     data set's fine-tune stride, keeping crops with at least ``min_foreground``
     foreground pixels (None: ``data.min_foreground``), exactly as a K-shot
     support set (§4.5). ``unit="patch"``: the selected patches themselves
@@ -274,7 +274,7 @@ def selection_crops(
         x (N, 1, S, S) float32 in [-1, 1] and y (N, 1, S, S) float32 in {0, 1}.
     """
     if selection.unit == "image":
-        index = build_crop_index(images, cfg.data.crop_size, cfg.data.stride(images.name, "finetune"),
+        index = build_crop_index(images, cfg.finetune_crop_size(), cfg.data.stride(images.name, "finetune"),
                                  cfg.data.min_foreground if min_foreground is None else min_foreground,
                                  subset=selection.image_indices())
         x, y = gather(images, index)

@@ -86,6 +86,17 @@ def test_import_finetune_predict(tmp_path, tiny_config, capsys):
     assert main(["data", "import", "corrected", "--images", str(rest), "--masks", str(result / "masks"), "--data-root", str(root)]) == 0
 
 
+def test_finetune_cuts_folders_at_finetune_crop_size(tmp_path, tiny_config, capsys):
+    images, masks = _lab_folder(tmp_path / "lab")
+    pretrained = scratch_checkpoint(tiny_config(), tmp_path / "pre")
+    sets = [a for item in [*TINY, "finetune.crop_size=32", "data.finetune_stride={default: 32}"] for a in ("--set", item)]
+    code = main(["finetune", *sets, "--weights", str(pretrained), "--support-images", str(images),
+                 "--support-masks", str(masks), "--out", str(tmp_path / "ft.safetensors")])
+    out = capsys.readouterr().out
+    assert code == 0 and "crops of 32×32" in out, out
+    assert json.loads((tmp_path / "ft.json").read_text())["crop_size"] == 32
+
+
 def test_finetune_folders_must_come_together(tmp_path, tiny_config, capsys):
     pretrained = scratch_checkpoint(tiny_config(), tmp_path / "pre")
     code = main(["finetune", "--weights", str(pretrained), "--support-images", str(tmp_path), "--no-tracking"])

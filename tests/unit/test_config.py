@@ -52,6 +52,13 @@ def test_bad_values_name_the_key(override, message):
         load_config(None, [override])
 
 
+def test_finetune_crop_size_defaults_to_the_data_crop_and_is_checked():
+    assert load_config(None, ["data.crop_size=96", "finetune.crop_size=0"]).finetune_crop_size() == 96
+    assert load_config(None, ["data.crop_size=96", "finetune.crop_size=48"]).finetune_crop_size() == 48
+    with pytest.raises(ConfigError, match=r"finetune.crop_size=4 is too small \(at least 8; 0: data.crop_size\)"):
+        load_config(None, ["finetune.crop_size=4"])
+
+
 def test_target_listed_as_source_is_rejected():
     with pytest.raises(ConfigError, match="target 'synth-he' is also listed as a source"):
         load_config(None, ["data.target=synth-he", "data.sources=[synth-em, synth-he]"])
