@@ -46,6 +46,14 @@ DEMO_OVERRIDES = [
     "meta.inner_steps=5",
     "meta.checkpoint_every=10",
     "transfer.steps=60",
+    # the demo fine-tunes as the paper does (20 epochs of its 64² crops), which keeps it to
+    # about a minute and a half; real3.yaml and `fsmeta finetune` use the measured defaults
+    "finetune.epochs=20",
+    "finetune.steps=0",
+    "finetune.batch_size=64",
+    "finetune.crop_size=0",
+    "augment.finetune=false",
+    "eval.threshold_rule=fixed",
     "eval.shots=[1, 3, 5]",
     "eval.seeds=[0, 1, 2]",
 ]
@@ -110,7 +118,7 @@ def random_support(cfg: Config, target: ImageSet, pool: np.ndarray, cell: Cell) 
     support = draw_support(pool, cell.shots, cell.seed, target=cell.target)
     try:
         index = build_crop_index(target, cfg.finetune_crop_size(), cfg.data.stride(cell.target, "finetune"),
-                                 cfg.data.min_foreground, subset=support)
+                                 cfg.finetune_min_foreground(), subset=support)
     except DataError as exc:
         ids = ", ".join(target.ids[i] for i in support)
         raise DataError(f"{cell.name()}: support images [{ids}] give no crops: {exc}") from None

@@ -74,7 +74,7 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
     if support_images:
         folder = Path(support_images).resolve()
         images = load_folder(support_images, support_masks)
-        index, note = support_crop_index(images, cfg.finetune_crop_size(), cfg.data.stride("default", "finetune"), cfg.data.min_foreground)
+        index, note = support_crop_index(images, cfg.finetune_crop_size(), cfg.data.stride("default", "finetune"), cfg.finetune_min_foreground())
         x, y = support_crops(images, index)
         target, label, support_ids, crop_size = f"folder:{folder}", folder.name, list(images.ids), index.size
     else:

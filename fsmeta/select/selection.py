@@ -266,7 +266,7 @@ def selection_crops(
 
     ``unit="image"``: every fine-tuning crop (``finetune.crop_size``) of the selected images at the
     data set's fine-tune stride, keeping crops with at least ``min_foreground``
-    foreground pixels (None: ``data.min_foreground``), exactly as a K-shot
+    foreground pixels (None: ``data.min_foreground`` scaled to the crop, ``Config.finetune_min_foreground``), exactly as a K-shot
     support set (§4.5). ``unit="patch"``: the selected patches themselves
     (None: all of them, 0 foreground pixels allowed — each cost the annotator).
 
@@ -275,7 +275,7 @@ def selection_crops(
     """
     if selection.unit == "image":
         index = build_crop_index(images, cfg.finetune_crop_size(), cfg.data.stride(images.name, "finetune"),
-                                 cfg.data.min_foreground if min_foreground is None else min_foreground,
+                                 cfg.finetune_min_foreground() if min_foreground is None else min_foreground,
                                  subset=selection.image_indices())
         x, y = gather(images, index)
         return torch.from_numpy(x), torch.from_numpy(y)

@@ -89,7 +89,7 @@ def test_augmented_adapt_and_finetune_are_deterministic_and_differ_from_plain():
     assert not torch.equal(a.theta["head.weight"], c.theta["head.weight"])
 
     x, y = torch.from_numpy(arrays[0].repeat(2, 0)), torch.from_numpy((arrays[1] > 0.6).astype(np.float32).repeat(2, 0))
-    cfg = FinetuneConfig(epochs=2, batch_size=2)
+    cfg = FinetuneConfig(epochs=2, steps=0, batch_size=2)
     on = AugmentConfig(finetune=True)
     base = build_model("unet")
     m1, h1 = finetune(copy.deepcopy(base), x, y, cfg, seed=1, augment=on)

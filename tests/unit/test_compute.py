@@ -96,7 +96,7 @@ def test_cpu_finetune_equals_the_plain_fp32_loop_bit_for_bit(arch, native, monke
     """``amp=off`` is the plain fp32 loop on any CPU; so is ``auto`` (the default) on one without native bf16."""
     monkeypatch.setattr(compute_module, "cpu_has_native_bf16", lambda: native)
     x, y = _support()
-    cfg = FinetuneConfig(epochs=2, batch_size=3)  # 8 crops: batches of 3, 3, 2
+    cfg = FinetuneConfig(epochs=2, steps=0, batch_size=3)  # 8 crops: batches of 3, 3, 2
     torch.manual_seed(0)
     base = build_model(arch)
     reference, ref_history = _plain_fp32_finetune(copy.deepcopy(base), x, y, cfg, seed=4)
@@ -124,7 +124,7 @@ def test_auto_is_bf16_and_channels_last_on_a_cpu_with_native_bf16(cpu_with_bf16)
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast, never a bf16 model
     x, y = _support(n=4)
-    trained, history = finetune(model, x, y, FinetuneConfig(epochs=1, batch_size=4), seed=0)
+    trained, history = finetune(model, x, y, FinetuneConfig(epochs=1, steps=0, batch_size=4), seed=0)
     assert all(p.dtype == torch.float32 for p in trained.parameters()) and math.isfinite(history[0])
 
 
@@ -182,7 +182,10 @@ def test_finetune_non_finite_loss_names_the_epoch():
     x, y = _support(n=4)
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteLossError, match="cell A: loss is nan in epoch 0; lower finetune.lr"):
-        finetune(build_model("fcrn"), x, y, FinetuneConfig(epochs=2, batch_size=4), seed=0, where="cell A")
+        finetune(build_model("fcrn"), x, y, FinetuneConfig(epochs=2, steps=0, batch_size=4), seed=0, where="cell A")
+    # the default, a step budget: the first non-finite step is named
+    with pytest.raises(NonFiniteLossError, match="cell A: loss is nan at step 0; lower finetune.lr"):
+        finetune(build_model("fcrn"), x, y, FinetuneConfig(steps=3, batch_size=4), seed=0, where="cell A")
 
 
 # ---------------------------------------------------------------- bf16 within tolerance
@@ -191,7 +194,7 @@ def test_finetune_non_finite_loss_names_the_epoch():
 @pytest.mark.parametrize("arch", ["fcrn", "unet"])
 def test_bf16_autocast_finetune_stays_within_tolerance_of_fp32(arch):
     x, y = _support()
-    cfg = FinetuneConfig(epochs=3, batch_size=4)
+    cfg = FinetuneConfig(epochs=3, steps=0, batch_size=4)
     torch.manual_seed(0)
     base = build_model(arch)
     fp32, h32 = finetune(copy.deepcopy(base), x, y, cfg, seed=0, compute=ComputeConfig(amp="off"))
@@ -270,7 +273,7 @@ def test_cuda_path_pins_and_trains_in_bf16_close_to_fp32():
     pinned = host_buffer((2, 1, 8, 8), cuda)
     assert pinned.is_pinned() and to_device(pinned, cuda).device.type == "cuda"
     x, y = _support()
-    cfg = FinetuneConfig(epochs=3, batch_size=4)
+    cfg = FinetuneConfig(epochs=3, steps=0, batch_size=4)
     torch.manual_seed(0)
     base = build_model("fcrn")
     fp32, h32 = finetune(copy.deepcopy(base).to(cuda), x, y, cfg, seed=0, compute=ComputeConfig(amp="off", channels_last="off"))

@@ -9,13 +9,22 @@ from fsmeta.study import DEMO_OVERRIDES, demo_config
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_defaults_are_the_papers_values():
+def test_defaults_are_the_papers_values_but_fine_tuning_is_the_measured_one():
     cfg = load_config()
     assert (cfg.meta.shots, cfg.meta.inner_steps, cfg.meta.inner_lr, cfg.meta.epsilon) == (5, 30, 1e-3, 1.0)
     assert (cfg.meta.iterations, cfg.meta.checkpoint_every, cfg.meta.weight_decay) == (300, 25, 5e-4)
-    assert (cfg.finetune.epochs, cfg.finetune.lr, cfg.finetune.batch_size) == (20, 1e-4, 64)
     assert cfg.data.stride("tnbc", "source") == 20 and cfg.data.stride("b5", "finetune") == 30
     assert cfg.data.min_foreground == 360 and cfg.data.crop_size == 256
+    # fine-tuning goes beyond the paper by default (SPEC §8; docs/results.md, issue 19) ...
+    ft = cfg.finetune
+    assert (ft.steps, ft.batch_size, ft.lr, ft.crop_size, cfg.augment.finetune, cfg.eval.threshold_rule) == (500, 16, 3e-4, 128, True, "prior")
+    assert not (cfg.augment.meta or cfg.augment.transfer)
+    # ... and configs/paper.yaml restores the paper's: 20 epochs of batch 64 at the 256² crop, lr 1e-4, threshold 0.5
+    paper = load_config(ROOT / "configs" / "paper.yaml")
+    ft = paper.finetune
+    assert (ft.epochs, ft.steps, ft.batch_size, ft.lr, paper.finetune_crop_size(), paper.finetune_min_foreground()) == (20, 0, 64, 1e-4, 256, 360)
+    assert not (paper.augment.meta or paper.augment.transfer or paper.augment.finetune)
+    assert (paper.eval.threshold_rule, paper.eval.threshold) == ("fixed", 0.5)
 
 
 @pytest.mark.parametrize("variant,weights", [("bce", (0, 0)), ("bce-er", (0.1, 0)), ("bce-d", (0, 0.01)), ("all", (0.01, 0.01))])
@@ -55,6 +64,9 @@ def test_bad_values_name_the_key(override, message):
 def test_finetune_crop_size_defaults_to_the_data_crop_and_is_checked():
     assert load_config(None, ["data.crop_size=96", "finetune.crop_size=0"]).finetune_crop_size() == 96
     assert load_config(None, ["data.crop_size=96", "finetune.crop_size=48"]).finetune_crop_size() == 48
+    # the kept crops' foreground share stays the paper's: 22 px of 64² is 88 px of 128²
+    assert load_config(None, ["data.crop_size=64", "data.min_foreground=22", "finetune.crop_size=128"]).finetune_min_foreground() == 88
+    assert load_config(None, ["data.crop_size=256", "finetune.crop_size=0"]).finetune_min_foreground() == 360
     with pytest.raises(ConfigError, match=r"finetune.crop_size=4 is too small \(at least 8; 0: data.crop_size\)"):
         load_config(None, ["finetune.crop_size=4"])
 

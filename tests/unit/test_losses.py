@@ -185,5 +185,5 @@ def test_prior_threshold_undoes_the_foreground_weight():
     w = 3.0
     p_w_at_half = w * 0.5 / (w * 0.5 + 0.5)
     assert prior_threshold(masks[:1]) == pytest.approx(p_w_at_half)
-    assert decision_threshold(load_config(None, ["eval.threshold=0.4"]), masks) == 0.4
+    assert decision_threshold(load_config(None, ["eval.threshold_rule=fixed", "eval.threshold=0.4"]), masks) == 0.4
     assert decision_threshold(load_config(None, ["eval.threshold_rule=prior"]), masks) == pytest.approx(5 / 8)
