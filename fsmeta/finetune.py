@@ -38,7 +38,7 @@ def finetune(
     augment: AugmentConfig | None = None,
 ) -> tuple[SegmentationModel, list[float]]:
     """Fine-tune ``model`` in place on support crops; returns it and the mean loss per epoch
-    (with a ``cfg.steps`` cap: for :func:`budget_steps` steps, the mean loss per chunk of at most 50 steps).
+    (with a ``cfg.steps`` budget: per chunk of at most 50 steps).
 
     The model trains on the device it is on; ``compute`` (default:
     :class:`~fsmeta.config.ComputeConfig`'s, i.e. bf16 autocast and channels_last where
@@ -62,17 +62,16 @@ def finetune(
     step = TrainingStep(model, lr=cfg.lr, weight_decay=cfg.weight_decay, compute=compute, transform=transform)
     history: list[float] = []
     per_epoch = -(-len(x) // cfg.batch_size)
-    n_steps = budget_steps(cfg, len(x))
-    bar = Progress(n_steps or cfg.epochs * per_epoch, where, enabled=progress)
-    if n_steps > 0:
+    bar = Progress(cfg.steps or cfg.epochs * per_epoch, where, enabled=progress)
+    if cfg.steps > 0:
         # A step budget: full batches across seeded epochs; the loss is read every chunk of steps.
         chunk = min(per_epoch, 50)
         batches = batch_stream(len(x), min(cfg.batch_size, len(x)), (seed, 31337))
-        for i in range(n_steps):
+        for i in range(cfg.steps):
             rows = torch.from_numpy(next(batches))
             step(supervised_loss, x[rows], y[rows])
-            bar.update(detail=f"step {i + 1}/{n_steps}" + (f", loss {history[-1]:.4f}" if history else ""))
-            if (i + 1) % chunk == 0 or i + 1 == n_steps:
+            bar.update(detail=f"step {i + 1}/{cfg.steps}" + (f", loss {history[-1]:.4f}" if history else ""))
+            if (i + 1) % chunk == 0 or i + 1 == cfg.steps:
                 losses = step.read_losses(lambda k, terms: f"{where}: loss is {terms[0]} at step {k}; lower finetune.lr")
                 history.append(sum(t[0] for t in losses) / len(losses))
         return model, history
@@ -85,17 +84,6 @@ def finetune(
         losses = step.read_losses(lambda _, terms: f"{where}: loss is {terms[0]} in epoch {epoch}; lower finetune.lr")
         history.append(sum(t[0] for t in losses) / len(losses))
     return model, history
-
-
-def budget_steps(cfg: FinetuneConfig, n_crops: int) -> int:
-    """The optimiser steps of a fine-tune on ``n_crops`` support crops: ``cfg.epochs`` passes of
-    full batches, ``ceil(epochs · n_crops / batch_size)``, at most ``cfg.steps``; 0 when
-    ``cfg.steps`` is 0 (then :func:`finetune` runs plain epochs, partial last batch included, as
-    the paper). The budget grows with the annotation — one image is not trained on for as long as
-    ten — up to a cap that bounds the cost of a large support set."""
-    if cfg.steps <= 0:
-        return 0
-    return max(1, min(cfg.steps, -(-cfg.epochs * n_crops // max(1, min(cfg.batch_size, n_crops)))))
 
 
 def supervised_loss(forward: Forward, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

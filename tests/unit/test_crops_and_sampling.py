@@ -133,19 +133,3 @@ def test_finetune_step_budget_takes_exactly_its_steps():
     torch.manual_seed(0)
     _, again = finetune(build_model("fcrn"), x, y, FinetuneConfig(steps=7, batch_size=3), seed=0)
     assert again == history  # seeded: the same batches, the same losses
-    # the budget grows with the crops, up to the cap: ceil(2 epochs · 8 crops / 3) = 6 steps < 7
-    seen.clear()
-    model.forward_with_latent = lambda t: (seen.append(len(t)), original(t))[1]
-    finetune(model, x, y, FinetuneConfig(epochs=2, steps=7, batch_size=3), seed=0)
-    assert seen == [3] * 6
-
-
-def test_budget_steps_scale_with_the_crops_up_to_the_cap():
-    from fsmeta.config import FinetuneConfig
-    from fsmeta.finetune import budget_steps
-
-    ft = FinetuneConfig(epochs=25, steps=500, batch_size=16)
-    assert budget_steps(ft, 321) == 500  # ceil(25 · 321 / 16) = 502, capped (EM, K=5)
-    assert budget_steps(ft, 27) == 43  # ceil(675 / 16): one TNBC image
-    assert budget_steps(ft, 8) == 25  # fewer crops than a batch: batches of 8, 25 epochs
-    assert budget_steps(FinetuneConfig(epochs=25, steps=0, batch_size=16), 321) == 0  # plain epochs
