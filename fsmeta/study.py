@@ -51,6 +51,7 @@ DEMO_OVERRIDES = [
     "finetune.epochs=20",
     "finetune.steps=0",
     "finetune.batch_size=64",
+    "finetune.lr=1e-4",
     "finetune.crop_size=0",
     "augment.finetune=false",
     "eval.threshold_rule=fixed",

@@ -94,6 +94,11 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_shipped_configs_load_and_demo_yaml_matches_the_builtin_demo():
     assert demo_config(ROOT / "configs" / "demo.yaml") == demo_config()
+    # the demo fine-tunes as the paper does, whatever the built-in fine-tuning defaults are
+    demo = demo_config()
+    ft = demo.finetune
+    assert (ft.epochs, ft.steps, ft.batch_size, ft.lr, demo.finetune_crop_size()) == (20, 0, 64, 1e-4, 64)
+    assert not demo.augment.finetune and demo.eval.threshold_rule == "fixed"
     paper = load_config(ROOT / "configs" / "paper.yaml")
     assert paper.meta.iterations == 300 and paper.eval.seeds == list(range(10))
     assert isinstance(paper, Config) and DEMO_OVERRIDES
