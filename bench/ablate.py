@@ -8,7 +8,8 @@ in this process, from the same ``--checkpoint`` (a benchmark's ``pretrained/.../
 or its ``pretext.safetensors``). A variant is ``NAME=KEY=VALUE;KEY=VALUE`` (``--set``
 syntax, ``;`` between overrides; ``NAME=`` alone is the base configuration). Prints, per
 variant and K: mean mIoU over the seeds, pooled IoU, instance precision/recall/F1, support
-crops and seconds per cell.
+crops, seconds per cell, the mean threshold and (with ``finetune.holdout``) the mean step the
+held-out bands chose; then one line per split.
 
     python bench/ablate.py --config configs/real3.yaml --data-root ../data \\
         --checkpoint runs/real3/pretrained/em/fcrn/meta-all/pretext.safetensors --target em --shots 5 --seeds 0 \\
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [parse_variant(v) for v in (args.variant or ["base="])]
     base = list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root else [])
     print(f"checkpoint {args.checkpoint}; target {args.target}; K {args.shots}; seeds {args.seeds}")
-    print(f"{'variant':<16}{'K':>3}{'mIoU %':>9}{'± std':>7}{'pooled':>8}{'P':>6}{'R':>6}{'F1':>6}{'crops':>7}{'s/cell':>8}")
+    print(f"{'variant':<16}{'K':>3}{'mIoU %':>9}{'± std':>7}{'pooled':>8}{'P':>6}{'R':>6}{'F1':>6}{'crops':>7}{'s/cell':>8}{'thr':>6}{'step':>6}")
     for name, overrides in variants:
         cfg = load_config(args.config, [*base, *overrides])
         cfg = target_config(cfg, args.target, cfg.arch)
@@ -79,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
 
             std = float(np.std([100 * r["miou"] for r in rows]))
             print(f"{name:<16}{k:>3}{100 * mean('miou'):>9.1f}{std:>7.1f}{100 * mean('pooled_iou'):>8.1f}{mean('precision'):>6.2f}"
-                  f"{mean('recall'):>6.2f}{mean('f1'):>6.2f}{mean('support_crops'):>7.0f}{np.mean(seconds):>8.1f}", flush=True)
+                  f"{mean('recall'):>6.2f}{mean('f1'):>6.2f}{mean('support_crops'):>7.0f}{np.mean(seconds):>8.1f}"
+                  f"{mean('threshold'):>6.2f}{mean('holdout_step') if 'holdout_step' in rows[0] else float('nan'):>6.0f}", flush=True)
+            for s, r in zip(args.seeds, rows):  # per split, for the record
+                print(f"  split {s}: mIoU {100 * r['miou']:.1f}, threshold {r['threshold']:.2f}"
+                      + (f", held-out step {r['holdout_step']} (band IoU {100 * r['holdout_iou']:.1f})" if "holdout_step" in r else ""), flush=True)
     return 0
 
 

@@ -129,6 +129,13 @@ class FinetuneConfig:
     crop_size: int = 128  # the side of the fine-tuning crops; 0: data.crop_size (the paper's: one size for meta-training and fine-tuning)
     lr: float = 3e-4
     weight_decay: float = 5e-4
+    # Held-out bands (fsmeta.finetune.HeldOut): this share of each support image's height or width
+    # is kept out of training to choose the stopping step and the threshold; 0: off (train on all,
+    # eval.threshold_rule decides the threshold). Whole-image supports only (select.unit=patch: off).
+    holdout: float = 0.0
+    val_every: int = 50  # steps between validations on the bands
+    patience: int = 0  # validations without improvement before stopping; 0: the whole budget
+    refit: bool = False  # re-train on every crop for the chosen number of steps (else keep the best weights)
 
 
 # Support-set selection (SPEC §4.6, Dawoud et al. 2023). The per-data-set tables (γ, polarity,
@@ -162,6 +169,7 @@ class SelectConfig:
     pretext_epochs: int = 100  # 0: score with the pre-trained model as it is
     pretext_images: str = "all"  # all: every target image (the paper); pool: the selection pool only
     pretext_stride: int = 0  # 0: the data set's fine-tune stride
+    pretext_max_steps: int = 0  # at most this many pretext steps (a large target's epochs are cut short); 0: no cap
     pretext_batch_size: int = 64
     pretext_lr: float = 1e-4
     pretext_weight_decay: float = 5e-4
@@ -446,10 +454,14 @@ RANGES: dict[str, tuple[Any, bool, Any, bool]] = {
     "finetune.crop_size": _NON_NEGATIVE,
     "finetune.lr": _POSITIVE,
     "finetune.weight_decay": _NON_NEGATIVE,
+    "finetune.holdout": (0.0, True, 0.5, False),
+    "finetune.val_every": _AT_LEAST_1,
+    "finetune.patience": _NON_NEGATIVE,
     "select.patches_per_shot.*": _AT_LEAST_1,
     "select.psi.*": _POSITIVE,
     "select.candidate_min_foreground": _NON_NEGATIVE,
     "select.pretext_batch_size": _AT_LEAST_1,
+    "select.pretext_max_steps": _NON_NEGATIVE,
     "select.pretext_lr": _POSITIVE,
     "select.pretext_weight_decay": _NON_NEGATIVE,
     "select.batch_size": _AT_LEAST_1,

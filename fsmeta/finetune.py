@@ -6,6 +6,9 @@ first step starts from exactly the pre-trained function.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -16,7 +19,7 @@ from fsmeta.data.sampling import batch_stream
 from fsmeta.data.store import ImageSet
 from fsmeta.errors import FsmetaError
 from fsmeta.losses import weighted_bce
-from fsmeta.models import SegmentationModel, make_bn_affine
+from fsmeta.models import SegmentationModel, clone_state, make_bn_affine
 from fsmeta.progress import Progress
 from fsmeta.step import Forward, TrainingStep
 
@@ -24,6 +27,121 @@ from fsmeta.step import Forward, TrainingStep
 def support_crops(images: ImageSet, index: CropIndex) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = gather(images, index)
     return torch.from_numpy(x), torch.from_numpy(y)
+
+
+THRESHOLD_BINS = 100  # the held-out threshold is chosen on a grid of 1/100
+THRESHOLD_RANGE = (0.05, 0.95)
+CONTEXT_MARGIN = 32  # pixels of training region predicted beside a band (the network's context), never scored
+
+
+@dataclass
+class HeldOut:
+    """A band of each support image kept out of training, to choose the fine-tuning's stopping
+    step and decision threshold from the support set alone (``finetune.holdout``).
+
+    Each band is ``holdout`` of its image's height or width along one side (the side drawn by the
+    seed among those whose band holds foreground and leaves the image a training crop); crops
+    that touch a band are not trained on while the step is chosen. Every ``finetune.val_every``
+    steps the bands are predicted (with ``CONTEXT_MARGIN`` pixels of the training region beside them
+    as context, not scored) and their pixel-pooled IoU taken at the best threshold of a 1/100 grid
+    in [0.05, 0.95]; the weights of the best validation are kept (early stopping, with
+    ``finetune.patience``), or with ``finetune.refit`` the steps up to it are re-run on every crop.
+
+    After :func:`finetune`, ``best_step``, ``threshold``, ``iou`` and ``curve`` hold the outcome.
+    """
+
+    train_rows: np.ndarray  # rows of the support's crop index that touch no band
+    windows: list[np.ndarray]  # float32 [0, 1] image windows: a band and its context margin
+    masks: list[np.ndarray]  # the band's mask (bool), the scored part of its window
+    scored: list[tuple[slice, slice]]  # where the band lies in its window
+    bands: list[tuple[str, str, int]]  # (image id, side, band thickness in pixels), for the record
+    best_step: int = 0
+    threshold: float = 0.5
+    iou: float = float("nan")
+    curve: list[tuple[int, float, float]] = field(default_factory=list)  # (step, IoU, threshold) of every validation
+
+    def score(self, model: SegmentationModel, compute: ComputeConfig | None = None) -> tuple[float, float]:
+        """(pooled IoU of the bands at the best threshold, that threshold) for ``model`` as it is;
+        ties go to the threshold nearest 0.5. Leaves the model in training mode."""
+        from fsmeta.compute import inference_model
+        from fsmeta.evaluate import predict_probability
+
+        scorer = inference_model(model, compute)
+        fg = np.zeros(THRESHOLD_BINS, np.int64)
+        bg = np.zeros(THRESHOLD_BINS, np.int64)
+        for window, mask, (rows, cols) in zip(self.windows, self.masks, self.scored):
+            prob = predict_probability(scorer, window, compute)[rows, cols]
+            bins = np.minimum((prob * THRESHOLD_BINS).astype(np.int64), THRESHOLD_BINS - 1)
+            fg += np.bincount(bins[mask], minlength=THRESHOLD_BINS)
+            bg += np.bincount(bins[~mask], minlength=THRESHOLD_BINS)
+        model.train()
+        return best_threshold(fg, bg)
+
+    def summary(self) -> dict[str, float | int]:
+        return {"holdout_step": int(self.best_step), "holdout_iou": float(self.iou), "holdout_threshold": float(self.threshold),
+                "holdout_bands": len(self.bands), "holdout_train_crops": int(len(self.train_rows))}
+
+
+def best_threshold(fg: np.ndarray, bg: np.ndarray) -> tuple[float, float]:
+    """(IoU, threshold) maximising the pooled IoU of pixels whose probabilities fall in the bins
+    ``fg`` (foreground pixels) and ``bg`` (background): predicting foreground at bin ``k`` and above
+    means the threshold ``k / len(fg)``. Thresholds in :data:`THRESHOLD_RANGE`; ties → nearest 0.5."""
+    bins = len(fg)
+    tp = np.cumsum(fg[::-1])[::-1]  # foreground pixels at bin k or above
+    fp = np.cumsum(bg[::-1])[::-1]
+    fn = int(fg.sum()) - tp
+    denom = tp + fp + fn
+    iou = np.where(denom > 0, tp / np.maximum(denom, 1), 0.0)
+    lo, hi = int(round(THRESHOLD_RANGE[0] * bins)), int(round(THRESHOLD_RANGE[1] * bins))
+    ks = np.arange(lo, hi + 1)
+    order = sorted(ks, key=lambda k: (-iou[k], abs(k / bins - 0.5)))
+    k = int(order[0])
+    return float(iou[k]), k / bins
+
+
+def hold_out(images: ImageSet, index: CropIndex, fraction: float, seed: int) -> HeldOut | None:
+    """The held-out bands of the images in ``index`` (see :class:`HeldOut`); None when no image
+    can give one (every band would be empty of foreground or leave its image no training crop)."""
+    size = index.size
+    keep = np.ones(len(index), dtype=bool)
+    windows, masks, scored, bands = [], [], [], []
+    for i in np.unique(index.image):
+        i = int(i)
+        mask = np.asarray(images.masks[i]) > 0
+        h, w = mask.shape
+        rows = np.nonzero(index.image == i)[0]
+        ys, xs = index.y[rows].astype(np.int64), index.x[rows].astype(np.int64)
+        for side in np.random.default_rng([seed, 7919, i]).permutation(4):
+            side = ("top", "bottom", "left", "right")[int(side)]
+            extent = h if side in ("top", "bottom") else w
+            band = max(8, int(round(fraction * extent)))
+            if band >= extent:
+                continue
+            if side == "top":
+                touches, region = ys < band, (slice(0, band), slice(None))
+                window = (slice(0, min(h, band + CONTEXT_MARGIN)), slice(None))
+            elif side == "bottom":
+                touches, region = ys + size > h - band, (slice(h - band, h), slice(None))
+                window = (slice(max(0, h - band - CONTEXT_MARGIN), h), slice(None))
+            elif side == "left":
+                touches, region = xs < band, (slice(None), slice(0, band))
+                window = (slice(None), slice(0, min(w, band + CONTEXT_MARGIN)))
+            else:
+                touches, region = xs + size > w - band, (slice(None), slice(w - band, w))
+                window = (slice(None), slice(max(0, w - band - CONTEXT_MARGIN), w))
+            if touches.all() or not mask[region].any():
+                continue
+            keep[rows[touches]] = False
+            offset = (region[0].start - (window[0].start or 0)) if side in ("top", "bottom") else (region[1].start - (window[1].start or 0))
+            local = (slice(offset, offset + band), slice(None)) if side in ("top", "bottom") else (slice(None), slice(offset, offset + band))
+            windows.append(images.image(i)[window])
+            masks.append(mask[region])
+            scored.append(local)
+            bands.append((images.ids[i], side, band))
+            break
+    if not windows:
+        return None
+    return HeldOut(np.nonzero(keep)[0], windows, masks, scored, bands)
 
 
 def finetune(
@@ -36,6 +154,7 @@ def finetune(
     compute: ComputeConfig | None = None,
     progress: bool = False,
     augment: AugmentConfig | None = None,
+    holdout: HeldOut | None = None,
 ) -> tuple[SegmentationModel, list[float]]:
     """Fine-tune ``model`` in place on support crops; returns it and the mean loss per epoch
     (with a ``cfg.steps`` budget: per chunk of at most 50 steps).
@@ -52,38 +171,93 @@ def finetune(
         seed: seeds the order of crops in every epoch.
         progress: print a progress line (steps, rate, ETA, last epoch's loss) every 5 s.
         augment: the augmentation settings; applied when ``augment.finetune`` is on, seeded by ``seed``.
+        holdout: held-out bands of the support images (:func:`hold_out`): training runs on
+            ``holdout.train_rows`` only, is validated every ``cfg.val_every`` steps and ends with the
+            best validation's weights (``cfg.refit``: re-trained on every crop for that many steps);
+            the outcome is written into ``holdout``.
     """
     if len(x) == 0:
         raise FsmetaError(f"{where}: the support set has no crops")
     make_bn_affine(model)
     model.train()
+    if holdout is None:
+        return model, _train(model, x, y, cfg, seed, where, compute, progress, augment, cfg.steps)
+    if len(holdout.train_rows) == 0:
+        raise FsmetaError(f"{where}: every support crop touches a held-out band; lower finetune.holdout")
+    initial = clone_state(model) if cfg.refit else None
+    rows = torch.from_numpy(holdout.train_rows.astype(np.int64))
+    budget = cfg.steps or cfg.epochs * -(-len(rows) // cfg.batch_size)
+    best: dict[str, torch.Tensor] | None = None
+    stale = 0
+
+    def validate(step: int) -> bool:
+        nonlocal best, stale
+        iou, threshold = holdout.score(model, compute)
+        holdout.curve.append((step, iou, threshold))
+        if best is None or iou > holdout.iou:
+            holdout.best_step, holdout.iou, holdout.threshold = step, iou, threshold
+            best, stale = ({} if cfg.refit else clone_state(model)), 0  # a refit needs the step only
+        else:
+            stale += 1
+        return bool(cfg.patience) and stale >= cfg.patience
+
+    history = _train(model, x[rows], y[rows], cfg, seed, where, compute, progress, augment, budget, validate)
+    if not cfg.refit:
+        model.load_state_dict(best)
+        return model, history
+    model.load_state_dict(initial)
+    return model, _train(model, x, y, cfg, seed, f"{where} (refit)", compute, progress, augment, holdout.best_step)
+
+
+def _train(model: SegmentationModel, x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig, seed: int, where: str,
+           compute: ComputeConfig | None, progress: bool, augment: AugmentConfig | None, steps: int,
+           validate: Callable[[int], bool] | None = None) -> list[float]:
+    """The fine-tuning loop: ``steps`` > 0 full batches drawn across seeded epochs (the loss read
+    every chunk of at most 50 steps), else ``cfg.epochs`` seeded epochs (the loss read per epoch).
+    ``validate(step)`` runs after every ``cfg.val_every`` steps and the last; True stops the loop."""
     # Crops stay in host memory; each batch follows the model to its device.
     transform = augmentation(augment, (seed, 31337)) if augment is not None and augment.finetune else None
     step = TrainingStep(model, lr=cfg.lr, weight_decay=cfg.weight_decay, compute=compute, transform=transform)
     history: list[float] = []
     per_epoch = -(-len(x) // cfg.batch_size)
-    bar = Progress(cfg.steps or cfg.epochs * per_epoch, where, enabled=progress)
-    if cfg.steps > 0:
+    bar = Progress(steps or cfg.epochs * per_epoch, where, enabled=progress)
+
+    def checkpoint(done: int, last: bool) -> bool:
+        return validate is not None and (done % cfg.val_every == 0 or last) and validate(done)
+
+    if steps > 0:
         # A step budget: full batches across seeded epochs; the loss is read every chunk of steps.
         chunk = min(per_epoch, 50)
         batches = batch_stream(len(x), min(cfg.batch_size, len(x)), (seed, 31337))
-        for i in range(cfg.steps):
+        for i in range(steps):
             rows = torch.from_numpy(next(batches))
             step(supervised_loss, x[rows], y[rows])
-            bar.update(detail=f"step {i + 1}/{cfg.steps}" + (f", loss {history[-1]:.4f}" if history else ""))
-            if (i + 1) % chunk == 0 or i + 1 == cfg.steps:
+            bar.update(detail=f"step {i + 1}/{steps}" + (f", loss {history[-1]:.4f}" if history else ""))
+            last = i + 1 == steps
+            stop = checkpoint(i + 1, last)
+            if (i + 1) % chunk == 0 or last or stop:
                 losses = step.read_losses(lambda k, terms: f"{where}: loss is {terms[0]} at step {k}; lower finetune.lr")
                 history.append(sum(t[0] for t in losses) / len(losses))
-        return model, history
+            if stop:
+                break
+        return history
+    done = 0
     for epoch in range(cfg.epochs):
         order = torch.from_numpy(np.random.default_rng([seed, 31337, epoch]).permutation(len(x)))
+        stop = False
         for start in range(0, len(order), cfg.batch_size):
             rows = order[start : start + cfg.batch_size]
             step(supervised_loss, x[rows], y[rows])
+            done += 1
             bar.update(detail=f"epoch {epoch + 1}/{cfg.epochs}" + (f", loss {history[-1]:.4f}" if history else ""))
+            if checkpoint(done, epoch + 1 == cfg.epochs and start + cfg.batch_size >= len(order)):
+                stop = True
+                break
         losses = step.read_losses(lambda _, terms: f"{where}: loss is {terms[0]} in epoch {epoch}; lower finetune.lr")
         history.append(sum(t[0] for t in losses) / len(losses))
-    return model, history
+        if stop:
+            break
+    return history
 
 
 def supervised_loss(forward: Forward, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

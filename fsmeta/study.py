@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -19,12 +19,12 @@ import torch
 from fsmeta.atomic import atomic_write_bytes
 from fsmeta.checkpoint import model_from_checkpoint
 from fsmeta.config import Config, load_config
-from fsmeta.data.crops import build_crop_index
+from fsmeta.data.crops import CropIndex, build_crop_index
 from fsmeta.data.sampling import draw_support, protocol_split, held_out_images
 from fsmeta.data.store import ImageSet
 from fsmeta.errors import DataError, FsmetaError
 from fsmeta.evaluate import default_device, evaluate
-from fsmeta.finetune import finetune, support_crops
+from fsmeta.finetune import HeldOut, finetune, hold_out, support_crops
 from fsmeta.losses import prior_threshold
 from fsmeta.models import SegmentationModel
 
@@ -98,9 +98,12 @@ def target_config(cfg: Config, target: str, arch: str, pretraining: str | None =
     return dataclasses.replace(cfg, data=data, arch=arch, meta=meta)
 
 
-def decision_threshold(cfg: Config, support_masks: torch.Tensor) -> float:
-    """The threshold a model fine-tuned on ``support_masks`` is scored at (``eval.threshold_rule``);
-    it reads only the support set's annotation, never a test image."""
+def decision_threshold(cfg: Config, support_masks: torch.Tensor, holdout: HeldOut | None = None) -> float:
+    """The threshold a model fine-tuned on ``support_masks`` is scored at: the one its held-out
+    bands chose (``finetune.holdout``), else ``eval.threshold_rule``'s; it reads only the
+    support set's annotation, never a test image."""
+    if holdout is not None and holdout.curve:
+        return float(holdout.threshold)
     if cfg.eval.threshold_rule == "prior":
         return prior_threshold(support_masks)
     return float(cfg.eval.threshold)
@@ -114,7 +117,25 @@ def cell_split(cfg: Config, n_images: int, seed: int) -> tuple[np.ndarray, np.nd
     return protocol_split(n_images, cfg.eval.protocol, cfg.eval.test_fraction, split_seed)
 
 
-def random_support(cfg: Config, target: ImageSet, pool: np.ndarray, cell: Cell) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, int]:
+class Support(NamedTuple):
+    """A fine-tuning support set: its crops, the images they come from, the annotated pixels,
+    and the held-out bands (None when ``finetune.holdout`` is 0 or the support has no whole images)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    images: np.ndarray
+    pixels: int
+    holdout: HeldOut | None
+
+
+def support_holdout(cfg: Config, images: ImageSet, index: CropIndex, seed: int) -> HeldOut | None:
+    """The held-out bands of a whole-image support set's crops (``finetune.holdout``), or None."""
+    if cfg.finetune.holdout <= 0:
+        return None
+    return hold_out(images, index, cfg.finetune.holdout, seed)
+
+
+def random_support(cfg: Config, target: ImageSet, pool: np.ndarray, cell: Cell) -> Support:
     """The 2020 protocol: K images drawn by the seed, all their crops at the fine-tune stride."""
     support = draw_support(pool, cell.shots, cell.seed, target=cell.target)
     try:
@@ -124,7 +145,7 @@ def random_support(cfg: Config, target: ImageSet, pool: np.ndarray, cell: Cell) 
         ids = ", ".join(target.ids[i] for i in support)
         raise DataError(f"{cell.name()}: support images [{ids}] give no crops: {exc}") from None
     x, y = support_crops(target, index)
-    return x, y, support, sum(int(target.masks[i].size) for i in support)
+    return Support(x, y, support, sum(int(target.masks[i].size) for i in support), support_holdout(cfg, target, index, cell.seed))
 
 
 def _ranking_file(cfg: Config, checkpoint: Path, cell: Cell) -> Path:
@@ -138,14 +159,14 @@ def _ranking_file(cfg: Config, checkpoint: Path, cell: Cell) -> Path:
 
 
 def _selected_support(cfg: Config, target: ImageSet, model: SegmentationModel, pool: np.ndarray,
-                      test: np.ndarray, cell: Cell, checkpoint: Path | None = None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, int]:
+                      test: np.ndarray, cell: Cell, checkpoint: Path | None = None) -> Support:
     """The 2023 protocol: the selection method picks a budget of patches (patches-per-shot × K)
     or K whole images from the pool; their true masks are the annotation.
 
     A ranking does not depend on the budget, so with ``checkpoint`` given it is computed once
     per (checkpoint, method, unit, split) and kept beside the checkpoint: the cells K = 1…10
     of one split share it (MC-dropout's ten passes over the pool would otherwise run per K)."""
-    from fsmeta.select import patch_budget, select_support, selection_crops
+    from fsmeta.select import patch_budget, select_support, selection_crops, selection_index
     from fsmeta.select.selection import Item, Selection
 
     unit = cfg.select.unit
@@ -164,8 +185,14 @@ def _selected_support(cfg: Config, target: ImageSet, model: SegmentationModel, p
             atomic_write_bytes(cache, json.dumps({"method": cell.selection, "unit": unit, "seed": cell.seed, "ranking": rows}).encode())
     if np.intersect1d(selection.image_indices(), test).size:
         raise FsmetaError(f"{cell.name()}: the selection holds a test image")  # a stale or foreign ranking file
-    x, y = selection_crops(target, selection, cfg)
-    return x, y, np.asarray(selection.image_indices()), int(selection.annotated_pixels())
+    holdout = None
+    if unit == "image":
+        index = selection_index(target, selection, cfg)
+        x, y = support_crops(target, index)
+        holdout = support_holdout(cfg, target, index, cell.seed)
+    else:
+        x, y = selection_crops(target, selection, cfg)
+    return Support(x, y, np.asarray(selection.image_indices()), int(selection.annotated_pixels()), holdout)
 
 
 def run_cell(cfg: Config, target: ImageSet, checkpoint: Path, cell: Cell,
@@ -186,18 +213,21 @@ def run_cell(cfg: Config, target: ImageSet, checkpoint: Path, cell: Cell,
     if fixed_test is None:
         if cell.selection != "random":
             raise FsmetaError(f"{cell.name()}: selection {cell.selection!r} needs eval.protocol=2023 (a fixed test split)")
-        x, y, support, pixels = random_support(cfg, target, pool, cell)
+        x, y, support, pixels, holdout = random_support(cfg, target, pool, cell)
         test = held_out_images(len(target), pool, fixed_test, support)
     else:
-        x, y, support, pixels = _selected_support(cfg, target, model, pool, fixed_test, cell, checkpoint if cache_rankings else None)
+        x, y, support, pixels, holdout = _selected_support(cfg, target, model, pool, fixed_test, cell,
+                                                           checkpoint if cache_rankings else None)
         test = fixed_test
-    finetune(model, x, y, cfg.finetune, seed=cell.seed, where=cell.name(), compute=cfg.compute, augment=cfg.augment)
-    threshold = decision_threshold(cfg, y)
+    finetune(model, x, y, cfg.finetune, seed=cell.seed, where=cell.name(), compute=cfg.compute, augment=cfg.augment,
+             holdout=holdout)
+    threshold = decision_threshold(cfg, y, holdout)
     summary, _ = evaluate(model, target, test, threshold, compute=cfg.compute)
     metrics = {
         "miou": summary["miou"], "pooled_iou": summary["pooled_iou"], "f1": summary["f1"],
         "precision": summary["precision"], "recall": summary["recall"], "n_test": int(summary["n_images"]),
         "support_crops": int(len(x)), "support_images": int(len(support)),
         "annotated_pixels": pixels, "threshold": threshold,
+        **(holdout.summary() if holdout is not None else {}),
     }
     return metrics, model, test

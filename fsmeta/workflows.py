@@ -24,7 +24,7 @@ from fsmeta.errors import FsmetaError
 from fsmeta.evaluate import evaluate
 from fsmeta.finetune import finetune, support_crops
 from fsmeta.models import clone_state
-from fsmeta.study import Cell, cell_split, decision_threshold, random_support
+from fsmeta.study import Cell, cell_split, decision_threshold, random_support, support_holdout
 from fsmeta.tracking import Tracker
 
 
@@ -76,23 +76,30 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
         images = load_folder(support_images, support_masks)
         index, note = support_crop_index(images, cfg.finetune_crop_size(), cfg.data.stride("default", "finetune"), cfg.finetune_min_foreground())
         x, y = support_crops(images, index)
+        holdout = support_holdout(cfg, images, index, seed)
         target, label, support_ids, crop_size = f"folder:{folder}", folder.name, list(images.ids), index.size
     else:
         # The benchmark's own K-shot cell: the same draw, the same crops.
         images = load_dataset(cfg.data.target, cfg)
         pool, _ = cell_split(cfg, len(images), seed)
         cell = Cell(cfg.data.target, meta["arch"], pretraining_name(meta), "random", shots, seed)
-        x, y, support, _ = random_support(cfg, images, pool, cell)
+        x, y, support, _, holdout = random_support(cfg, images, pool, cell)
         target, label, support_ids, crop_size = cfg.data.target, cfg.data.target, [images.ids[i] for i in support], cfg.finetune_crop_size()
     n_images = len(support_ids)
     params: dict[str, Any] = {"target": target, "arch": meta["arch"], "pretraining": meta.get("kind", ""), "shots": n_images,
                               "seed": seed, "weights": str(weights), "support_crops": len(x), "crop_size": crop_size}
     with tracker.run(f"finetune/{label}/K{n_images}/s{seed}", params=params, tags={"fsmeta.kind": "finetune"}) as run_id:
         _, history = finetune(model, x, y, cfg.finetune, seed=seed, where=f"fine-tune {label}", compute=cfg.compute,
-                              progress=progress, augment=cfg.augment)
+                              progress=progress, augment=cfg.augment, holdout=holdout)
         for epoch, loss in enumerate(history, 1):
             tracker.log_metrics(run_id, {"loss": loss}, step=epoch)
-        threshold = decision_threshold(cfg, y)
+        if holdout is not None:
+            for step, iou, chosen in holdout.curve:
+                tracker.log_metrics(run_id, {"holdout_iou": iou, "holdout_threshold": chosen}, step=step)
+            tracker.log_metrics(run_id, holdout.summary())
+            note = "; ".join(filter(None, [note, f"held-out bands chose step {holdout.best_step} (IoU {holdout.iou:.3f}) "
+                                                 f"and threshold {holdout.threshold:.2f}"]))
+        threshold = decision_threshold(cfg, y, holdout)
         path = save_checkpoint(out, clone_state(model), describe_adapted(
             Kind.FINETUNED, meta, target=target, shots=n_images, seed=seed, support=support_ids, crop_size=crop_size,
             threshold=threshold, config=cfg.to_dict(), mlflow_run_id=run_id))

@@ -38,10 +38,10 @@ For a user: :func:`fsmeta.select.outputs.select_for_annotation` (``fsmeta select
 from fsmeta.select.pretext import pretext_finetune, pseudo_labelled
 from fsmeta.select.pseudo import auto_gamma, dilate_2x2, equalise, kmeans_foreground, pseudo_label
 from fsmeta.select.scorers import AUGMENTATIONS, SCORERS, ScoreContext, augment, score_patches
-from fsmeta.select.selection import Item, Selection, item_name, patch_budget, patch_grid, select_support, selection_crops
+from fsmeta.select.selection import Item, Selection, item_name, patch_budget, patch_grid, select_support, selection_crops, selection_index
 
 __all__ = [
     "AUGMENTATIONS", "SCORERS", "Item", "ScoreContext", "Selection", "augment", "auto_gamma", "dilate_2x2",
     "equalise", "item_name", "kmeans_foreground", "patch_budget", "patch_grid", "pretext_finetune",
-    "pseudo_label", "pseudo_labelled", "score_patches", "select_support", "selection_crops",
+    "pseudo_label", "pseudo_labelled", "score_patches", "select_support", "selection_crops", "selection_index",
 ]

@@ -5,7 +5,8 @@ target patches from a representation adapted to the target.
 Defaults are the paper's: every target image (``select.pretext_images = all``;
 only pixels, never a mask, so test images may take part, as in the paper — set
 ``pool`` to keep them out), 256×256 crops at the data set's fine-tune stride,
-100 epochs, Adam lr 1e-4, weight decay 5e-4, batch 64, weighted BCE. Crops are
+100 epochs (``select.pretext_max_steps`` caps the steps of a large target), Adam lr 1e-4,
+weight decay 5e-4, batch 64, weighted BCE. Crops are
 gathered batch by batch, so thousands of crops never sit in memory at once.
 Batch norm becomes affine (identity) first, exactly as in fine-tuning.
 """
@@ -87,16 +88,30 @@ def pretext_finetune(
     model.train()
     step = TrainingStep(model, lr=sel.pretext_lr, weight_decay=sel.pretext_weight_decay, compute=cfg.compute)
     size = cfg.data.crop_size
-    bar = Progress(sel.pretext_epochs, "select: pretext fine-tuning", enabled=progress)
+    per_epoch = -(-len(index) // sel.pretext_batch_size)
+    total = sel.pretext_epochs * per_epoch
+    if sel.pretext_max_steps and total > sel.pretext_max_steps:
+        # A large target (many or big images) would otherwise cost epochs × its crops: the cap
+        # bounds it, the crop order is the same as without it up to the last step.
+        log.info("pretext: %d epochs of %d steps capped at select.pretext_max_steps=%d", sel.pretext_epochs, per_epoch,
+                 sel.pretext_max_steps)
+        total = sel.pretext_max_steps
+    bar = Progress(-(-total // per_epoch), "select: pretext fine-tuning", enabled=progress)
+    done = 0
     for epoch in range(sel.pretext_epochs):
         order = np.random.default_rng([seed, 4242, epoch]).permutation(len(index))
         for start in range(0, len(order), sel.pretext_batch_size):
+            if done == total:
+                break
             rows = order[start : start + sel.pretext_batch_size]
             # Crops go straight from the memory-mapped store into (pinned, on CUDA) batch memory.
             xb, yb = host_buffer((len(rows), 1, size, size), step.device), host_buffer((len(rows), 1, size, size), step.device)
             gather(labelled, index, rows, out=(xb.numpy(), yb.numpy()))
             step(supervised_loss, xb, yb)
+            done += 1
         losses = step.read_losses(lambda _, terms: f"pretext on {images.name}: loss is {terms[0]} in epoch {epoch}; lower select.pretext_lr")
         bar.update(detail=f"loss {sum(t[0] for t in losses) / max(len(losses), 1):.4f}")
+        if done == total:
+            break
     model.eval()
     return model

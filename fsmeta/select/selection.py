@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from fsmeta.config import Config
-from fsmeta.data.crops import build_crop_index, gather, normalise
+from fsmeta.data.crops import CropIndex, build_crop_index, gather, normalise
 from fsmeta.data.store import ImageSet, to_unit_float
 from fsmeta.errors import FsmetaError
 from fsmeta.models import SegmentationModel
@@ -259,6 +259,15 @@ def select_support(
     return Selection(method, unit, int(budget), rank(candidates))
 
 
+def selection_index(images: ImageSet, selection: Selection, cfg: Config, min_foreground: int | None = None) -> CropIndex:
+    """The fine-tuning crops of an image-unit selection (see :func:`selection_crops`), as an index."""
+    if selection.unit != "image":
+        raise FsmetaError(f"selection_index: a {selection.unit!r}-unit selection has no crop grid; use selection_crops")
+    return build_crop_index(images, cfg.finetune_crop_size(), cfg.data.stride(images.name, "finetune"),
+                            cfg.finetune_min_foreground() if min_foreground is None else min_foreground,
+                            subset=selection.image_indices())
+
+
 def selection_crops(
     images: ImageSet, selection: Selection, cfg: Config, min_foreground: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,10 +283,7 @@ def selection_crops(
         x (N, 1, S, S) float32 in [-1, 1] and y (N, 1, S, S) float32 in {0, 1}.
     """
     if selection.unit == "image":
-        index = build_crop_index(images, cfg.finetune_crop_size(), cfg.data.stride(images.name, "finetune"),
-                                 cfg.finetune_min_foreground() if min_foreground is None else min_foreground,
-                                 subset=selection.image_indices())
-        x, y = gather(images, index)
+        x, y = gather(images, selection_index(images, selection, cfg, min_foreground))
         return torch.from_numpy(x), torch.from_numpy(y)
     keep = [it for it in selection.selected
             if int(np.count_nonzero(images.masks[it.image][it.y : it.y + it.height, it.x : it.x + it.width])) >= (min_foreground or 0)]

@@ -31,7 +31,7 @@ from fsmeta.evaluate import evaluate
 from fsmeta.finetune import finetune
 from fsmeta.meta.sources import load_sources
 from fsmeta.models import build_model
-from fsmeta.study import Cell, random_support
+from fsmeta.study import Cell, decision_threshold, random_support
 from fsmeta.train import apply_threads, initial_theta, make_backend, meta_iteration
 from fsmeta.tuning.space import with_values
 
@@ -75,12 +75,15 @@ def validation_score(cfg: Config, theta: dict, target: ImageSet, split: TuneSpli
     for k in cfg.tune.shots:
         for seed in cfg.tune.seeds:
             cell = Cell(cfg.data.target, cfg.arch, f"meta-{cfg.meta.variant}", "random", k, seed)
-            x, y, _, _ = random_support(cfg, target, split.train, cell)
+            support = random_support(cfg, target, split.train, cell)
             model = build_model(cfg.arch)
             model.load_state_dict(theta)
             model.to(default_device())
-            finetune(model, x, y, cfg.finetune, seed=seed, where=f"tune {cell.name()}", compute=cfg.compute, augment=cfg.augment)
-            summary, _ = evaluate(model, target, split.val, cfg.eval.threshold, compute=cfg.compute)
+            finetune(model, support.x, support.y, cfg.finetune, seed=seed, where=f"tune {cell.name()}", compute=cfg.compute,
+                     augment=cfg.augment, holdout=support.holdout)
+            # the benchmark's threshold (eval.threshold_rule or the held-out bands'), so a trial scores what a cell would
+            threshold = decision_threshold(cfg, support.y, support.holdout)
+            summary, _ = evaluate(model, target, split.val, threshold, compute=cfg.compute)
             per_k.setdefault(k, []).append(float(summary["miou"]))
     scores = {f"{METRIC}_K{k}": float(np.mean(v)) for k, v in per_k.items()}
     scores[METRIC] = float(np.mean([s for v in per_k.values() for s in v]))

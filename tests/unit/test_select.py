@@ -323,6 +323,32 @@ def test_pretext_uses_pixels_only_and_is_reproducible(tiny_config):
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
 
 
+def test_pretext_max_steps_cuts_the_epochs_short(tiny_config):
+    from fsmeta.data.registry import load_dataset
+
+    images = load_dataset("synth-he", tiny_config())
+    torch.manual_seed(0)
+    base = build_model("fcrn")
+
+    def run(*overrides):
+        cfg = tiny_config("select.pretext_epochs=2", "select.pretext_batch_size=4", *overrides)
+        model = copy.deepcopy(base)
+        seen = []
+        original = model.forward_with_latent
+        model.forward_with_latent = lambda t: (seen.append(len(t)), original(t))[1]
+        pretext_finetune(model, images, cfg, seed=5, indices=[0, 1])  # 8 crops: 2 steps per epoch
+        return model, seen
+
+    capped, seen = run("select.pretext_max_steps=3")
+    assert seen == [4, 4, 4]  # epoch 0 whole, epoch 1 cut after its first batch
+    full, seen_full = run()
+    assert seen_full == [4, 4, 4, 4]
+    loose, _ = run("select.pretext_max_steps=4")  # a cap at or above the epochs' steps changes nothing
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, loose.state_dict()[k]), k
+    assert not torch.equal(capped.head.weight, full.head.weight)
+
+
 # ---------------------------------------------------------------- configuration
 
 

@@ -1,0 +1,132 @@
+"""Held-out bands of the support images (finetune.holdout): the threshold grid, which crops
+are kept out, the early-stopping and refit contracts."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from fsmeta.config import ConfigError, FinetuneConfig, load_config
+from fsmeta.data.crops import build_crop_index
+from fsmeta.data.store import ImageSet
+from fsmeta.finetune import CONTEXT_MARGIN, best_threshold, finetune, hold_out
+from fsmeta.models import build_model, clone_state
+from fsmeta.study import decision_threshold
+
+
+def _set(images, masks):
+    n = len(images)
+    return ImageSet("toy", [f"i{k}" for k in range(n)], images, masks, ["train"] * n, [""] * n)
+
+
+def test_best_threshold_by_hand():
+    fg = np.zeros(100, np.int64)
+    bg = np.zeros(100, np.int64)
+    fg[[30, 70]] = [4, 6]  # 10 foreground pixels: 4 at p=0.30, 6 at p=0.70
+    bg[[20, 50]] = [5, 3]  # 8 background pixels: 5 at 0.20, 3 at 0.50
+    # t ≤ 0.20: 10/(10+8) = 0.556; 0.20 < t ≤ 0.30: 10/13 = 0.769; 0.30 < t ≤ 0.50: 6/(6+3+4) = 0.462;
+    # 0.50 < t ≤ 0.70: 6/10 = 0.6. Best: every threshold in (0.20, 0.30]; the one nearest 0.5 is 0.30.
+    iou, t = best_threshold(fg, bg)
+    assert iou == pytest.approx(10 / 13) and t == pytest.approx(0.30)
+    # the grid stays in [0.05, 0.95]: a best threshold of 0.99 is not reachable
+    fg2 = np.zeros(100, np.int64)
+    fg2[99] = 1
+    bg2 = np.zeros(100, np.int64)
+    bg2[[90, 96]] = 1  # t ≤ 0.90: 1/3; 0.90 < t ≤ 0.96: 1/2; above 0.96: 1, out of range
+    assert best_threshold(fg2, bg2) == (pytest.approx(0.5), pytest.approx(0.91))
+
+
+def test_hold_out_keeps_touching_crops_out_and_bands_hold_foreground():
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 255, (64, 48), dtype=np.uint8)
+    mask = np.zeros((64, 48), np.uint8)
+    mask[::5, ::3] = 1  # foreground everywhere
+    empty = np.zeros((64, 48), np.uint8)
+    empty[30:34, 20:24] = 1  # foreground only in the middle: no band of 16 px can hold it
+    images = _set([img, img], [mask, empty])
+    index = build_crop_index(images, 16, 8, min_foreground=1)
+    held = hold_out(images, index, 0.25, seed=0)
+    assert held is not None and len(held.bands) == 1  # the second image gives no band
+    image_id, side, band = held.bands[0]
+    assert image_id == "i0" and band == (16 if side in ("top", "bottom") else 12)
+    h, w = 64, 48
+    for r in range(len(index)):
+        i, y0, x0 = int(index.image[r]), int(index.y[r]), int(index.x[r])
+        touches = i == 0 and {"top": y0 < band, "bottom": y0 + 16 > h - band,
+                              "left": x0 < band, "right": x0 + 16 > w - band}[side]
+        assert (r in set(held.train_rows.tolist())) == (not touches)
+    window, scored, band_mask = held.windows[0], held.scored[0], held.masks[0]
+    along = 0 if side in ("top", "bottom") else 1
+    assert window.shape[along] == band + CONTEXT_MARGIN and window.dtype == np.float32
+    assert band_mask.shape[along] == band and band_mask.any()
+    region = {"top": (slice(0, band), slice(None)), "bottom": (slice(h - band, h), slice(None)),
+              "left": (slice(None), slice(0, band)), "right": (slice(None), slice(w - band, w))}[side]
+    assert np.array_equal(window[scored], images.image(0)[region])  # the scored part is the band itself
+    assert np.array_equal(band_mask, mask[region] > 0)
+    again = hold_out(images, index, 0.25, seed=0)
+    assert again.bands == held.bands and np.array_equal(again.train_rows, held.train_rows)  # seeded
+    sides = {hold_out(images, index, 0.25, seed=s).bands[0][1] for s in range(12)}
+    assert len(sides) > 1  # the side is drawn, not fixed
+    assert hold_out(_set([img], [empty]), build_crop_index(_set([img], [empty]), 16, 8, 1), 0.25, seed=0) is None
+
+
+def _support(seed=0):
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 255, (48, 48), dtype=np.uint8)
+    mask = (img > 150).astype(np.uint8)
+    images = _set([img, img[::-1].copy()], [mask, mask[::-1].copy()])
+    index = build_crop_index(images, 16, 8, min_foreground=1)
+    from fsmeta.finetune import support_crops
+
+    x, y = support_crops(images, index)
+    return images, index, x, y
+
+
+def test_finetune_with_holdout_ends_on_the_best_validation():
+    images, index, x, y = _support()
+    torch.manual_seed(0)
+    base = build_model("fcrn")
+    held = hold_out(images, index, 0.25, seed=1)
+    cfg = FinetuneConfig(steps=6, batch_size=4, val_every=2, lr=1e-3)
+    model, history = finetune(copy.deepcopy(base), x, y, cfg, seed=0, holdout=held)
+    assert [s for s, _, _ in held.curve] == [2, 4, 6]
+    best = max(held.curve, key=lambda c: c[1])  # the first of equal IoUs wins, as in finetune
+    assert held.best_step == best[0] and held.iou == best[1] and held.threshold == best[2]
+    assert held.score(model, None) == (pytest.approx(held.iou), pytest.approx(held.threshold))  # the kept weights
+    # the steps up to the best validation, trained without validating, give the same weights
+    plain, _ = finetune(copy.deepcopy(base), x[held.train_rows], y[held.train_rows],
+                        FinetuneConfig(steps=held.best_step, batch_size=4, lr=1e-3), seed=0)
+    for k, v in clone_state(plain).items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    assert decision_threshold(load_config(None, ["eval.threshold_rule=fixed"]), y, held) == held.threshold
+    assert decision_threshold(load_config(None, ["eval.threshold_rule=fixed"]), y, None) == 0.5
+
+
+def test_patience_stops_early_and_refit_trains_every_crop_for_the_chosen_steps():
+    images, index, x, y = _support()
+    torch.manual_seed(0)
+    base = build_model("fcrn")
+    held = hold_out(images, index, 0.25, seed=1)
+    held.score = lambda model, compute: (float(len(held.curve) == 0), 0.5)  # best at the first validation only
+    seen = []
+    model = copy.deepcopy(base)
+    original = model.forward_with_latent
+    model.forward_with_latent = lambda t: (seen.append(len(t)), original(t))[1]
+    finetune(model, x, y, FinetuneConfig(steps=20, batch_size=4, val_every=2, patience=2), seed=0, holdout=held)
+    assert [s for s, _, _ in held.curve] == [2, 4, 6] and held.best_step == 2
+    assert len(seen) == 6  # stopped after two validations without improvement
+    held2 = hold_out(images, index, 0.25, seed=1)
+    held2.score = lambda model, compute: (float(len(held2.curve) == 1), 0.5)  # best at the second validation: step 4
+    refit, _ = finetune(copy.deepcopy(base), x, y, FinetuneConfig(steps=8, batch_size=4, val_every=2, refit=True),
+                        seed=0, holdout=held2)
+    assert held2.best_step == 4
+    every, _ = finetune(copy.deepcopy(base), x, y, FinetuneConfig(steps=4, batch_size=4), seed=0)
+    for k, v in clone_state(every).items():
+        assert torch.equal(v, refit.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("value", ["0.5", "-0.1"])
+def test_holdout_range(value):
+    with pytest.raises(ConfigError, match="finetune.holdout"):
+        load_config(None, [f"finetune.holdout={value}"])
