@@ -140,14 +140,14 @@ class FinetuneConfig:
 
 # Support-set selection (SPEC §4.6, Dawoud et al. 2023). The per-data-set tables (γ, polarity,
 # ψ, patches per shot) come from fsmeta.data.catalogue, where each value's origin is noted.
-SELECT_METHODS = ("random", "entropy", "mc-dropout", "consistency")
+SELECT_METHODS = ("random", "entropy", "mc-dropout", "consistency", "typiclust")
 
 
 @dataclass
 class SelectConfig:
     """Which target images or patches to annotate (``fsmeta select``, the benchmark's selection axis)."""
 
-    method: str = "consistency"  # random | entropy | mc-dropout | consistency
+    method: str = "consistency"  # random | entropy | mc-dropout | consistency | typiclust
     unit: str = "patch"  # patch | image: budgets count patches or whole images
     patch_size: int = 256
     patch_stride: int = 0  # 0: the data set's fine-tune stride (the paper's overlapping grid)
@@ -169,6 +169,7 @@ class SelectConfig:
     pretext_epochs: int = 100  # 0: score with the pre-trained model as it is
     pretext_images: str = "all"  # all: every target image (the paper); pool: the selection pool only
     pretext_stride: int = 0  # 0: the data set's fine-tune stride
+    min_predicted_foreground: float = 0.0055  # typiclust: candidates θ′ predicts to hold this share of foreground come first (the paper's 0.55 % crop filter)
     pretext_max_steps: int = 0  # at most this many pretext steps (a large target's epochs are cut short); 0: no cap
     pretext_batch_size: int = 64
     pretext_lr: float = 1e-4
@@ -468,6 +469,7 @@ RANGES: dict[str, tuple[Any, bool, Any, bool]] = {
     "select.candidate_min_foreground": _NON_NEGATIVE,
     "select.pretext_batch_size": _AT_LEAST_1,
     "select.pretext_max_steps": _NON_NEGATIVE,
+    "select.min_predicted_foreground": (0.0, True, 1.0, False),
     "select.pretext_lr": _POSITIVE,
     "select.pretext_weight_decay": _NON_NEGATIVE,
     "select.batch_size": _AT_LEAST_1,

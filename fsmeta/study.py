@@ -161,10 +161,16 @@ def random_support(cfg: Config, target: ImageSet, pool: np.ndarray, cell: Cell) 
 
 def _ranking_file(cfg: Config, checkpoint: Path, cell: Cell) -> Path:
     """Where the ranking of a (checkpoint, method, unit, split seed) is kept. The name hashes
-    everything a ranking depends on: the checkpoint's bytes, select.*, the crop grid and the split."""
+    everything a ranking depends on: the checkpoint's bytes, select.*, the crop grid and the split
+    (and, for a set-level method, the budget)."""
+    from fsmeta.select import patch_budget
+    from fsmeta.select.selection import SET_METHODS
+
     digest = hashlib.sha256(checkpoint.read_bytes())
     key = {"select": dataclasses.asdict(cfg.select), "crop": cfg.finetune_crop_size(), "stride": cfg.data.stride(cell.target, "finetune"),
            "split": [cfg.eval.protocol, cfg.eval.test_fraction, cfg.eval.split_seed], "target": cell.target}
+    if cell.selection in SET_METHODS:  # a set chosen for its budget: one ranking per budget
+        key["budget"] = patch_budget(cell.target, cell.shots, cfg) if cfg.select.unit == "patch" else cell.shots
     digest.update(json.dumps(key, sort_keys=True, default=str).encode())
     return checkpoint.parent / "rankings" / f"{cell.selection}-{cfg.select.unit}-s{cell.seed}-{digest.hexdigest()[:16]}.json"
 
@@ -174,9 +180,10 @@ def _selected_support(cfg: Config, target: ImageSet, model: SegmentationModel, p
     """The 2023 protocol: the selection method picks a budget of patches (patches-per-shot × K)
     or K whole images from the pool; their true masks are the annotation.
 
-    A ranking does not depend on the budget, so with ``checkpoint`` given it is computed once
+    A score ranking does not depend on the budget, so with ``checkpoint`` given it is computed once
     per (checkpoint, method, unit, split) and kept beside the checkpoint: the cells K = 1…10
-    of one split share it (MC-dropout's ten passes over the pool would otherwise run per K)."""
+    of one split share it (MC-dropout's ten passes over the pool would otherwise run per K);
+    a set-level method (``typiclust``) keeps one per budget."""
     from fsmeta.select import patch_budget, select_support, selection_crops, selection_index
     from fsmeta.select.selection import Item, Selection
 

@@ -10,6 +10,8 @@ number means "annotate this first" (the selection takes the top |B|):
                  ``passes`` (10) stochastic forward passes; the binary entropy of
                  the mean probability, averaged over pixels. Seeded: the same
                  seed gives the same masks, different passes differ.
+``typiclust``     not a score: a set-level choice from θ′'s features
+                 (:mod:`fsmeta.select.diversity`, :func:`embed_patches`).
 ``consistency``  Dawoud et al. 2023, Eq. 4: the sum over the augmentations
                  {auto-contrast, brightness ψ, sharpness ψ} (PIL ``ImageOps`` /
                  ``ImageEnhance``) of the weighted BCE (SPEC §4.2: per patch,
@@ -182,6 +184,27 @@ def _foreground_weight(target: torch.Tensor) -> torch.Tensor:
     n_fg = target.flatten(1).sum(1).view(-1, 1, 1, 1)
     w = torch.where((n_fg > 0) & (n_fg < n), (n - n_fg) / n_fg.clamp_min(1e-12), torch.ones_like(n_fg))
     return 1 + (w - 1) * target
+
+
+@torch.no_grad()
+def embed_patches(model: SegmentationModel, patches: np.ndarray, ctx: ScoreContext) -> tuple[np.ndarray, np.ndarray]:
+    """(features (N, C) float64, foreground (N,) float64) of [0, 1] patches (N, H, W): the model's
+    bottleneck features averaged over space, scaled to unit length, and the share of pixels it
+    predicts as foreground (p ≥ 0.5). For set-level selection (:mod:`fsmeta.select.diversity`)."""
+    model.eval()
+    device = next(model.parameters()).device
+    cl = channels_last(device, ctx.compute)
+    feats, shares = [], []
+    for start in range(0, len(patches), ctx.batch_size):
+        x = torch.from_numpy(normalise(np.ascontiguousarray(patches[start : start + ctx.batch_size], dtype=np.float32)))[:, None]
+        with autocast(device, ctx.compute):
+            logits, latent = model.forward_with_latent(to_device(x, device, cl))
+        f = latent.float().mean(dim=(2, 3))
+        feats.append(F.normalize(f, dim=1).cpu().double())
+        shares.append((logits.float() >= 0).flatten(1).double().mean(1).cpu())
+    if not feats:
+        return np.zeros((0, 0)), np.zeros(0)
+    return torch.cat(feats).numpy(), torch.cat(shares).numpy()
 
 
 Scorer = Callable[[SegmentationModel, np.ndarray, ScoreContext], np.ndarray]

@@ -20,6 +20,7 @@ cannot be selected.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -33,9 +34,10 @@ from fsmeta.data.store import ImageSet, to_unit_float
 from fsmeta.errors import FsmetaError
 from fsmeta.models import SegmentationModel
 from fsmeta.progress import Progress
-from fsmeta.select.scorers import SCORERS, ScoreContext, score_patches
+from fsmeta.select.scorers import SCORERS, ScoreContext, embed_patches, score_patches
 
 UNITS = ("patch", "image")
+SET_METHODS = ("typiclust",)  # choose a set for the budget (fsmeta.select.diversity), not a score per candidate
 _CHUNK = 256  # patches scored per call, so an image's whole grid never sits in memory at once
 
 
@@ -118,6 +120,71 @@ def _resolve_model(model_or_ckpt: SegmentationModel | str | Path) -> Segmentatio
     return model_from_checkpoint(model_or_ckpt)[0]
 
 
+def candidate_grid(images: ImageSet, i: int, cfg: Config) -> list[tuple[int, int, int, int]]:
+    """(y, x, h, w) of image ``i``'s candidate patches: the ``select.patch_size`` grid at
+    ``select.patch_stride`` (0: the fine-tune stride), after ``select.candidate_min_foreground``."""
+    sel = cfg.select
+    h, w = images.images[i].shape[:2]
+    stride = sel.patch_stride or cfg.data.stride(images.name, "finetune")
+    grid = patch_grid(h, w, sel.patch_size, stride)
+    if sel.candidate_min_foreground > 0:
+        # Reads the true mask: reproduces the authors' candidate filter, off by default (see SelectConfig).
+        mask = images.masks[i]
+        grid = [g for g in grid if int(np.count_nonzero(mask[g[0] : g[0] + g[2], g[1] : g[1] + g[3]])) >= sel.candidate_min_foreground]
+    return grid
+
+
+def embed_image(model: SegmentationModel, images: ImageSet, i: int, cfg: Config, seed: int,
+                whole: bool = False) -> tuple[list[tuple[int, int, int, int]], np.ndarray, np.ndarray]:
+    """(windows, features, predicted foreground shares) of image ``i``'s candidate patches (or the
+    whole image as one window), by :func:`fsmeta.select.scorers.embed_patches`."""
+    img = images.image(i)
+    ctx = ScoreContext(seed=seed, batch_size=cfg.select.batch_size, compute=cfg.compute)
+    if whole:
+        f, g = embed_patches(model, img[None], ctx)
+        return [(0, 0, img.shape[0], img.shape[1])], f, g
+    grid = candidate_grid(images, i, cfg)
+    feats, shares = [], []
+    for start in range(0, len(grid), _CHUNK):
+        part = grid[start : start + _CHUNK]
+        f, g = embed_patches(model, np.stack([img[y : y + ph, x : x + pw] for y, x, ph, pw in part]), ctx)
+        feats.append(f)
+        shares.append(g)
+    if not feats:
+        return [], np.zeros((0, 0)), np.zeros(0)
+    return grid, np.concatenate(feats), np.concatenate(shares)
+
+
+def _set_level_candidates(model: SegmentationModel, images: ImageSet, pool: np.ndarray, budget: int, unit: str,
+                          cfg: Config, seed: int, whole: bool, bar: Progress) -> list[Item]:
+    """Every candidate of a set-level method (``typiclust``), scored by its place in the order
+    :func:`fsmeta.select.diversity.typiclust_order` gives (n for the first, 1 for the last)."""
+    from fsmeta.select.diversity import typiclust_order
+
+    windows: list[Item] = []
+    feats, shares = [], []
+    for i in pool:
+        grid, f, g = embed_image(model, images, int(i), cfg, seed, whole=whole)
+        bar.update()
+        if not grid:
+            continue
+        if unit == "patch":
+            windows += [Item(int(i), y, x, ph, pw, 0.0) for y, x, ph, pw in grid]
+            feats.append(f)
+            shares.append(g)
+        else:
+            img_h, img_w = images.images[int(i)].shape[:2]
+            windows.append(Item(int(i), 0, 0, img_h, img_w, 0.0))
+            mean = f.mean(0)
+            feats.append((mean / max(float(np.linalg.norm(mean)), 1e-12))[None])
+            shares.append(np.array([g.mean()]))
+    if budget > len(windows):
+        return windows  # the caller names the shortfall
+    order = typiclust_order(np.concatenate(feats), np.concatenate(shares), budget, seed, cfg.select.min_predicted_foreground)
+    n = len(windows)
+    return [dataclasses.replace(windows[k], score=float(n - pos)) for pos, k in enumerate(order)]
+
+
 def score_image(model: SegmentationModel, images: ImageSet, i: int, method: str, cfg: Config, seed: int,
                 whole: bool = False) -> list[Item]:
     """Score the grid windows of image ``i`` (or the whole image as one item)."""
@@ -130,12 +197,7 @@ def score_image(model: SegmentationModel, images: ImageSet, i: int, method: str,
     if whole:
         (s,) = score_patches(method, model, img[None], ScoreContext(key=int(i) * 1_000_003, **ctx))
         return [Item(int(i), 0, 0, h, w, float(s))]
-    stride = sel.patch_stride or cfg.data.stride(images.name, "finetune")
-    grid = patch_grid(h, w, sel.patch_size, stride)
-    if sel.candidate_min_foreground > 0:
-        # Reads the true mask: reproduces the authors' candidate filter, off by default (see SelectConfig).
-        mask = images.masks[i]
-        grid = [g for g in grid if int(np.count_nonzero(mask[g[0] : g[0] + g[2], g[1] : g[1] + g[3]])) >= sel.candidate_min_foreground]
+    grid = candidate_grid(images, i, cfg)
     items = []
     for c, start in enumerate(range(0, len(grid), _CHUNK)):
         part = grid[start : start + _CHUNK]
@@ -219,8 +281,8 @@ def select_support(
     Returns:
         a :class:`Selection` with every candidate ranked and ``budget`` selected.
     """
-    if method not in SCORERS:
-        raise FsmetaError(f"unknown selection method {method!r}; choose one of {', '.join(SCORERS)}")
+    if method not in SCORERS and method not in SET_METHODS:
+        raise FsmetaError(f"unknown selection method {method!r}; choose one of {', '.join([*SCORERS, *SET_METHODS])}")
     if unit not in UNITS:
         raise FsmetaError(f"unknown selection unit {unit!r}; choose 'patch' or 'image'")
     pool = _check_pool(images, pool_indices, exclude)
@@ -239,6 +301,9 @@ def select_support(
     items: list[Item] = []
     per_image: list[Item] = []
     bar = Progress(len(pool), f"select: {method} scores", enabled=progress)
+    if method in SET_METHODS:
+        (items if unit == "patch" else per_image).extend(_set_level_candidates(model, images, pool, budget, unit, cfg, seed, whole, bar))
+        pool = pool[:0]  # nothing left to score one by one
     for i in pool:
         scored = score_image(model, images, int(i), method, cfg, seed, whole=whole)
         bar.update()

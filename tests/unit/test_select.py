@@ -268,7 +268,7 @@ def test_budget_larger_than_the_pool_is_a_clear_error(tiny_config):
         select_support(build_model("fcrn"), images, [], 1, "random", "patch", cfg)
 
 
-@pytest.mark.parametrize("method", ["random", "entropy", "mc-dropout", "consistency"])
+@pytest.mark.parametrize("method", ["random", "entropy", "mc-dropout", "consistency", "typiclust"])
 def test_selection_never_returns_a_test_image(tiny_config, method):
     from fsmeta.data.registry import load_dataset
 
@@ -281,6 +281,52 @@ def test_selection_never_returns_a_test_image(tiny_config, method):
                          run_pretext=method == "consistency", exclude=test)
     chosen = {it.image for it in sel.ranking}
     assert chosen == set(pool.tolist()) and not chosen & set(test.tolist())
+
+
+@pytest.mark.parametrize("method", ["random", "entropy", "mc-dropout", "consistency", "typiclust"])
+def test_selection_never_reads_a_mask(tiny_config, method):
+    """The pool's masks replaced by noise: the same ranking (pretext included, which sees pixels only)."""
+    from fsmeta.data.registry import load_dataset
+
+    cfg = tiny_config("select.patch_size=64", "select.patch_stride=32", "select.pretext_epochs=1", "select.mc_passes=2")
+    images = load_dataset("synth-he", cfg)
+    rng = np.random.default_rng(0)
+    noisy = ImageSet(images.name, images.ids, images.images, [(rng.random(m.shape) > 0.5).astype(np.uint8) for m in images.masks],
+                     images.splits, images.sources)
+    pool, test = protocol_split(len(images), "2023", 0.2, split_seed=3)
+    for unit, budget in (("patch", 5), ("image", 2)):
+        runs = []
+        for imgs in (images, noisy):
+            torch.manual_seed(0)
+            runs.append(select_support(build_model("fcrn"), imgs, pool, budget, method, unit, cfg, seed=1, exclude=test).ranking)
+        assert runs[0] == runs[1], (method, unit)
+
+
+def test_typiclust_picks_typical_members_of_distinct_clusters(tiny_config):
+    from fsmeta.select.diversity import kmeans, typicality, typiclust_order
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0]])
+    blobs = np.concatenate([c + rng.normal(0, 0.3, (n, 3)) for c, n in zip(centres, (30, 20, 10))])
+    truth = np.repeat([0, 1, 2], (30, 20, 10))
+    labels = kmeans(blobs, 3, seed=0)
+    assert len({(a, b) for a, b in zip(labels, truth)}) == 3  # the blobs, whatever the label names
+    np.testing.assert_array_equal(kmeans(blobs, 3, seed=0), labels)  # seeded
+    outlier = np.concatenate([blobs[:30], [[9.0, 0, 0]]])
+    assert np.argmin(typicality(outlier)) == 30  # the lone point is the least typical
+    fg = np.full(60, 0.1)
+    order = typiclust_order(blobs, fg, 3, seed=0, min_foreground=0.01)
+    assert sorted(truth[order[:3]].tolist()) == [0, 1, 2]  # one per cluster
+    assert truth[order[0]] == 0  # the largest cluster first
+    for j, k in enumerate(order[:3]):  # each the most typical member of its cluster
+        members = np.nonzero(truth == truth[k])[0]
+        assert k == members[np.argmax(typicality(blobs[members]))]
+    assert sorted(order.tolist()) == list(range(60))
+    fg[truth == 0] = 0.0  # θ′ sees no cells in the largest blob: its members are not chosen while others can be
+    order = typiclust_order(blobs, fg, 3, seed=0, min_foreground=0.01)
+    assert not set(truth[order[:3]].tolist()) & {0} and set(truth[order[-30:]].tolist()) == {0}
+    fg[:] = 0.0  # nothing eligible: every candidate competes
+    assert sorted(truth[typiclust_order(blobs, fg, 3, seed=0, min_foreground=0.01)[:3]].tolist()) == [0, 1, 2]
 
 
 def test_candidate_filter_on_true_masks_is_opt_in(tiny_config):
