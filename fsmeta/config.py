@@ -210,9 +210,6 @@ class SelectConfig:
         return values.get("default", builtin["default"])
 
 
-THRESHOLD_RULES = ("fixed", "prior", "adaptive")
-
-
 @dataclass
 class EvalConfig:
     protocol: str = "2020"  # "2020": test on every non-support image; "2023": fixed test split
@@ -223,9 +220,7 @@ class EvalConfig:
     vary_split: bool = True  # 2023 protocol: seed s uses split split_seed + s (the paper's 10 splits); false: every seed the same split (draws still differ), e.g. to score a tuned configuration on the test images tuning never read
     threshold: float = 0.5
     # fixed: foreground where p >= eval.threshold; prior: at the threshold that undoes weighted BCE's
-    # shift, w / (1 + w) for the support set's foreground weight w (fsmeta.losses.prior_threshold);
-    # adaptive: each image at 1 − its own foreground share, estimated from its probabilities
-    # (fsmeta.losses.adaptive_threshold; the benchmark's cells, measured in docs/results.md)
+    # shift, w / (1 + w) for the support set's foreground weight w (fsmeta.losses.prior_threshold)
     threshold_rule: str = "prior"
 
 
@@ -362,8 +357,7 @@ class Config:
             (self.meta.entropy in ("paper", "binary"), f"meta.entropy={self.meta.entropy!r} is not 'paper' or 'binary'"),
             (self.meta.backend in ("sequential", "ray"), f"meta.backend={self.meta.backend!r} is not 'sequential' or 'ray'"),
             (self.eval.protocol in ("2020", "2023"), f"eval.protocol={self.eval.protocol!r} is not '2020' or '2023'"),
-            (self.eval.threshold_rule in THRESHOLD_RULES,
-             f"eval.threshold_rule={self.eval.threshold_rule!r} is not one of {', '.join(THRESHOLD_RULES)}"),
+            (self.eval.threshold_rule in ("fixed", "prior"), f"eval.threshold_rule={self.eval.threshold_rule!r} is not 'fixed' or 'prior'"),
             (0.0 < self.eval.test_fraction < 1.0, f"eval.test_fraction={self.eval.test_fraction} must lie in (0, 1)"),
             (self.data.crop_size >= 8, f"data.crop_size={self.data.crop_size} is too small (at least 8)"),
             (self.finetune.crop_size == 0 or self.finetune.crop_size >= 8,

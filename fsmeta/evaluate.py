@@ -3,7 +3,7 @@ and instance precision/recall/F1 from connected components."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -35,12 +35,10 @@ def predict_probability(model: SegmentationModel, image: np.ndarray, compute: Co
     return torch.sigmoid(logits.float())[0, 0].cpu().numpy()
 
 
-def evaluate(model: SegmentationModel, images: ImageSet, indices: Iterable[int],
-             threshold: float | Callable[[np.ndarray], float] = 0.5,
+def evaluate(model: SegmentationModel, images: ImageSet, indices: Iterable[int], threshold: float = 0.5,
              compute: ComputeConfig | None = None, progress: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Score ``model`` on the listed images (on its device, see :func:`predict_probability`);
-    returns (summary, per-image rows). ``threshold`` is a number, or a function of an image's
-    probability map that gives its own (``eval.threshold_rule=adaptive``); each row records it.
+    returns (summary, per-image rows).
 
     The summary holds ``miou`` (mean of per-image IoU), ``pooled_iou`` (TP, FP, FN
     summed over images first), instance ``precision``, ``recall``, ``f1`` and ``n_images``.
@@ -52,8 +50,7 @@ def evaluate(model: SegmentationModel, images: ImageSet, indices: Iterable[int],
     scorer = inference_model(model, compute)  # bf16: batch norm folded (a copy); fp32: the model itself
     for i in indices:
         prob = predict_probability(scorer, images.image(int(i)), compute)
-        t = float(threshold(prob)) if callable(threshold) else float(threshold)
-        row = evaluate_image(prob, images.masks[int(i)], t)
-        rows.append({"image": images.ids[int(i)], **row, "threshold": t})
+        row = evaluate_image(prob, images.masks[int(i)], threshold)
+        rows.append({"image": images.ids[int(i)], **row})
         bar.update()
     return summarize(rows), rows

@@ -5,7 +5,6 @@ All functions take *logits* (pre-sigmoid) and are numerically stable at extreme 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -75,32 +74,6 @@ def prior_threshold(masks: Tensor) -> float:
         return 0.5
     w = float((y.shape[1] - fg[has]).sum() / fg[has].sum())
     return w / (1.0 + w)
-
-
-def adaptive_threshold(prob: np.ndarray, start: float = 0.5, bins: int = 1000, iterations: int = 200,
-                       tol: float = 1e-6, clip: tuple[float, float] = (0.05, 0.95)) -> float:
-    """One image's threshold from its own foreground share, estimated without labels.
-
-    A model trained with :func:`weighted_bce` predicts ``p`` as if foreground and background were
-    equally likely; under an image's own foreground share ``π`` the posterior is
-    ``q = π·p / (π·p + (1 − π)(1 − p))``, and ``q ≥ 1/2`` is ``p ≥ 1 − π``. ``π`` is estimated by
-    the EM of Saerens, Latinne & Decaestecker (Neural Computation 14, 2002) — ``π ← mean(q)``
-    until it settles — from ``start`` (the support's share), on a histogram of ``p`` in ``bins``
-    bins (an image's millions of pixels cost one ``bincount``). Returns ``1 − π`` clipped to ``clip``.
-    """
-    centres = (np.arange(bins) + 0.5) / bins
-    counts = np.bincount(np.minimum((np.asarray(prob, dtype=np.float64).ravel() * bins).astype(np.int64), bins - 1),
-                         minlength=bins).astype(np.float64)
-    weights = counts / counts.sum()
-    pi = float(min(max(start, 1e-4), 1 - 1e-4))
-    for _ in range(iterations):
-        q = pi * centres / (pi * centres + (1 - pi) * (1 - centres))
-        new = float(np.dot(weights, q))
-        if abs(new - pi) < tol:
-            pi = new
-            break
-        pi = min(max(new, 1e-4), 1 - 1e-4)
-    return float(min(max(1.0 - pi, clip[0]), clip[1]))
 
 
 def entropy_regulariser(logits: Tensor, form: str = "paper") -> Tensor:

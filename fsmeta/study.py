@@ -25,7 +25,7 @@ from fsmeta.data.store import ImageSet
 from fsmeta.errors import DataError, FsmetaError
 from fsmeta.evaluate import default_device, evaluate
 from fsmeta.finetune import HeldOut, finetune, hold_out, support_crops
-from fsmeta.losses import adaptive_threshold, prior_threshold
+from fsmeta.losses import prior_threshold
 from fsmeta.models import SegmentationModel
 
 log = logging.getLogger(__name__)
@@ -100,24 +100,13 @@ def target_config(cfg: Config, target: str, arch: str, pretraining: str | None =
 
 def decision_threshold(cfg: Config, support_masks: torch.Tensor, holdout: HeldOut | None = None) -> float:
     """The threshold a model fine-tuned on ``support_masks`` is scored at: the one its held-out
-    bands chose (``finetune.holdout``), else ``eval.threshold_rule``'s (``adaptive``: the prior
-    rule's, where each image's own is then estimated from it, :func:`image_threshold`); it reads
-    only the support set's annotation, never a test image."""
+    bands chose (``finetune.holdout``), else ``eval.threshold_rule``'s; it reads only the
+    support set's annotation, never a test image."""
     if holdout is not None and holdout.curve:
         return float(holdout.threshold)
-    if cfg.eval.threshold_rule in ("prior", "adaptive"):
+    if cfg.eval.threshold_rule == "prior":
         return prior_threshold(support_masks)
     return float(cfg.eval.threshold)
-
-
-def image_threshold(cfg: Config, threshold: float):
-    """What :func:`fsmeta.evaluate.evaluate` thresholds at: ``threshold``, or with
-    ``eval.threshold_rule=adaptive`` a function giving each image its own from its probability
-    map (:func:`fsmeta.losses.adaptive_threshold`, started from ``threshold``'s foreground share)."""
-    if cfg.eval.threshold_rule != "adaptive":
-        return threshold
-    start = 1.0 - threshold
-    return lambda prob: adaptive_threshold(prob, start)
 
 
 def cell_split(cfg: Config, n_images: int, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -240,8 +229,7 @@ def run_cell(cfg: Config, target: ImageSet, checkpoint: Path, cell: Cell,
     finetune(model, x, y, cfg.finetune, seed=cell.seed, where=cell.name(), compute=cfg.compute, augment=cfg.augment,
              holdout=holdout)
     threshold = decision_threshold(cfg, y, holdout)
-    summary, rows = evaluate(model, target, test, image_threshold(cfg, threshold), compute=cfg.compute)
-    threshold = float(np.mean([r["threshold"] for r in rows]))  # adaptive: the mean of the images' own
+    summary, _ = evaluate(model, target, test, threshold, compute=cfg.compute)
     metrics = {
         "miou": summary["miou"], "pooled_iou": summary["pooled_iou"], "f1": summary["f1"],
         "precision": summary["precision"], "recall": summary["recall"], "n_test": int(summary["n_images"]),

@@ -31,7 +31,7 @@ from fsmeta.evaluate import evaluate
 from fsmeta.finetune import finetune
 from fsmeta.meta.sources import load_sources
 from fsmeta.models import build_model
-from fsmeta.study import Cell, decision_threshold, image_threshold, random_support
+from fsmeta.study import Cell, decision_threshold, random_support
 from fsmeta.train import apply_threads, initial_theta, make_backend, meta_iteration
 from fsmeta.tuning.space import with_values
 
@@ -83,7 +83,7 @@ def validation_score(cfg: Config, theta: dict, target: ImageSet, split: TuneSpli
                      augment=cfg.augment, holdout=support.holdout)
             # the benchmark's threshold (eval.threshold_rule or the held-out bands'), so a trial scores what a cell would
             threshold = decision_threshold(cfg, support.y, support.holdout)
-            summary, _ = evaluate(model, target, split.val, image_threshold(cfg, threshold), compute=cfg.compute)
+            summary, _ = evaluate(model, target, split.val, threshold, compute=cfg.compute)
             per_k.setdefault(k, []).append(float(summary["miou"]))
     scores = {f"{METRIC}_K{k}": float(np.mean(v)) for k, v in per_k.items()}
     scores[METRIC] = float(np.mean([s for v in per_k.values() for s in v]))

@@ -187,31 +187,3 @@ def test_prior_threshold_undoes_the_foreground_weight():
     assert prior_threshold(masks[:1]) == pytest.approx(p_w_at_half)
     assert decision_threshold(load_config(None, ["eval.threshold_rule=fixed", "eval.threshold=0.4"]), masks) == 0.4
     assert decision_threshold(load_config(None, ["eval.threshold_rule=prior"]), masks) == pytest.approx(5 / 8)
-
-
-def test_adaptive_threshold_is_the_saerens_fixed_point():
-    import numpy as np
-
-    from fsmeta.config import load_config
-    from fsmeta.losses import adaptive_threshold
-    from fsmeta.study import image_threshold
-
-    hi, lo = 0.9905, 0.0105  # bin centres of the 1000-bin histogram, so binning is exact
-    prob = np.array([hi] * 20 + [lo] * 80, np.float32)  # balanced-prior posteriors of 100 pixels
-
-    def mean_posterior(pi):
-        q = lambda p: pi * p / (pi * p + (1 - pi) * (1 - p))  # noqa: E731
-        return 0.2 * q(hi) + 0.8 * q(lo)
-
-    a, b = 0.05, 0.6  # π = mean_posterior(π) by bisection on mean_posterior(π) − π (positive below the root)
-    for _ in range(60):
-        mid = (a + b) / 2
-        a, b = (mid, b) if mean_posterior(mid) > mid else (a, mid)
-    assert 0.18 < a < 0.2  # the share of confident foreground, pulled a little by the uncertain pixels
-    assert adaptive_threshold(prob, start=0.5) == pytest.approx(1 - a, abs=1e-4)
-    assert adaptive_threshold(prob, start=0.01) == pytest.approx(1 - a, abs=1e-4)  # the EM has one fixed point
-    assert adaptive_threshold(np.full(10, 0.0005, np.float32)) == 0.95  # π → 0: clipped
-    assert adaptive_threshold(np.full(10, 0.9995, np.float32)) == 0.05  # π → 1: clipped
-    assert image_threshold(load_config(None, ["eval.threshold_rule=prior"]), 0.7) == 0.7
-    per_image = image_threshold(load_config(None, ["eval.threshold_rule=adaptive"]), 0.7)
-    assert per_image(prob) == pytest.approx(1 - a, abs=1e-4)
