@@ -53,6 +53,7 @@ DEMO_OVERRIDES = [
     "finetune.batch_size=64",
     "finetune.lr=1e-4",
     "finetune.crop_size=0",
+    "finetune.holdout=0",
     "augment.finetune=false",
     "eval.threshold_rule=fixed",
     "eval.shots=[1, 3, 5]",

@@ -37,6 +37,7 @@ TINY = [
     "finetune.epochs=2",
     "finetune.steps=0",  # epochs, at data.crop_size: the tiny images hold few crops
     "finetune.crop_size=0",
+    "finetune.holdout=0",  # the tiny images hold few crops; tests/unit/test_holdout.py covers the bands
     "augment.finetune=false",
     "eval.shots=[1, 2]",
     "eval.seeds=[0, 1]",

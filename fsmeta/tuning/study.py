@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import json
 import shutil
 from pathlib import Path
@@ -185,7 +186,12 @@ def _write_outputs(cfg: Config, dims: list[Dimension], results, out: Path, track
     ok = [r for r in results if r.error is None and r.metrics and METRIC in r.metrics]
     if not ok:
         raise FsmetaError(f"no trial of the study in {out} reported {METRIC}; see {out / 'study'} for the trials' errors")
-    best = results.get_best_result(metric=METRIC, mode="max", scope="last", filter_nan_and_inf=True)
+    finite = [r for r in ok if math.isfinite(float(r.metrics[METRIC]))]
+    if not finite:
+        raise FsmetaError(f"every trial of the study in {out} reported a non-finite {METRIC}; see {out / 'study'}")
+    # The last report of each trial, best first; equal scores go to the lowest trial id, so a
+    # resumed study names the same best whatever order Tune restores its trials in.
+    best = min(finite, key=lambda r: (-float(r.metrics[METRIC]), str(r.metrics.get("trial_id", ""))))
     values = {k: best.config[k] for k in keys}
     best_cfg = with_values(cfg, values)
     header = (f"# fsmeta tune: best of {len(rows)} trial(s) for target {cfg.data.target}, "

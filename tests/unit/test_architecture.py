@@ -141,8 +141,9 @@ def test_the_tables_that_must_agree_do():
     from fsmeta import config, models
     from fsmeta.data import catalogue, prepare, synth
     from fsmeta.select.scorers import SCORERS
+    from fsmeta.select.selection import SET_METHODS
 
     assert set(config.ARCHITECTURES) == set(models.ARCHITECTURES)
-    assert set(config.SELECT_METHODS) == set(SCORERS)
+    assert set(config.SELECT_METHODS) == set(SCORERS) | set(SET_METHODS) and not set(SCORERS) & set(SET_METHODS)
     assert set(prepare.READERS) == set(catalogue.PUBLIC_NAMES) == set(prepare.PUBLIC)
     assert catalogue.SYNTHETIC_NAMES == synth.DOMAINS
