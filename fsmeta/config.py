@@ -541,18 +541,33 @@ def _under(key: str, prefixes: tuple[str, ...] | list[str]) -> bool:
     return any(key == p or key.startswith(p if p.endswith(".") else p + ".") for p in prefixes)
 
 
+# What a run saved before a field existed did, where the field's default has changed since it was
+# added: a saved configuration without the field is compared as if it held this value (else as the
+# current default), so resuming an older run under flipped defaults is refused, not silently mixed.
+ABSENT_MEANS: dict[str, Any] = {
+    "finetune.steps": 0,  # epochs (issue 19 made 500 steps the default)
+    "finetune.crop_size": 0,  # data.crop_size
+    "finetune.holdout": 0.0,  # every pixel trains
+    "augment.meta": False,
+    "augment.transfer": False,
+    "augment.finetune": False,
+    "eval.threshold_rule": "fixed",
+}
+
+
 def changed_keys(saved: dict[str, Any], now: dict[str, Any], *, ignore: tuple[str, ...] | list[str] = RUNTIME_KEYS,
                  only: tuple[str, ...] | list[str] | None = None) -> list[str]:
     """Flat keys whose values differ between a run's saved configuration and ``now`` (both ``Config.flat()``).
 
     The one test behind every ``--resume`` (benchmark, tune study, meta-training):
     a field the saved configuration lacks was added to fsmeta after the run
-    started, and counts as its default; keys under ``ignore`` are skipped; with
+    started, and counts as its default (or as :data:`ABSENT_MEANS` says, where the default
+    changed after the field was added); keys under ``ignore`` are skipped; with
     ``only``, just keys under those prefixes are compared. A dict field the saved
     configuration has is compared as saved (its missing entries are not refilled).
     """
     saved_fields = {field_path(k) for k in saved}
-    added = {k: v for k, v in Config().flat().items() if field_path(k) not in saved_fields}
+    added = {k: ABSENT_MEANS.get(k, v) for k, v in Config().flat().items() if field_path(k) not in saved_fields}
     before = {**added, **saved}
 
     def keep(k: str) -> bool:

@@ -120,6 +120,10 @@ def test_changed_keys_is_the_one_resume_check():
     older = {k: v for k, v in saved.items() if k != "eval.vary_split"}
     assert changed_keys(older, cfg.flat()) == []
     assert changed_keys(older, load_config(ROOT / "configs" / "real3.yaml", ["eval.vary_split=false"]).flat()) == ["eval.vary_split"]
+    # ... unless its default changed after it was added: then as what a run without it did
+    pre_holdout = {k: v for k, v in saved.items() if not k.startswith("finetune.holdout")}
+    assert changed_keys(pre_holdout, cfg.flat()) == ["finetune.holdout"]  # real3 holds 0.2 now; the old run trained on all
+    assert changed_keys(pre_holdout, load_config(ROOT / "configs" / "real3.yaml", ["finetune.holdout=0"]).flat()) == []
     # ... but a dict field the run had is compared as saved: its missing entries are not refilled from defaults
     assert "select.patches_per_shot.b5" not in saved and "select.patches_per_shot.b5" in Config().flat()
     assert changed_keys({k: v for k, v in saved.items() if k != "select.patches_per_shot.em"}, cfg.flat()) == ["select.patches_per_shot.em"]
