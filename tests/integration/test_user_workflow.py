@@ -3,9 +3,11 @@ annotated images, fine-tune a pre-trained checkpoint on five of them, predict th
 
 import csv
 import json
+import re
 import shutil
 
 import numpy as np
+import pytest
 import tifffile
 from PIL import Image
 
@@ -95,6 +97,23 @@ def test_finetune_cuts_folders_at_finetune_crop_size(tmp_path, tiny_config, caps
     out = capsys.readouterr().out
     assert code == 0 and "crops of 32×32" in out, out
     assert json.loads((tmp_path / "ft.json").read_text())["crop_size"] == 32
+
+
+def test_finetune_folders_hold_out_bands_and_keep_their_threshold(tmp_path, tiny_config, capsys):
+    """The built-in default (finetune.holdout) on a lab's folders: the bands choose the step and the
+    threshold, the command says which, and the checkpoint carries that threshold to predict."""
+    images, masks = _lab_folder(tmp_path / "lab")
+    pretrained = scratch_checkpoint(tiny_config(), tmp_path / "pre")
+    sets = [a for item in [*TINY, "finetune.crop_size=32", "data.finetune_stride={default: 16}", "finetune.holdout=0.25",
+                           "finetune.steps=6", "finetune.val_every=3"] for a in ("--set", item)]
+    code = main(["finetune", *sets, "--weights", str(pretrained), "--support-images", str(images),
+                 "--support-masks", str(masks), "--out", str(tmp_path / "ft.safetensors")])
+    out = capsys.readouterr().out
+    found = re.search(r"held-out bands chose step (\d+) \(IoU [0-9.]+\) and threshold ([0-9.]+)", out)
+    assert code == 0 and found, out
+    assert int(found.group(1)) in (3, 6)
+    meta = json.loads((tmp_path / "ft.json").read_text())
+    assert meta["threshold"] == pytest.approx(float(found.group(2)), abs=0.005)
 
 
 def test_finetune_folders_must_come_together(tmp_path, tiny_config, capsys):
