@@ -214,7 +214,8 @@ def _train(model: SegmentationModel, x: torch.Tensor, y: torch.Tensor, cfg: Fine
            validate: Callable[[int], bool] | None = None) -> list[float]:
     """The fine-tuning loop: ``steps`` > 0 full batches drawn across seeded epochs (the loss read
     every chunk of at most 50 steps), else ``cfg.epochs`` seeded epochs (the loss read per epoch).
-    ``validate(step)`` runs after every ``cfg.val_every`` steps and the last; True stops the loop."""
+    ``validate(step)`` (step budgets only) runs after every ``cfg.val_every`` steps and the last;
+    True stops the loop."""
     # Crops stay in host memory; each batch follows the model to its device.
     transform = augmentation(augment, (seed, 31337)) if augment is not None and augment.finetune else None
     step = TrainingStep(model, lr=cfg.lr, weight_decay=cfg.weight_decay, compute=compute, transform=transform)
@@ -241,22 +242,15 @@ def _train(model: SegmentationModel, x: torch.Tensor, y: torch.Tensor, cfg: Fine
             if stop:
                 break
         return history
-    done = 0
+    # Epochs: only without held-out bands (finetune() turns an epoch budget into steps for them).
     for epoch in range(cfg.epochs):
         order = torch.from_numpy(np.random.default_rng([seed, 31337, epoch]).permutation(len(x)))
-        stop = False
         for start in range(0, len(order), cfg.batch_size):
             rows = order[start : start + cfg.batch_size]
             step(supervised_loss, x[rows], y[rows])
-            done += 1
             bar.update(detail=f"epoch {epoch + 1}/{cfg.epochs}" + (f", loss {history[-1]:.4f}" if history else ""))
-            if checkpoint(done, epoch + 1 == cfg.epochs and start + cfg.batch_size >= len(order)):
-                stop = True
-                break
         losses = step.read_losses(lambda _, terms: f"{where}: loss is {terms[0]} in epoch {epoch}; lower finetune.lr")
         history.append(sum(t[0] for t in losses) / len(losses))
-        if stop:
-            break
     return history
 
 
