@@ -9,9 +9,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 import torch
@@ -120,20 +121,34 @@ def cell_split(cfg: Config, n_images: int, seed: int) -> tuple[np.ndarray, np.nd
 
 class Support(NamedTuple):
     """A fine-tuning support set: its crops, the images they come from, the annotated pixels,
-    and the held-out bands (None when ``finetune.holdout`` is 0 or the support has no whole images)."""
+    the held-out bands (None when ``finetune.holdout`` is 0 or the support has no whole images),
+    the annotated windows ``(image, y, x, height, width)`` and the seconds its selection took."""
 
     x: torch.Tensor
     y: torch.Tensor
     images: np.ndarray
     pixels: int
     holdout: HeldOut | None
+    windows: tuple[tuple[int, int, int, int, int], ...] = ()
+    seconds: float = 0.0
+
+
+def annotation_composition(target: ImageSet, windows: Iterable[tuple[int, int, int, int, int]]) -> dict[str, float]:
+    """What an annotated support holds, read from its true masks once it is chosen (a report, never
+    an input to choosing): ``support_foreground``, the foreground share of its annotated pixels, and
+    ``support_empty``, the share of its windows (images or patches) with no foreground at all."""
+    fg = total = empty = n = 0
+    for i, y, x, h, w in windows:
+        count = int(np.count_nonzero(target.masks[i][y:y + h, x:x + w]))
+        fg, total, empty, n = fg + count, total + h * w, empty + (count == 0), n + 1
+    return {"support_foreground": fg / total if total else 0.0, "support_empty": empty / n if n else 0.0}
 
 
 def support_holdout(cfg: Config, images: ImageSet, index: CropIndex, seed: int) -> HeldOut | None:
     """The held-out bands of a whole-image support set's crops (``finetune.holdout``), or None."""
     if cfg.finetune.holdout <= 0:
         return None
-    return hold_out(images, index, cfg.finetune.holdout, seed)
+    return hold_out(images, index, cfg.finetune.holdout, seed, cfg.finetune.holdout_min_share)
 
 
 def random_support(cfg: Config, target: ImageSet, pool: np.ndarray, cell: Cell) -> Support:
@@ -146,7 +161,9 @@ def random_support(cfg: Config, target: ImageSet, pool: np.ndarray, cell: Cell) 
         ids = ", ".join(target.ids[i] for i in support)
         raise DataError(f"{cell.name()}: support images [{ids}] give no crops: {exc}") from None
     x, y = support_crops(target, index)
-    return Support(x, y, support, sum(int(target.masks[i].size) for i in support), support_holdout(cfg, target, index, cell.seed))
+    windows = tuple((int(i), 0, 0, *target.masks[i].shape[:2]) for i in support)
+    return Support(x, y, support, sum(int(target.masks[i].size) for i in support), support_holdout(cfg, target, index, cell.seed),
+                   windows)
 
 
 def _ranking_file(cfg: Config, checkpoint: Path, cell: Cell) -> Path:
@@ -181,16 +198,21 @@ def _selected_support(cfg: Config, target: ImageSet, model: SegmentationModel, p
     budget = patch_budget(cell.target, cell.shots, cfg) if unit == "patch" else cell.shots
     cache = _ranking_file(cfg, checkpoint, cell) if checkpoint is not None else None
     if cache is not None and cache.is_file():
-        ranking = tuple(Item(*row) for row in json.loads(cache.read_text())["ranking"])
+        saved = json.loads(cache.read_text())
+        ranking = tuple(Item(*row) for row in saved["ranking"])
         if budget > len(ranking):
             raise FsmetaError(f"{cell.name()}: a budget of {budget} {unit}(s) is larger than the {len(ranking)} candidates of the pool")
         selection = Selection(cell.selection, unit, int(budget), ranking)
+        seconds = float(saved.get("seconds", 0.0))  # what computing it took (0: a ranking file from before this was kept)
     else:
+        start = time.perf_counter()
         selection = select_support(model, target, pool, budget, cell.selection, unit, cfg, seed=cell.seed,
                                    run_pretext=False, exclude=test)
+        seconds = time.perf_counter() - start
         if cache is not None:
             rows = [[it.image, it.y, it.x, it.height, it.width, it.score] for it in selection.ranking]
-            atomic_write_bytes(cache, json.dumps({"method": cell.selection, "unit": unit, "seed": cell.seed, "ranking": rows}).encode())
+            atomic_write_bytes(cache, json.dumps({"method": cell.selection, "unit": unit, "seed": cell.seed, "seconds": seconds,
+                                                  "ranking": rows}).encode())
     if np.intersect1d(selection.image_indices(), test).size:
         raise FsmetaError(f"{cell.name()}: the selection holds a test image")  # a stale or foreign ranking file
     holdout = None
@@ -200,7 +222,8 @@ def _selected_support(cfg: Config, target: ImageSet, model: SegmentationModel, p
         holdout = support_holdout(cfg, target, index, cell.seed)
     else:
         x, y = selection_crops(target, selection, cfg)
-    return Support(x, y, np.asarray(selection.image_indices()), int(selection.annotated_pixels()), holdout)
+    windows = tuple((it.image, it.y, it.x, it.height, it.width) for it in selection.selected)
+    return Support(x, y, np.asarray(selection.image_indices()), int(selection.annotated_pixels()), holdout, windows, seconds)
 
 
 def run_cell(cfg: Config, target: ImageSet, checkpoint: Path, cell: Cell,
@@ -221,12 +244,12 @@ def run_cell(cfg: Config, target: ImageSet, checkpoint: Path, cell: Cell,
     if fixed_test is None:
         if cell.selection != "random":
             raise FsmetaError(f"{cell.name()}: selection {cell.selection!r} needs eval.protocol=2023 (a fixed test split)")
-        x, y, support, pixels, holdout = random_support(cfg, target, pool, cell)
-        test = held_out_images(len(target), pool, fixed_test, support)
+        chosen = random_support(cfg, target, pool, cell)
+        test = held_out_images(len(target), pool, fixed_test, chosen.images)
     else:
-        x, y, support, pixels, holdout = _selected_support(cfg, target, model, pool, fixed_test, cell,
-                                                           checkpoint if cache_rankings else None)
+        chosen = _selected_support(cfg, target, model, pool, fixed_test, cell, checkpoint if cache_rankings else None)
         test = fixed_test
+    x, y, holdout = chosen.x, chosen.y, chosen.holdout
     finetune(model, x, y, cfg.finetune, seed=cell.seed, where=cell.name(), compute=cfg.compute, augment=cfg.augment,
              holdout=holdout)
     threshold = decision_threshold(cfg, y, holdout)
@@ -234,8 +257,9 @@ def run_cell(cfg: Config, target: ImageSet, checkpoint: Path, cell: Cell,
     metrics = {
         "miou": summary["miou"], "pooled_iou": summary["pooled_iou"], "f1": summary["f1"],
         "precision": summary["precision"], "recall": summary["recall"], "n_test": int(summary["n_images"]),
-        "support_crops": int(len(x)), "support_images": int(len(support)),
-        "annotated_pixels": pixels, "threshold": threshold,
+        "support_crops": int(len(x)), "support_images": int(len(chosen.images)),
+        "annotated_pixels": chosen.pixels, "threshold": threshold,
+        **annotation_composition(target, chosen.windows), "ranking_seconds": chosen.seconds,
         **(holdout.summary() if holdout is not None else {}),
     }
     return metrics, model, test

@@ -83,8 +83,9 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
         images = load_dataset(cfg.data.target, cfg)
         pool, _ = cell_split(cfg, len(images), seed)
         cell = Cell(cfg.data.target, meta["arch"], pretraining_name(meta), "random", shots, seed)
-        x, y, support, _, holdout = random_support(cfg, images, pool, cell)
-        target, label, support_ids, crop_size = cfg.data.target, cfg.data.target, [images.ids[i] for i in support], cfg.finetune_crop_size()
+        chosen = random_support(cfg, images, pool, cell)
+        x, y, holdout = chosen.x, chosen.y, chosen.holdout
+        target, label, support_ids, crop_size = cfg.data.target, cfg.data.target, [images.ids[i] for i in chosen.images], cfg.finetune_crop_size()
     n_images = len(support_ids)
     params: dict[str, Any] = {"target": target, "arch": meta["arch"], "pretraining": meta.get("kind", ""), "shots": n_images,
                               "seed": seed, "weights": str(weights), "support_crops": len(x), "crop_size": crop_size}

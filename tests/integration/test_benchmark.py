@@ -161,9 +161,18 @@ def test_selection_axis_runs_the_2023_pipeline(tiny_config, tmp_path):
     assert (tmp_path / "sel" / "pretrained" / "synth-he" / "fcrn" / "meta-all" / "pretext.safetensors").is_file()
     import json
 
+    from fsmeta.data.registry import load_dataset
+
+    images = load_dataset("synth-he", cfg)
+    shares = [float(np.count_nonzero(m)) / m.size for m in images.masks]
     for path in (tmp_path / "sel" / "cells").glob("*.json"):
         record = json.loads(path.read_text())
         assert record["support_images"] == 1  # unit=image, K=1
+        # the whole chosen image's annotation: its mask's foreground share, one of the pool's
+        share = min(shares, key=lambda s: abs(record["support_foreground"] - s))
+        assert abs(record["support_foreground"] - share) < 1e-12
+        assert record["support_empty"] == float(share == 0)
+        assert record["ranking_seconds"] > 0  # each split's ranking, timed when computed (the cache keeps the time)
 
 
 def test_selection_needs_the_2023_protocol(tiny_config, tmp_path):

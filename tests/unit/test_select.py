@@ -408,3 +408,16 @@ def test_select_config_tables_and_validation():
         load_config(None, ["select.unit=pixels"])
     with pytest.raises(ConfigError, match="select.gamma"):
         load_config(None, ["select.gamma={em: 2.0}"])
+
+
+def test_annotation_composition_counts_foreground_and_empty_windows():
+    from fsmeta.study import annotation_composition
+
+    m0 = np.zeros((8, 8), np.uint8)
+    m0[0:2, 0:3] = 1  # 6 foreground pixels, all in the top-left 4×4
+    m1 = np.ones((4, 4), np.uint8)
+    images = ImageSet("t", ["a", "b"], [m0, m1], [m0, m1], ["train", "train"], ["x", "x"])
+    # the top-left and bottom-right 4×4 patches of image a, and the whole of image b
+    got = annotation_composition(images, [(0, 0, 0, 4, 4), (0, 4, 4, 4, 4), (1, 0, 0, 4, 4)])
+    assert got == {"support_foreground": (6 + 0 + 16) / 48, "support_empty": 1 / 3}
+    assert annotation_composition(images, []) == {"support_foreground": 0.0, "support_empty": 0.0}
