@@ -1,6 +1,6 @@
 """The selection table of a benchmark's out folder (docs/results.md, issue 15): every
-(pre-training, method) × target × K as mean ± std mIoU over splits, how many (K, split) cells
-each method wins against the baseline method's cell of the same split, its worst mean deficit,
+(pre-training, method) × target × K as mean ± std mIoU over splits (population std, as fsmeta.report),
+how many (K, split) cells each method wins against the baseline method's cell of the same split, its worst mean deficit,
 what its supports hold (foreground share of the annotated pixels, share of windows with no
 foreground) and the seconds per ranking and per cell.
 
@@ -111,7 +111,7 @@ def main() -> None:
             if method != args.baseline and ious and base_ious:
                 delta = st.mean(ious) - st.mean(base_ious)
                 worst = delta if worst is None else min(worst, delta)
-            cells.append("–" if not ious else f"{st.mean(ious):.1f} ± {st.stdev(ious):.1f}" if len(ious) > 1 else f"{ious[0]:.1f}")
+            cells.append("–" if not ious else f"{st.mean(ious):.1f} ± {st.pstdev(ious):.1f}" if len(ious) > 1 else f"{ious[0]:.1f}")
         beats = f"{wins}/{n}" if n else "–"
         worst_s = "–" if worst is None else f"{worst:+.1f}"
         mean = lambda v, f: f.format(st.mean(v)) if v else "–"  # noqa: E731

@@ -97,8 +97,13 @@ def grid(cfg: Config) -> list[Cell]:
     ]
 
 
+# Settings of other commands that a benchmark never reads (its selection methods are study.selections;
+# select.method is `fsmeta select`'s): a change of them never blocks a resume.
+_NOT_READ = ("select.method",)
+
+
 def _check_resume(state: dict[str, Any], cfg: Config, out: Path) -> None:
-    changed = changed_keys(state["config"], cfg.flat(), ignore=(*RUNTIME_KEYS, *_GRID_AXES))
+    changed = changed_keys(state["config"], cfg.flat(), ignore=(*RUNTIME_KEYS, *_GRID_AXES, *_NOT_READ))
     if changed:
         raise FsmetaError(f"cannot resume the benchmark in {out}: its configuration differs in {', '.join(changed[:5])}")
 

@@ -16,7 +16,7 @@ from typing import Sequence
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from fsmeta.config import SELECT_METHODS  # noqa: E402
+from fsmeta.config import SELECT_METHODS, SelectConfig  # noqa: E402
 from fsmeta.data.catalogue import PUBLIC_NAMES  # noqa: E402
 from fsmeta.errors import FsmetaError  # noqa: E402
 
@@ -528,8 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-root", metavar="DIR", help="prepared data sets (default: $FSMETA_DATA or ./data)")
     g = p.add_argument_group("selection")
     g.add_argument("--budget", type=int, required=True, metavar="N", help="how many images or patches to select (required)")
-    g.add_argument("--method", choices=SELECT_METHODS, default="consistency",
-                   help="scoring method (default: consistency, the 2023 paper's)")
+    g.add_argument("--method", choices=SELECT_METHODS,
+                   help=f"selection method (default: select.method, {SelectConfig.method}; docs/selection.md)")
     g.add_argument("--unit", choices=["image", "patch"], default="image", help="select whole images or patches (default: image)")
     g.add_argument("--patch-size", type=int, metavar="PX", help="patch side (default: select.patch_size, 256)")
     g.add_argument("--patch-stride", type=int, metavar="PX", help="patch grid step (default: the patch size, non-overlapping tiles)")

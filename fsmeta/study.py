@@ -168,13 +168,15 @@ def random_support(cfg: Config, target: ImageSet, pool: np.ndarray, cell: Cell) 
 
 def _ranking_file(cfg: Config, checkpoint: Path, cell: Cell) -> Path:
     """Where the ranking of a (checkpoint, method, unit, split seed) is kept. The name hashes
-    everything a ranking depends on: the checkpoint's bytes, select.*, the crop grid and the split
+    everything a ranking depends on: the checkpoint's bytes, select.* (less ``select.method``, the
+    user command's default: the cell's own method is in the name), the crop grid and the split
     (and, for a set-level method, the budget)."""
     from fsmeta.select import patch_budget
     from fsmeta.select.selection import SET_METHODS
 
     digest = hashlib.sha256(checkpoint.read_bytes())
-    key = {"select": dataclasses.asdict(cfg.select), "crop": cfg.finetune_crop_size(), "stride": cfg.data.stride(cell.target, "finetune"),
+    select = {k: v for k, v in dataclasses.asdict(cfg.select).items() if k != "method"}  # the cell names its method
+    key = {"select": select, "crop": cfg.finetune_crop_size(), "stride": cfg.data.stride(cell.target, "finetune"),
            "split": [cfg.eval.protocol, cfg.eval.test_fraction, cfg.eval.split_seed], "target": cell.target}
     if cell.selection in SET_METHODS:  # a set chosen for its budget: one ranking per budget
         key["budget"] = patch_budget(cell.target, cell.shots, cfg) if cfg.select.unit == "patch" else cell.shots

@@ -206,3 +206,12 @@ def test_a_grown_grid_resumes_and_shares_rankings_across_budgets(tiny_config, tm
     assert len(scored) == 2 * 2 + 2 - 2  # (meta-bce: random, mc-dropout; scratch: random) × 2 seeds, less the 2 recorded
     fresh = benchmark.run_benchmark(tiny_config(*grown), tmp_path / "fresh", OFF, progress=False)
     assert _without_run_ids(rows) == _without_run_ids(fresh)
+
+
+def test_resume_ignores_settings_a_benchmark_never_reads(tiny_config, tmp_path):
+    """select.method is `fsmeta select`'s default (a benchmark's methods are study.selections):
+    flipping it does not block a resume, while a setting the cells read does."""
+    state = {"config": tiny_config("select.method=consistency").flat()}
+    benchmark._check_resume(state, tiny_config("select.method=typiclust"), tmp_path)
+    with pytest.raises(FsmetaError, match="select.patch_size"):
+        benchmark._check_resume(state, tiny_config("select.method=typiclust", "select.patch_size=48"), tmp_path)
