@@ -17,7 +17,6 @@ import argparse
 import json
 import statistics as st
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
