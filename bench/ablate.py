@@ -55,12 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretraining", default="meta-all", help="the label of the checkpoint's pre-training (default: meta-all)")
     p.add_argument("--shots", type=int, nargs="+", default=[5])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--selection", default="random", help="the cells' selection method (default: random); rankings are cached "
+                   "beside the checkpoint, as the benchmark does")
     p.add_argument("--variant", action="append", default=[], help="NAME=KEY=VALUE;KEY=VALUE (repeatable; default: the base alone)")
     args = p.parse_args(argv)
 
     variants = [parse_variant(v) for v in (args.variant or ["base="])]
     base = list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root else [])
-    print(f"checkpoint {args.checkpoint}; target {args.target}; K {args.shots}; seeds {args.seeds}")
+    print(f"checkpoint {args.checkpoint}; target {args.target}; selection {args.selection}; K {args.shots}; seeds {args.seeds}")
     print(f"{'variant':<16}{'K':>3}{'mIoU %':>9}{'± std':>7}{'pooled':>8}{'P':>6}{'R':>6}{'F1':>6}{'crops':>7}{'s/cell':>8}{'thr':>6}{'step':>6}")
     for name, overrides in variants:
         cfg = load_config(args.config, [*base, *overrides])
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             rows, seconds = [], []
             for s in args.seeds:
                 t0 = time.perf_counter()
-                metrics, _, _ = run_cell(cfg, target, Path(args.checkpoint), Cell(args.target, cfg.arch, args.pretraining, "random", k, s))
+                cell = Cell(args.target, cfg.arch, args.pretraining, args.selection, k, s)
+                metrics, _, _ = run_cell(cfg, target, Path(args.checkpoint), cell, cache_rankings=True)
                 seconds.append(time.perf_counter() - t0)
                 rows.append(metrics)
 
