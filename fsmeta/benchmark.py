@@ -40,7 +40,7 @@ from typing import Any
 
 
 from fsmeta.atomic import atomic_write_bytes
-from fsmeta.config import RUNTIME_KEYS, Config, changed_keys, config_from_dict
+from fsmeta.config import RUNTIME_KEYS, SELECT_COMMAND_KEYS, Config, changed_keys, config_from_dict
 from fsmeta.data.registry import load_dataset, resolve_sources
 from fsmeta.data.sampling import protocol_split
 from fsmeta.errors import FsmetaError
@@ -97,13 +97,8 @@ def grid(cfg: Config) -> list[Cell]:
     ]
 
 
-# Settings of other commands that a benchmark never reads (its selection methods are study.selections;
-# select.method is `fsmeta select`'s): a change of them never blocks a resume.
-_NOT_READ = ("select.method",)
-
-
 def _check_resume(state: dict[str, Any], cfg: Config, out: Path) -> None:
-    changed = changed_keys(state["config"], cfg.flat(), ignore=(*RUNTIME_KEYS, *_GRID_AXES, *_NOT_READ))
+    changed = changed_keys(state["config"], cfg.flat(), ignore=(*RUNTIME_KEYS, *_GRID_AXES, *SELECT_COMMAND_KEYS))
     if changed:
         raise FsmetaError(f"cannot resume the benchmark in {out}: its configuration differs in {', '.join(changed[:5])}")
 

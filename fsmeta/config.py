@@ -155,7 +155,9 @@ SELECT_METHODS = ("random", "entropy", "mc-dropout", "consistency", "typiclust")
 class SelectConfig:
     """Which target images or patches to annotate (``fsmeta select``, the benchmark's selection axis)."""
 
-    method: str = "consistency"  # random | entropy | mc-dropout | consistency | typiclust
+    # `fsmeta select`'s method: typiclust has the best measured record (docs/results.md, real3-v3:
+    # ahead of random on TNBC and ssTEM, behind on EM); configs/paper.yaml keeps the paper's consistency
+    method: str = "typiclust"  # random | entropy | mc-dropout | consistency | typiclust
     unit: str = "patch"  # patch | image: budgets count patches or whole images
     patch_size: int = 256
     patch_stride: int = 0  # 0: the data set's fine-tune stride (the paper's overlapping grid)
@@ -531,6 +533,9 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # changing them never blocks a resume.
 RUNTIME_KEYS = ("ray.", "tracking.", "threads", "compute.", "meta.backend", "study.executor", "study.cell_cpus", "study.cell_gpus",
                 "study.scheduler", "study.max_gpus", "study.max_cpus")
+# Defaults of `fsmeta select` alone (a benchmark's methods are study.selections, a Tune trial selects
+# nothing): a benchmark or a Tune study never reads them, so a change never blocks their resume.
+SELECT_COMMAND_KEYS = ("select.method",)
 
 
 def field_path(key: str) -> str:

@@ -210,3 +210,17 @@ def test_ranking_reports_predicted_foreground_and_warns_when_the_selection_is_ba
     assert code == 0, err
     assert "foreground in 0.0% of the selected pixels (all candidates: 75.0%)" in stdout
     assert "warning: the selection is mostly what the model sees as background" in err
+
+
+def test_method_defaults_to_the_configured_one(tmp_path, capsys, user_folder, weights):
+    """Without --method, select.method decides (typiclust built in; a config or --set may change it)."""
+    from pathlib import Path
+
+    from fsmeta.config import SelectConfig, load_config
+
+    paper = Path(__file__).resolve().parents[2] / "configs" / "paper.yaml"
+    assert SelectConfig.method == "typiclust" and load_config(paper).select.method == "consistency"
+    code, stdout, err = _run(capsys, "select", "--weights", weights, "--target", user_folder, "--budget", 1,
+                             "--unit", "image", "--out", tmp_path / "sel", *FAST, "--set", "select.method=random")
+    assert code == 0, err
+    assert stdout.startswith("random: selected 1 of 4 image(s)") and not (tmp_path / "sel" / "pretext.safetensors").exists()
