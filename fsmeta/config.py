@@ -138,9 +138,6 @@ class FinetuneConfig:
     # a band whose foreground density is below this share of its image's gives way to another
     # side (the first of the seeded order that reaches it; else the first with any foreground)
     holdout_min_share: float = 0.0
-    # the bands' best threshold gives way to the one nearest the prior w/(1+w) among those within
-    # this much band IoU of it (one band is a small sample; the prior is the loss's own boundary); 0: the best
-    holdout_tolerance: float = 0.0
     val_every: int = 50  # steps between validations on the bands
     patience: int = 0  # validations without improvement before stopping; 0: the whole budget
     refit: bool = False  # re-train on every crop for the chosen number of steps (else keep the best weights)
@@ -467,7 +464,6 @@ RANGES: dict[str, tuple[Any, bool, Any, bool]] = {
     "finetune.weight_decay": _NON_NEGATIVE,
     "finetune.holdout": (0.0, True, 0.5, False),
     "finetune.holdout_min_share": _NON_NEGATIVE,
-    "finetune.holdout_tolerance": (0.0, True, 1.0, True),
     "finetune.val_every": _AT_LEAST_1,
     "finetune.patience": _NON_NEGATIVE,
     "select.patches_per_shot.*": _AT_LEAST_1,

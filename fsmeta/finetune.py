@@ -18,7 +18,7 @@ from fsmeta.data.crops import CropIndex, gather
 from fsmeta.data.sampling import batch_stream
 from fsmeta.data.store import ImageSet
 from fsmeta.errors import FsmetaError
-from fsmeta.losses import prior_threshold, weighted_bce
+from fsmeta.losses import weighted_bce
 from fsmeta.models import SegmentationModel, clone_state, make_bn_affine
 from fsmeta.progress import Progress
 from fsmeta.step import Forward, TrainingStep
@@ -55,17 +55,14 @@ class HeldOut:
     masks: list[np.ndarray]  # the band's mask (bool), the scored part of its window
     scored: list[tuple[slice, slice]]  # where the band lies in its window
     bands: list[tuple[str, str, int]]  # (image id, side, band thickness in pixels), for the record
-    prefer: float = 0.5  # ties, and IoUs within ``tolerance`` of the best, go to the threshold nearest this
-    tolerance: float = 0.0
     best_step: int = 0
     threshold: float = 0.5
     iou: float = float("nan")
     curve: list[tuple[int, float, float]] = field(default_factory=list)  # (step, IoU, threshold) of every validation
 
     def score(self, model: SegmentationModel, compute: ComputeConfig | None = None) -> tuple[float, float]:
-        """(pooled IoU of the bands at the chosen threshold, that threshold) for ``model`` as it is:
-        the best threshold, or the one nearest ``prefer`` among those within ``tolerance`` of its IoU.
-        Leaves the model in training mode."""
+        """(pooled IoU of the bands at the best threshold, that threshold) for ``model`` as it is;
+        ties go to the threshold nearest 0.5. Leaves the model in training mode."""
         from fsmeta.compute import inference_model
         from fsmeta.evaluate import predict_probability
 
@@ -78,18 +75,17 @@ class HeldOut:
             fg += np.bincount(bins[mask], minlength=THRESHOLD_BINS)
             bg += np.bincount(bins[~mask], minlength=THRESHOLD_BINS)
         model.train()
-        return best_threshold(fg, bg, self.prefer, self.tolerance)
+        return best_threshold(fg, bg)
 
     def summary(self) -> dict[str, float | int]:
         return {"holdout_step": int(self.best_step), "holdout_iou": float(self.iou), "holdout_threshold": float(self.threshold),
                 "holdout_bands": len(self.bands), "holdout_train_crops": int(len(self.train_rows))}
 
 
-def best_threshold(fg: np.ndarray, bg: np.ndarray, prefer: float = 0.5, tolerance: float = 0.0) -> tuple[float, float]:
+def best_threshold(fg: np.ndarray, bg: np.ndarray) -> tuple[float, float]:
     """(IoU, threshold) maximising the pooled IoU of pixels whose probabilities fall in the bins
     ``fg`` (foreground pixels) and ``bg`` (background): predicting foreground at bin ``k`` and above
-    means the threshold ``k / len(fg)``. Thresholds in :data:`THRESHOLD_RANGE`; among those whose
-    IoU is within ``tolerance`` of the best (0: the best only), the one nearest ``prefer``."""
+    means the threshold ``k / len(fg)``. Thresholds in :data:`THRESHOLD_RANGE`; ties → nearest 0.5."""
     bins = len(fg)
     tp = np.cumsum(fg[::-1])[::-1]  # foreground pixels at bin k or above
     fp = np.cumsum(bg[::-1])[::-1]
@@ -98,9 +94,8 @@ def best_threshold(fg: np.ndarray, bg: np.ndarray, prefer: float = 0.5, toleranc
     iou = np.where(denom > 0, tp / np.maximum(denom, 1), 0.0)
     lo, hi = int(round(THRESHOLD_RANGE[0] * bins)), int(round(THRESHOLD_RANGE[1] * bins))
     ks = np.arange(lo, hi + 1)
-    top = float(iou[ks].max())
-    near = [k for k in ks if iou[k] >= top - tolerance - 1e-12]
-    k = int(min(near, key=lambda k: (abs(k / bins - prefer), -iou[k])))
+    order = sorted(ks, key=lambda k: (-iou[k], abs(k / bins - 0.5)))
+    k = int(order[0])
     return float(iou[k]), k / bins
 
 
@@ -198,8 +193,6 @@ def finetune(
         return model, _train(model, x, y, cfg, seed, where, compute, progress, augment, cfg.steps)
     if len(holdout.train_rows) == 0:
         raise FsmetaError(f"{where}: every support crop touches a held-out band; lower finetune.holdout")
-    if cfg.holdout_tolerance > 0:  # near-ties on the bands go to the threshold that undoes the loss's weighting
-        holdout.prefer, holdout.tolerance = prior_threshold(y), cfg.holdout_tolerance
     initial = clone_state(model) if cfg.refit else None
     rows = torch.from_numpy(holdout.train_rows.astype(np.int64))
     budget = cfg.steps or cfg.epochs * -(-len(rows) // cfg.batch_size)

@@ -29,10 +29,6 @@ def test_best_threshold_by_hand():
     # 0.50 < t ≤ 0.70: 6/10 = 0.6. Best: every threshold in (0.20, 0.30]; the one nearest 0.5 is 0.30.
     iou, t = best_threshold(fg, bg)
     assert iou == pytest.approx(10 / 13) and t == pytest.approx(0.30)
-    # within 0.2 of the best (≥ 0.569): (0.20, 0.30] and (0.50, 0.70]; the one nearest 0.6 is 0.60 itself
-    assert best_threshold(fg, bg, prefer=0.6, tolerance=0.2) == (pytest.approx(0.6), pytest.approx(0.60))
-    # within 0.1 (≥ 0.669): only (0.20, 0.30]; nearest 0.6 in it is 0.30
-    assert best_threshold(fg, bg, prefer=0.6, tolerance=0.1) == (pytest.approx(10 / 13), pytest.approx(0.30))
     # the grid stays in [0.05, 0.95]: a best threshold of 0.99 is not reachable
     fg2 = np.zeros(100, np.int64)
     fg2[99] = 1
