@@ -135,9 +135,6 @@ class FinetuneConfig:
     # +4.5 mIoU over 9 cells); 0: off (train on all, eval.threshold_rule decides the threshold).
     # Whole-image supports only (select.unit=patch: off); an image too small to give a band trains whole.
     holdout: float = 0.2
-    # a band whose foreground density is below this share of its image's gives way to another
-    # side (the first of the seeded order that reaches it; else the first with any foreground)
-    holdout_min_share: float = 0.0
     val_every: int = 50  # steps between validations on the bands
     patience: int = 0  # validations without improvement before stopping; 0: the whole budget
     refit: bool = False  # re-train on every crop for the chosen number of steps (else keep the best weights)
@@ -463,7 +460,6 @@ RANGES: dict[str, tuple[Any, bool, Any, bool]] = {
     "finetune.lr": _POSITIVE,
     "finetune.weight_decay": _NON_NEGATIVE,
     "finetune.holdout": (0.0, True, 0.5, False),
-    "finetune.holdout_min_share": _NON_NEGATIVE,
     "finetune.val_every": _AT_LEAST_1,
     "finetune.patience": _NON_NEGATIVE,
     "select.patches_per_shot.*": _AT_LEAST_1,

@@ -99,13 +99,9 @@ def best_threshold(fg: np.ndarray, bg: np.ndarray) -> tuple[float, float]:
     return float(iou[k]), k / bins
 
 
-def hold_out(images: ImageSet, index: CropIndex, fraction: float, seed: int, min_share: float = 0.0) -> HeldOut | None:
+def hold_out(images: ImageSet, index: CropIndex, fraction: float, seed: int) -> HeldOut | None:
     """The held-out bands of the images in ``index`` (see :class:`HeldOut`); None when no image
-    can give one (every band would be empty of foreground or leave its image no training crop).
-
-    ``min_share``: a band is preferred when its foreground density is at least this share of its
-    image's (a band with one stray nucleus scores the threshold on almost nothing); the first side
-    of the seeded order that qualifies is taken, else the first whose band holds any foreground."""
+    can give one (every band would be empty of foreground or leave its image no training crop)."""
     size = index.size
     keep = np.ones(len(index), dtype=bool)
     windows, masks, scored, bands = [], [], [], []
@@ -115,8 +111,6 @@ def hold_out(images: ImageSet, index: CropIndex, fraction: float, seed: int, min
         h, w = mask.shape
         rows = np.nonzero(index.image == i)[0]
         ys, xs = index.y[rows].astype(np.int64), index.x[rows].astype(np.int64)
-        density = float(mask.mean())
-        candidates = []  # (side, band, crops touching it, region, window), in the seeded order
         for side in np.random.default_rng([seed, 7919, i]).permutation(4):
             side = ("top", "bottom", "left", "right")[int(side)]
             extent = h if side in ("top", "bottom") else w
@@ -137,17 +131,14 @@ def hold_out(images: ImageSet, index: CropIndex, fraction: float, seed: int, min
                 window = (slice(None), slice(max(0, w - band - CONTEXT_MARGIN), w))
             if touches.all() or not mask[region].any():
                 continue
-            candidates.append((side, band, touches, region, window, float(mask[region].mean()) >= min_share * density))
-        if not candidates:
-            continue
-        side, band, touches, region, window, _ = next((c for c in candidates if c[5]), candidates[0])
-        keep[rows[touches]] = False
-        offset = (region[0].start - (window[0].start or 0)) if side in ("top", "bottom") else (region[1].start - (window[1].start or 0))
-        local = (slice(offset, offset + band), slice(None)) if side in ("top", "bottom") else (slice(None), slice(offset, offset + band))
-        windows.append(images.image(i)[window])
-        masks.append(mask[region])
-        scored.append(local)
-        bands.append((images.ids[i], side, band))
+            keep[rows[touches]] = False
+            offset = (region[0].start - (window[0].start or 0)) if side in ("top", "bottom") else (region[1].start - (window[1].start or 0))
+            local = (slice(offset, offset + band), slice(None)) if side in ("top", "bottom") else (slice(None), slice(offset, offset + band))
+            windows.append(images.image(i)[window])
+            masks.append(mask[region])
+            scored.append(local)
+            bands.append((images.ids[i], side, band))
+            break
     if not windows:
         return None
     return HeldOut(np.nonzero(keep)[0], windows, masks, scored, bands)

@@ -148,7 +148,7 @@ def support_holdout(cfg: Config, images: ImageSet, index: CropIndex, seed: int) 
     """The held-out bands of a whole-image support set's crops (``finetune.holdout``), or None."""
     if cfg.finetune.holdout <= 0:
         return None
-    return hold_out(images, index, cfg.finetune.holdout, seed, cfg.finetune.holdout_min_share)
+    return hold_out(images, index, cfg.finetune.holdout, seed)
 
 
 def random_support(cfg: Config, target: ImageSet, pool: np.ndarray, cell: Cell) -> Support:
