@@ -39,15 +39,16 @@ def unflatten(flat: dict) -> dict:
     return out
 
 
-def legacy_ranking_file(cfg, checkpoint: Path, cell: Cell) -> Path:
-    """The name a ranking had before commit 1c81805, whose key still held select.method."""
+def legacy_ranking_file(cfg, checkpoint: Path, cell: Cell, method: str) -> Path:
+    """The name a ranking had before commit 1c81805, whose key still held select.method (the
+    value of that run's select.method, which a grown grid's benchmark.json may no longer show)."""
     import dataclasses
     import hashlib
 
     from fsmeta.select.selection import SET_METHODS
 
     digest = hashlib.sha256(checkpoint.read_bytes())
-    key = {"select": dataclasses.asdict(cfg.select), "crop": cfg.finetune_crop_size(), "stride": cfg.data.stride(cell.target, "finetune"),
+    key = {"select": {**dataclasses.asdict(cfg.select), "method": method}, "crop": cfg.finetune_crop_size(), "stride": cfg.data.stride(cell.target, "finetune"),
            "split": [cfg.eval.protocol, cfg.eval.test_fraction, cfg.eval.split_seed], "target": cell.target}
     if cell.selection in SET_METHODS:
         key["budget"] = patch_budget(cell.target, cell.shots, cfg) if cfg.select.unit == "patch" else cell.shots
@@ -64,7 +65,9 @@ def composition_from_ranking(cfg, out: Path, rec: dict, images_of) -> tuple[dict
         return None, None
     path = _ranking_file(cfg, checkpoint, cell)
     if not path.is_file():
-        path = legacy_ranking_file(cfg, checkpoint, cell)
+        from fsmeta.config import SELECT_METHODS
+
+        path = next((p for p in (legacy_ranking_file(cfg, checkpoint, cell, m) for m in SELECT_METHODS) if p.is_file()), path)
     if not path.is_file():
         return None, None
     saved = json.loads(path.read_text())
@@ -118,7 +121,7 @@ def main() -> None:
                 ious.append(100 * rec["miou"])
                 fg += [rec["support_foreground"]] if rec.get("support_foreground") is not None else []
                 empty += [rec["support_empty"]] if rec.get("support_empty") is not None else []
-                rank_s += [rec["ranking_seconds"]] if rec.get("ranking_seconds") else []
+                rank_s += [rec["ranking_seconds"]] if rec.get("ranking_seconds") is not None else []
                 cell_s += [rec["cell_seconds"]] if rec.get("cell_seconds") else []
                 base = rows.get((t, a, p, args.baseline, kk, s))
                 if method != args.baseline and base is not None:
@@ -133,7 +136,7 @@ def main() -> None:
         worst_s = "–" if worst is None else f"{worst:+.1f}"
         mean = lambda v, f: f.format(st.mean(v)) if v else "–"  # noqa: E731
         print(f"| {target} | {pre} | {method} | {' | '.join(cells)} | {beats} | {worst_s} | {mean(fg, '{:.1%}')} | "
-              f"{mean(empty, '{:.0%}')} | {mean(rank_s, '{:.0f}')} | {mean(cell_s, '{:.0f}')} |")
+              f"{mean(empty, '{:.0%}')} | {mean(rank_s, '{:.1f}')} | {mean(cell_s, '{:.0f}')} |")
 
 
 if __name__ == "__main__":
