@@ -39,23 +39,6 @@ def unflatten(flat: dict) -> dict:
     return out
 
 
-def legacy_ranking_file(cfg, checkpoint: Path, cell: Cell, method: str) -> Path:
-    """The name a ranking had before commit 1c81805, whose key still held select.method (the
-    value of that run's select.method, which a grown grid's benchmark.json may no longer show)."""
-    import dataclasses
-    import hashlib
-
-    from fsmeta.select.selection import SET_METHODS
-
-    digest = hashlib.sha256(checkpoint.read_bytes())
-    key = {"select": {**dataclasses.asdict(cfg.select), "method": method}, "crop": cfg.finetune_crop_size(), "stride": cfg.data.stride(cell.target, "finetune"),
-           "split": [cfg.eval.protocol, cfg.eval.test_fraction, cfg.eval.split_seed], "target": cell.target}
-    if cell.selection in SET_METHODS:
-        key["budget"] = patch_budget(cell.target, cell.shots, cfg) if cfg.select.unit == "patch" else cell.shots
-    digest.update(json.dumps(key, sort_keys=True, default=str).encode())
-    return checkpoint.parent / "rankings" / f"{cell.selection}-{cfg.select.unit}-s{cell.seed}-{digest.hexdigest()[:16]}.json"
-
-
 def composition_from_ranking(cfg, out: Path, rec: dict, images_of) -> tuple[dict | None, float | None]:
     """(support_foreground/support_empty, ranking seconds) of an older record, from its ranking file."""
     cell = Cell(rec["target"], rec["arch"], rec["pretraining"], rec["selection"], int(rec["shots"]), int(rec["seed"]))
@@ -67,7 +50,7 @@ def composition_from_ranking(cfg, out: Path, rec: dict, images_of) -> tuple[dict
     if not path.is_file():
         from fsmeta.config import SELECT_METHODS
 
-        path = next((p for p in (legacy_ranking_file(cfg, checkpoint, cell, m) for m in SELECT_METHODS) if p.is_file()), path)
+        path = next((p for p in (_ranking_file(cfg, checkpoint, cell, legacy_method=m) for m in SELECT_METHODS) if p.is_file()), path)
     if not path.is_file():
         return None, None
     saved = json.loads(path.read_text())

@@ -166,16 +166,19 @@ def random_support(cfg: Config, target: ImageSet, pool: np.ndarray, cell: Cell) 
                    windows)
 
 
-def _ranking_file(cfg: Config, checkpoint: Path, cell: Cell) -> Path:
+def _ranking_file(cfg: Config, checkpoint: Path, cell: Cell, legacy_method: str | None = None) -> Path:
     """Where the ranking of a (checkpoint, method, unit, split seed) is kept. The name hashes
     everything a ranking depends on: the checkpoint's bytes, select.* (less ``select.method``, the
     user command's default: the cell's own method is in the name), the crop grid and the split
-    (and, for a set-level method, the budget)."""
+    (and, for a set-level method, the budget). ``legacy_method``: the name a ranking written before
+    commit 1c81805 has, whose key held that run's select.method (bench/selection_table.py reads them)."""
     from fsmeta.select import patch_budget
     from fsmeta.select.selection import SET_METHODS
 
     digest = hashlib.sha256(checkpoint.read_bytes())
     select = {k: v for k, v in dataclasses.asdict(cfg.select).items() if k != "method"}  # the cell names its method
+    if legacy_method is not None:
+        select = {**dataclasses.asdict(cfg.select), "method": legacy_method}
     key = {"select": select, "crop": cfg.finetune_crop_size(), "stride": cfg.data.stride(cell.target, "finetune"),
            "split": [cfg.eval.protocol, cfg.eval.test_fraction, cfg.eval.split_seed], "target": cell.target}
     if cell.selection in SET_METHODS:  # a set chosen for its budget: one ranking per budget
