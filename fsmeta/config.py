@@ -142,7 +142,7 @@ class FinetuneConfig:
 
 # Support-set selection (SPEC §4.6, Dawoud et al. 2023). The per-data-set tables (γ, polarity,
 # ψ, patches per shot) come from fsmeta.data.catalogue, where each value's origin is noted.
-SELECT_METHODS = ("random", "entropy", "mc-dropout", "consistency", "typiclust")
+SELECT_METHODS = ("random", "entropy", "mc-dropout", "consistency", "typiclust", "coverage")
 
 
 @dataclass
@@ -151,7 +151,7 @@ class SelectConfig:
 
     # `fsmeta select`'s method: typiclust has the best measured record (docs/results.md, real3-v3:
     # ahead of random on TNBC and ssTEM, behind on EM); configs/paper.yaml keeps the paper's consistency
-    method: str = "typiclust"  # random | entropy | mc-dropout | consistency | typiclust
+    method: str = "typiclust"  # random | entropy | mc-dropout | consistency | typiclust | coverage
     unit: str = "patch"  # patch | image: budgets count patches or whole images
     patch_size: int = 256
     patch_stride: int = 0  # 0: the data set's fine-tune stride (the paper's overlapping grid)
@@ -173,7 +173,7 @@ class SelectConfig:
     pretext_epochs: int = 100  # 0: score with the pre-trained model as it is
     pretext_images: str = "all"  # all: every target image (the paper); pool: the selection pool only
     pretext_stride: int = 0  # 0: the data set's fine-tune stride
-    min_predicted_foreground: float = 0.0055  # typiclust: candidates θ′ predicts to hold this share of foreground come first (the paper's 0.55 % crop filter)
+    min_predicted_foreground: float = 0.0055  # typiclust, coverage: candidates (coverage: and reference patches) θ′ predicts to hold this share of foreground come first (the paper's 0.55 % crop filter)
     pretext_max_steps: int = 0  # at most this many pretext steps (a large target's epochs are cut short); 0: no cap
     pretext_batch_size: int = 64
     pretext_lr: float = 1e-4

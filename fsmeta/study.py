@@ -170,10 +170,10 @@ def _ranking_file(cfg: Config, checkpoint: Path, cell: Cell, legacy_method: str 
     """Where the ranking of a (checkpoint, method, unit, split seed) is kept. The name hashes
     everything a ranking depends on: the checkpoint's bytes, select.* (less ``select.method``, the
     user command's default: the cell's own method is in the name), the crop grid and the split
-    (and, for a set-level method, the budget). ``legacy_method``: the name a ranking written before
+    (and, for a method whose choice depends on the budget — typiclust — the budget). ``legacy_method``: the name a ranking written before
     commit 1c81805 has, whose key held that run's select.method (bench/selection_table.py reads them)."""
     from fsmeta.select import patch_budget
-    from fsmeta.select.selection import SET_METHODS
+    from fsmeta.select.selection import BUDGETED_METHODS
 
     digest = hashlib.sha256(checkpoint.read_bytes())
     select = {k: v for k, v in dataclasses.asdict(cfg.select).items() if k != "method"}  # the cell names its method
@@ -181,7 +181,7 @@ def _ranking_file(cfg: Config, checkpoint: Path, cell: Cell, legacy_method: str 
         select = {**dataclasses.asdict(cfg.select), "method": legacy_method}
     key = {"select": select, "crop": cfg.finetune_crop_size(), "stride": cfg.data.stride(cell.target, "finetune"),
            "split": [cfg.eval.protocol, cfg.eval.test_fraction, cfg.eval.split_seed], "target": cell.target}
-    if cell.selection in SET_METHODS:  # a set chosen for its budget: one ranking per budget
+    if cell.selection in BUDGETED_METHODS:  # a set chosen for its budget: one ranking per budget
         key["budget"] = patch_budget(cell.target, cell.shots, cfg) if cfg.select.unit == "patch" else cell.shots
     digest.update(json.dumps(key, sort_keys=True, default=str).encode())
     return checkpoint.parent / "rankings" / f"{cell.selection}-{cfg.select.unit}-s{cell.seed}-{digest.hexdigest()[:16]}.json"
@@ -195,7 +195,7 @@ def _selected_support(cfg: Config, target: ImageSet, model: SegmentationModel, p
     A score ranking does not depend on the budget, so with ``checkpoint`` given it is computed once
     per (checkpoint, method, unit, split) and kept beside the checkpoint: the cells K = 1…10
     of one split share it (MC-dropout's ten passes over the pool would otherwise run per K);
-    a set-level method (``typiclust``) keeps one per budget."""
+    a method whose set depends on the budget (``typiclust``) keeps one per budget."""
     from fsmeta.select import patch_budget, select_support, selection_crops, selection_index
     from fsmeta.select.selection import Item, Selection
 

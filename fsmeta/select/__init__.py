@@ -2,7 +2,8 @@
 
 Pipeline: pseudo-labels (:mod:`.pseudo`) → pretext fine-tune on them
 (:mod:`.pretext`) → score every patch of the unlabelled pool (:mod:`.scorers`:
-``random``, ``entropy``, ``mc-dropout``, ``consistency``) → rank and take the
+``random``, ``entropy``, ``mc-dropout``, ``consistency``; or a set from θ′'s features,
+:mod:`.diversity`: ``typiclust``, ``coverage``) → rank and take the
 top |B| patches or whole images (:mod:`.selection`) → annotate → fine-tune.
 
 For the benchmark (2023 protocol: a fixed 20% test split, the rest the pool)::

@@ -1,4 +1,4 @@
-"""Set-level selection: typical members of distinct clusters of θ′'s features (``typiclust``).
+"""Set-level selection from θ′'s features: ``typiclust`` (typical members of distinct clusters) and ``coverage`` (greedy facility location, below).
 
 A score per candidate ranks the candidates one by one; at a budget of a few images
 what matters is that the chosen set covers the target's variety and that each member
@@ -22,6 +22,8 @@ The choice depends on the budget (k = budget), so its rankings are cached per bu
 """
 
 from __future__ import annotations
+
+import heapq
 
 import numpy as np
 
@@ -117,3 +119,73 @@ def typiclust_order(features: np.ndarray, foreground: np.ndarray, budget: int, s
     chosen = set(picks) | set(others)
     rest = [int(i) for i in np.argsort(-foreground, kind="stable") if int(i) not in chosen]
     return np.array(picks + others + rest, dtype=np.int64)
+
+
+# --- coverage: greedy facility location over the pool's patches --------------------------------
+#
+# Yang et al., "Suggestive Annotation: A Deep Active Learning Framework for Biomedical Image
+# Segmentation" (MICCAI 2017), choose the images whose descriptors best *represent* the
+# unannotated set: maximise F(S) = Σ_r max_{s ∈ S} sim(r, s), cosine similarity — a facility-
+# location objective, monotone submodular, so the greedy choice is within 1 − 1/e of the best set
+# (Nemhauser, Wolsey & Fisher 1978; Wei, Iyer & Bilmes, "Submodularity in data subset selection
+# and active learning", ICML 2015). Here the represented points ("reference") are the pool's
+# patches θ′ predicts to hold cells, so a set is judged by how well it covers the variety of
+# what is to be segmented, not of the background; a candidate image counts by its best patch
+# for each reference patch. Greedy picks are nested (the first k of the order are the greedy
+# set of every budget k), so one ranking serves every budget, as a score's does.
+
+def coverage_order(features: np.ndarray, owners: np.ndarray, foreground: np.ndarray, n_candidates: int,
+                   seed: int, min_foreground: float, eligible: np.ndarray | None = None) -> np.ndarray:
+    """The candidates' order (a permutation of ``range(n_candidates)``) by greedy facility location.
+
+    Args:
+        features: (P, C) unit-length features of the pool's patches.
+        owners: (P,) the candidate each patch belongs to (an image, or the patch itself).
+        foreground: (P,) θ′'s predicted foreground share of each patch.
+        n_candidates: how many candidates; every one owns at least one patch.
+        seed: the reference sample when more than :data:`REFERENCE` patches qualify.
+        min_foreground: the predicted share that makes a patch a reference (when none does,
+            every patch is one).
+        eligible: (n_candidates,) bool, candidates ordered before the others (θ′ predicts cells
+            in them); ``None``: all.
+
+    Returns the greedy order over the eligible candidates, then over the rest (coverage carried
+    on). Each step takes the largest marginal gain Σ_r max(0, best(c, r) − covered_r), ties to
+    the lower index; computed lazily (Minoux 1978: a gain never grows as the set grows, so a
+    stale gain bounds the fresh one), which picks what recomputing every gain would.
+    """
+    owners = np.asarray(owners, dtype=np.int64)
+    if len(features) != len(owners) or len(owners) != len(foreground):
+        raise ValueError("features, owners and foreground must have one row per patch")
+    if n_candidates < 1 or len(owners) == 0 or owners.min() < 0 or owners.max() >= n_candidates \
+            or np.bincount(owners, minlength=n_candidates).min() == 0:
+        raise ValueError(f"every one of the {n_candidates} candidates must own at least one patch")
+    ref = np.nonzero(foreground >= min_foreground)[0]
+    if len(ref) == 0:
+        ref = np.arange(len(features))
+    if len(ref) > REFERENCE:
+        ref = np.sort(np.random.default_rng([seed, 2017]).choice(ref, REFERENCE, replace=False))
+    sim = np.maximum(features.astype(np.float64) @ features[ref].astype(np.float64).T, 0.0)  # (P, R)
+    # a candidate covers a reference by its most similar patch
+    if np.all(np.diff(owners) >= 0):  # patches grouped by candidate (how selection lists them): one pass
+        best = np.maximum.reduceat(sim, np.searchsorted(owners, np.arange(n_candidates)), axis=0)
+    else:
+        best = np.zeros((n_candidates, len(ref)))
+        np.maximum.at(best, owners, sim)
+    if eligible is None:
+        eligible = np.ones(n_candidates, dtype=bool)
+    order: list[int] = []
+    covered = np.zeros(len(ref))
+    for group in (np.nonzero(eligible)[0], np.nonzero(~eligible)[0]):
+        gains = np.maximum(best[group] - covered, 0.0).sum(1)
+        heap = [(-float(g), int(i)) for g, i in zip(gains, group)]
+        heapq.heapify(heap)
+        while heap:
+            _, i = heapq.heappop(heap)
+            fresh = float(np.maximum(best[i] - covered, 0.0).sum())
+            if heap and (-fresh, i) > heap[0]:  # another's bound beats it: put it back with its fresh gain
+                heapq.heappush(heap, (-fresh, i))
+                continue
+            order.append(i)
+            covered = np.maximum(covered, best[i])
+    return np.array(order, dtype=np.int64)

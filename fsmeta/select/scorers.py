@@ -10,8 +10,8 @@ number means "annotate this first" (the selection takes the top |B|):
                  ``passes`` (10) stochastic forward passes; the binary entropy of
                  the mean probability, averaged over pixels. Seeded: the same
                  seed gives the same masks, different passes differ.
-``typiclust``     not a score: a set-level choice from θ′'s features
-                 (:mod:`fsmeta.select.diversity`, :func:`embed_patches`).
+``typiclust``,    not scores: set-level choices from θ′'s features
+``coverage``     (:mod:`fsmeta.select.diversity`, :func:`embed_patches`).
 ``consistency``  Dawoud et al. 2023, Eq. 4: the sum over the augmentations
                  {auto-contrast, brightness ψ, sharpness ψ} (PIL ``ImageOps`` /
                  ``ImageEnhance``) of the weighted BCE (SPEC §4.2: per patch,

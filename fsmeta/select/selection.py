@@ -37,7 +37,8 @@ from fsmeta.progress import Progress
 from fsmeta.select.scorers import SCORERS, ScoreContext, embed_patches, score_patches
 
 UNITS = ("patch", "image")
-SET_METHODS = ("typiclust",)  # choose a set for the budget (fsmeta.select.diversity), not a score per candidate
+SET_METHODS = ("typiclust", "coverage")  # choose a set from θ′'s features (fsmeta.select.diversity), not a score per candidate
+BUDGETED_METHODS = ("typiclust",)  # whose choice depends on the budget (k-means with k = budget); coverage's picks are nested
 _CHUNK = 256  # patches scored per call, so an image's whole grid never sits in memory at once
 
 
@@ -156,31 +157,48 @@ def embed_image(model: SegmentationModel, images: ImageSet, i: int, cfg: Config,
 
 
 def _set_level_candidates(model: SegmentationModel, images: ImageSet, pool: np.ndarray, budget: int, unit: str,
-                          cfg: Config, seed: int, whole: bool, bar: Progress) -> list[Item]:
-    """Every candidate of a set-level method (``typiclust``), scored by its place in the order
-    :func:`fsmeta.select.diversity.typiclust_order` gives (n for the first, 1 for the last)."""
-    from fsmeta.select.diversity import typiclust_order
+                          method: str, cfg: Config, seed: int, whole: bool, bar: Progress) -> list[Item]:
+    """Every candidate of a set-level method, scored by its place in the order
+    :func:`fsmeta.select.diversity.typiclust_order` or :func:`~fsmeta.select.diversity.coverage_order`
+    gives (n for the first, 1 for the last)."""
+    from fsmeta.select.diversity import coverage_order, typiclust_order
 
     windows: list[Item] = []
-    feats, shares = [], []
+    feats, shares, owners = [], [], []  # per patch (coverage), or per candidate (typiclust, unit=image)
+    image_shares = []
     for i in pool:
         grid, f, g = embed_image(model, images, int(i), cfg, seed, whole=whole)
         bar.update()
         if not grid:
             continue
         if unit == "patch":
+            owners.append(np.arange(len(windows), len(windows) + len(grid)))
             windows += [Item(int(i), y, x, ph, pw, 0.0) for y, x, ph, pw in grid]
             feats.append(f)
             shares.append(g)
         else:
             img_h, img_w = images.images[int(i)].shape[:2]
+            image_shares.append(float(g.mean()))
+            if method == "coverage":
+                owners.append(np.full(len(grid), len(windows)))
+                feats.append(f)
+                shares.append(g)
+            else:
+                mean = f.mean(0)
+                feats.append((mean / max(float(np.linalg.norm(mean)), 1e-12))[None])
+                shares.append(np.array([g.mean()]))
             windows.append(Item(int(i), 0, 0, img_h, img_w, 0.0))
-            mean = f.mean(0)
-            feats.append((mean / max(float(np.linalg.norm(mean)), 1e-12))[None])
-            shares.append(np.array([g.mean()]))
     if budget > len(windows):
         return windows  # the caller names the shortfall
-    order = typiclust_order(np.concatenate(feats), np.concatenate(shares), budget, seed, cfg.select.min_predicted_foreground)
+    min_fg = cfg.select.min_predicted_foreground
+    if method == "coverage":
+        share = np.concatenate(shares)
+        candidate_share = share if unit == "patch" else np.array(image_shares)
+        eligible = candidate_share >= min_fg
+        # eligible first whatever the budget, so the order is one for every budget
+        order = coverage_order(np.concatenate(feats), np.concatenate(owners), share, len(windows), seed, min_fg, eligible)
+    else:
+        order = typiclust_order(np.concatenate(feats), np.concatenate(shares), budget, seed, min_fg)
     n = len(windows)
     return [dataclasses.replace(windows[k], score=float(n - pos)) for pos, k in enumerate(order)]
 
@@ -265,7 +283,8 @@ def select_support(
         images: the target data set; masks are never read here.
         pool_indices: the images that may be selected (2023 protocol: the non-test images).
         budget: patches (``unit="patch"``) or whole images (``unit="image"``).
-        method: ``random``, ``entropy``, ``mc-dropout`` or ``consistency``.
+        method: ``random``, ``entropy``, ``mc-dropout``, ``consistency`` (a score per candidate),
+            ``typiclust`` or ``coverage`` (a set from θ′'s features, :mod:`fsmeta.select.diversity`).
         unit: ``patch`` or ``image``.
         cfg: ``select.*`` (patch grid, ψ, passes, pretext), ``data.crop_size``/strides.
         seed: random and MC-dropout draws, and the pretext's crop order.
@@ -302,7 +321,7 @@ def select_support(
     per_image: list[Item] = []
     bar = Progress(len(pool), f"select: {method} scores", enabled=progress)
     if method in SET_METHODS:
-        (items if unit == "patch" else per_image).extend(_set_level_candidates(model, images, pool, budget, unit, cfg, seed, whole, bar))
+        (items if unit == "patch" else per_image).extend(_set_level_candidates(model, images, pool, budget, unit, method, cfg, seed, whole, bar))
         pool = pool[:0]  # nothing left to score one by one
     for i in pool:
         scored = score_image(model, images, int(i), method, cfg, seed, whole=whole)

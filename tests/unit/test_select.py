@@ -268,7 +268,7 @@ def test_budget_larger_than_the_pool_is_a_clear_error(tiny_config):
         select_support(build_model("fcrn"), images, [], 1, "random", "patch", cfg)
 
 
-@pytest.mark.parametrize("method", ["random", "entropy", "mc-dropout", "consistency", "typiclust"])
+@pytest.mark.parametrize("method", ["random", "entropy", "mc-dropout", "consistency", "typiclust", "coverage"])
 def test_selection_never_returns_a_test_image(tiny_config, method):
     from fsmeta.data.registry import load_dataset
 
@@ -283,7 +283,7 @@ def test_selection_never_returns_a_test_image(tiny_config, method):
     assert chosen == set(pool.tolist()) and not chosen & set(test.tolist())
 
 
-@pytest.mark.parametrize("method", ["random", "entropy", "mc-dropout", "consistency", "typiclust"])
+@pytest.mark.parametrize("method", ["random", "entropy", "mc-dropout", "consistency", "typiclust", "coverage"])
 def test_selection_never_reads_a_mask(tiny_config, method):
     """The pool's masks replaced by noise: the same ranking (pretext included, which sees pixels only)."""
     from fsmeta.data.registry import load_dataset
@@ -327,6 +327,76 @@ def test_typiclust_picks_typical_members_of_distinct_clusters(tiny_config):
     assert not set(truth[order[:3]].tolist()) & {0} and set(truth[order[-30:]].tolist()) == {0}
     fg[:] = 0.0  # nothing eligible: every candidate competes
     assert sorted(truth[typiclust_order(blobs, fg, 3, seed=0, min_foreground=0.01)[:3]].tolist()) == [0, 1, 2]
+
+
+def _unit(deg):
+    return [np.cos(np.radians(deg)), np.sin(np.radians(deg))]
+
+
+def test_coverage_takes_the_greedy_facility_location_order_by_hand():
+    from fsmeta.select.diversity import coverage_order
+
+    # patches: two of cells at 0° and one at 90° (the reference: predicted share ≥ 0.01); the
+    # 0° and 45° ones θ′ sees as empty are candidates but represent nothing
+    feats = np.array([_unit(0), _unit(0), _unit(0), _unit(90), _unit(45)])
+    owners = np.array([0, 0, 1, 2, 3])
+    share = np.array([0.1, 0.1, 0.0, 0.1, 0.0])
+    # best(c, ·) over the references (0°, 0°, 90°): c0 = c1 = (1, 1, 0), c2 = (0, 0, 1),
+    # c3 = (.707, .707, .707). Greedy: c3 (2.12 > 2), then c0 (2 × .293 = .586 > .293), then c2
+    # (.293 > 0), then c1 — the duplicate of c0 last.
+    assert coverage_order(feats, owners, share, 4, seed=0, min_foreground=0.01).tolist() == [3, 0, 2, 1]
+    # the eligible first: among c0–c2, c0 (2; c1 ties at 2 and loses on its index), c2 (1), c1 (0); then c3
+    eligible = np.array([True, True, True, False])
+    assert coverage_order(feats, owners, share, 4, 0, 0.01, eligible).tolist() == [0, 2, 1, 3]
+    # no reference qualifies: every patch is one
+    order = coverage_order(feats, owners, np.zeros(5), 4, 0, 0.01)
+    assert sorted(order.tolist()) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="every one of the 5 candidates"):
+        coverage_order(feats, owners, share, 5, 0, 0.01)
+
+
+def test_coverage_lazy_greedy_equals_recomputing_every_gain():
+    from fsmeta.select.diversity import coverage_order
+
+    rng = np.random.default_rng(4)
+    feats = rng.normal(size=(300, 8))
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    owners = rng.integers(0, 40, 300)
+    owners[:40] = np.arange(40)  # every candidate owns a patch
+    share = rng.random(300) * 0.02
+    ref = np.nonzero(share >= 0.01)[0]
+    best = np.zeros((40, len(ref)))
+    np.maximum.at(best, owners, np.maximum(feats @ feats[ref].T, 0))
+    covered, left, naive = np.zeros(len(ref)), list(range(40)), []
+    while left:
+        gains = [np.maximum(best[c] - covered, 0).sum() for c in left]
+        pick = left.pop(int(np.argmax(gains)))
+        naive.append(pick)
+        covered = np.maximum(covered, best[pick])
+    assert coverage_order(feats, owners, share, 40, seed=0, min_foreground=0.01).tolist() == naive
+
+
+def test_coverage_ranking_serves_every_budget(tiny_config, tmp_path):
+    """Coverage's picks are nested: the ranking for one budget is the ranking for another, so a
+    study keeps one per split (unlike typiclust's, whose k-means has k = the budget)."""
+    from fsmeta.data.registry import load_dataset
+    from fsmeta.study import Cell, _ranking_file
+
+    cfg = tiny_config("select.patch_size=64", "select.patch_stride=32", "select.pretext_epochs=0")
+    images = load_dataset("synth-he", cfg)
+    pool, test = protocol_split(len(images), "2023", 0.2, split_seed=3)
+    rankings = []
+    for unit, budgets in (("image", (1, 3)), ("patch", (2, 7))):
+        for b in budgets:
+            torch.manual_seed(0)
+            rankings.append(select_support(build_model("fcrn"), images, pool, b, "coverage", unit, cfg, seed=1, exclude=test).ranking)
+    assert rankings[0] == rankings[1] and rankings[2] == rankings[3]
+    assert sorted(it.image for it in rankings[0]) == sorted(pool.tolist())
+    checkpoint = tmp_path / "pretext.safetensors"
+    checkpoint.write_bytes(b"weights")
+    path = {(m, k): _ranking_file(cfg, checkpoint, Cell("synth-he", "fcrn", "meta-all", m, k, 0))
+            for m in ("coverage", "typiclust") for k in (1, 3)}
+    assert path["coverage", 1] == path["coverage", 3] and path["typiclust", 1] != path["typiclust", 3]
 
 
 def test_candidate_filter_on_true_masks_is_opt_in(tiny_config):
