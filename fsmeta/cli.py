@@ -372,12 +372,13 @@ def cmd_select(args: argparse.Namespace) -> int:
     print(f"the model predicts foreground in {100 * report.selected_foreground:.1f}% of the selected pixels "
           f"(all candidates: {100 * report.pool_foreground:.1f}%)")
     if report.mostly_background:
-        advice = ({"typiclust": "typiclust takes typical members of the candidates θ′ predicts to hold cells",
-                   "coverage": "coverage takes what best covers the patches θ′ predicts to hold cells"}[sel.method]
-                  + "; θ′ sees few cells in them: check that the weights suit these images"
-                  if sel.method in ("typiclust", "coverage") else
-                  "on TNBC and EM the consistency score picked empty patches first and fine-tuned far below "
-                  "random (docs/results.md); consider --method typiclust, which picks among what θ′ predicts to hold cells")
+        what = {"typiclust": "typiclust takes typical members of the candidates θ′ predicts to hold cells",
+                "coverage": "coverage takes what best covers the patches θ′ predicts to hold cells"}
+        if sel.method in what:
+            advice = f"{what[sel.method]}; θ′ sees few cells in them: check that the weights suit these images"
+        else:
+            advice = ("on TNBC and EM the consistency score picked empty patches first and fine-tuned far below "
+                      "random (docs/results.md); consider --method typiclust, which picks among what θ′ predicts to hold cells")
         print(f"warning: the selection is mostly what the model sees as background; look at "
               f"{report.contact_sheet.name}. {advice[0].upper()}{advice[1:]}", file=sys.stderr)
     start = report.pretext or args.weights

@@ -18,7 +18,8 @@ Budget: Opposite Strategies Suit High and Low Budgets", ICML 2022 — TypiClust)
    1 / mean distance to its ``min(20, n−1)`` nearest neighbours within the cluster,
    larger clusters first. The rest of the ranking follows by typicality over all candidates.
 
-The choice depends on the budget (k = budget), so its rankings are cached per budget.
+Typiclust's choice depends on the budget (k = budget), so its rankings are cached per budget;
+coverage's picks are nested, one ranking for every budget.
 """
 
 from __future__ import annotations
@@ -166,12 +167,12 @@ def coverage_order(features: np.ndarray, owners: np.ndarray, foreground: np.ndar
     if len(ref) > REFERENCE:
         ref = np.sort(np.random.default_rng([seed, 2017]).choice(ref, REFERENCE, replace=False))
     sim = np.maximum(features.astype(np.float64) @ features[ref].astype(np.float64).T, 0.0)  # (P, R)
-    # a candidate covers a reference by its most similar patch
-    if np.all(np.diff(owners) >= 0):  # patches grouped by candidate (how selection lists them): one pass
-        best = np.maximum.reduceat(sim, np.searchsorted(owners, np.arange(n_candidates)), axis=0)
-    else:
-        best = np.zeros((n_candidates, len(ref)))
-        np.maximum.at(best, owners, sim)
+    # a candidate covers a reference by its most similar patch (a max: exact in any order, so the
+    # patches are grouped by candidate first when the caller did not list them so)
+    if np.any(np.diff(owners) < 0):
+        grouped = np.argsort(owners, kind="stable")
+        sim, owners = sim[grouped], owners[grouped]
+    best = np.maximum.reduceat(sim, np.searchsorted(owners, np.arange(n_candidates)), axis=0)
     if eligible is None:
         eligible = np.ones(n_candidates, dtype=bool)
     order: list[int] = []

@@ -164,8 +164,8 @@ def _set_level_candidates(model: SegmentationModel, images: ImageSet, pool: np.n
     from fsmeta.select.diversity import coverage_order, typiclust_order
 
     windows: list[Item] = []
-    feats, shares, owners = [], [], []  # per patch (coverage), or per candidate (typiclust, unit=image)
-    image_shares = []
+    feats, shares, owners = [], [], []  # per patch (coverage; unit=patch), or per image (typiclust, unit=image: features only)
+    image_shares = []  # unit=image: θ′'s predicted foreground share of each image (the mean over its patches)
     for i in pool:
         grid, f, g = embed_image(model, images, int(i), cfg, seed, whole=whole)
         bar.update()
@@ -186,19 +186,16 @@ def _set_level_candidates(model: SegmentationModel, images: ImageSet, pool: np.n
             else:
                 mean = f.mean(0)
                 feats.append((mean / max(float(np.linalg.norm(mean)), 1e-12))[None])
-                shares.append(np.array([g.mean()]))
             windows.append(Item(int(i), 0, 0, img_h, img_w, 0.0))
     if budget > len(windows):
         return windows  # the caller names the shortfall
     min_fg = cfg.select.min_predicted_foreground
-    if method == "coverage":
-        share = np.concatenate(shares)
-        candidate_share = share if unit == "patch" else np.array(image_shares)
-        eligible = candidate_share >= min_fg
-        # eligible first whatever the budget, so the order is one for every budget
-        order = coverage_order(np.concatenate(feats), np.concatenate(owners), share, len(windows), seed, min_fg, eligible)
+    candidate_share = np.concatenate(shares) if unit == "patch" else np.array(image_shares)
+    if method == "coverage":  # eligible first whatever the budget, so the order is one for every budget
+        order = coverage_order(np.concatenate(feats), np.concatenate(owners), np.concatenate(shares), len(windows), seed,
+                               min_fg, candidate_share >= min_fg)
     else:
-        order = typiclust_order(np.concatenate(feats), np.concatenate(shares), budget, seed, min_fg)
+        order = typiclust_order(np.concatenate(feats), candidate_share, budget, seed, min_fg)
     n = len(windows)
     return [dataclasses.replace(windows[k], score=float(n - pos)) for pos, k in enumerate(order)]
 
