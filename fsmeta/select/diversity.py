@@ -31,6 +31,8 @@ import numpy as np
 KNN = 20  # TypiClust's neighbours for typicality
 KMEANS_ITERATIONS = 100
 REFERENCE = 2000  # typicality is measured against at most this many members of a cluster (a seeded sample)
+COVERAGE_MEMORY = 256 * 2**20  # bytes: coverage keeps its (candidates × references) table up to this size
+COVERAGE_CHUNK = 4096  # patches per similarity block (4096 × 2000 float64 = 64 MB)
 
 
 def squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -155,7 +157,7 @@ def coverage_order(features: np.ndarray, owners: np.ndarray, foreground: np.ndar
     the lower index; computed lazily (Minoux 1978: a gain never grows as the set grows, so a
     stale gain bounds the fresh one), which picks what recomputing every gain would.
     """
-    owners = np.asarray(owners, dtype=np.int64)
+    features, owners = np.asarray(features), np.asarray(owners, dtype=np.int64)
     if len(features) != len(owners) or len(owners) != len(foreground):
         raise ValueError("features, owners and foreground must have one row per patch")
     if n_candidates < 1 or len(owners) == 0 or owners.min() < 0 or owners.max() >= n_candidates \
@@ -166,27 +168,43 @@ def coverage_order(features: np.ndarray, owners: np.ndarray, foreground: np.ndar
         ref = np.arange(len(features))
     if len(ref) > REFERENCE:
         ref = np.sort(np.random.default_rng([seed, 2017]).choice(ref, REFERENCE, replace=False))
-    sim = np.maximum(features.astype(np.float64) @ features[ref].astype(np.float64).T, 0.0)  # (P, R)
-    # a candidate covers a reference by its most similar patch (a max: exact in any order, so the
-    # patches are grouped by candidate first when the caller did not list them so)
-    if np.any(np.diff(owners) < 0):
-        grouped = np.argsort(owners, kind="stable")
-        sim, owners = sim[grouped], owners[grouped]
-    best = np.maximum.reduceat(sim, np.searchsorted(owners, np.arange(n_candidates)), axis=0)
+    ref_t = np.ascontiguousarray(features[ref].T, dtype=np.float64)  # (C, R); the patches are cast a block at a time
+    # a candidate covers a reference by its most similar patch; its patches, grouped
+    grouped = np.argsort(owners, kind="stable")
+    bounds = np.searchsorted(owners[grouped], np.arange(n_candidates + 1))
+    # The (candidates, R) table of best similarities is kept when it fits COVERAGE_MEMORY,
+    # else each row is recomputed when the greedy needs it: memory stays bounded for any pool
+    # (a 100k-patch pool's table alone would be 1.6 GB). Both compute a row the same way.
+    keep = n_candidates * len(ref) * 8 <= COVERAGE_MEMORY
+    table = np.empty((n_candidates, len(ref))) if keep else None
+    filled = np.zeros(n_candidates, dtype=bool)
+
+    def row(c: int) -> np.ndarray:
+        if table is not None and filled[c]:
+            return table[c]
+        patches = grouped[bounds[c]:bounds[c + 1]]
+        out = np.zeros(len(ref))
+        for start in range(0, len(patches), COVERAGE_CHUNK):
+            block = features[patches[start:start + COVERAGE_CHUNK]].astype(np.float64)
+            np.maximum(out, (block @ ref_t).max(0), out=out)
+        if table is not None:
+            table[c], filled[c] = out, True
+        return out
+
     if eligible is None:
         eligible = np.ones(n_candidates, dtype=bool)
     order: list[int] = []
     covered = np.zeros(len(ref))
     for group in (np.nonzero(eligible)[0], np.nonzero(~eligible)[0]):
-        gains = np.maximum(best[group] - covered, 0.0).sum(1)
-        heap = [(-float(g), int(i)) for g, i in zip(gains, group)]
+        heap = [(-float(np.maximum(row(int(i)) - covered, 0.0).sum()), int(i)) for i in group]
         heapq.heapify(heap)
         while heap:
             _, i = heapq.heappop(heap)
-            fresh = float(np.maximum(best[i] - covered, 0.0).sum())
+            best = row(i)
+            fresh = float(np.maximum(best - covered, 0.0).sum())
             if heap and (-fresh, i) > heap[0]:  # another's bound beats it: put it back with its fresh gain
                 heapq.heappush(heap, (-fresh, i))
                 continue
             order.append(i)
-            covered = np.maximum(covered, best[i])
+            covered = np.maximum(covered, best)
     return np.array(order, dtype=np.int64)

@@ -355,8 +355,16 @@ def test_coverage_takes_the_greedy_facility_location_order_by_hand():
         coverage_order(feats, owners, share, 5, 0, 0.01)
 
 
-def test_coverage_lazy_greedy_equals_recomputing_every_gain():
+@pytest.mark.parametrize("memory, chunk", [(None, None), (0, 3)])
+def test_coverage_lazy_greedy_equals_recomputing_every_gain(monkeypatch, memory, chunk):
+    """Also with no room for the similarity table (every row recomputed when needed, in blocks
+    of 3 patches): the same order."""
+    from fsmeta.select import diversity
     from fsmeta.select.diversity import coverage_order
+
+    if memory is not None:
+        monkeypatch.setattr(diversity, "COVERAGE_MEMORY", memory)
+        monkeypatch.setattr(diversity, "COVERAGE_CHUNK", chunk)
 
     rng = np.random.default_rng(4)
     feats = rng.normal(size=(300, 8))
