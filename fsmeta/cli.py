@@ -170,7 +170,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     settings = PredictSettings(tile=args.tile, overlap=args.overlap, batch=args.batch,
                                threshold=args.threshold if args.threshold is not None else 0.5,
-                               watershed=args.watershed, min_distance=args.min_distance, min_size=args.min_size,
+                               watershed=args.watershed, min_distance=args.min_distance, min_size=args.min_size or 0,
                                rois=_roi_formats(args.rois)).check()
     if args.threads:
         import torch
@@ -185,6 +185,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model = inference_model(prepare_model(model, default_device()))
     if args.threshold is None and "threshold" in meta:
         settings = dataclasses.replace(settings, threshold=float(meta["threshold"])).check()
+    if args.min_size is None and "min_size" in meta:  # the fine-tune's smallest object (eval.min_size_fraction)
+        settings = dataclasses.replace(settings, min_size=int(meta["min_size"])).check()
     from fsmeta.large import predict_inputs  # huge TIFFs and OME-Zarr stream band by band, the rest as before
 
     rows = predict_inputs(model, inputs, args.output, settings, large_output=args.large_output)
@@ -502,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "fine-tune recorded, else 0.5)")
     g.add_argument("--watershed", action="store_true", help="split touching cells by a distance-transform watershed (default: off)")
     g.add_argument("--min-distance", type=int, default=5, metavar="PX", help="watershed: minimum distance between cell centres (default: 5)")
-    g.add_argument("--min-size", type=int, default=0, metavar="PX", help="drop cells smaller than this many pixels (default: 0, keep all)")
+    g.add_argument("--min-size", type=int, metavar="PX", help="drop cells smaller than this many pixels (default: the size a "
+                   "fine-tuned checkpoint records, a quarter of its support's median annotated cell; else 0, keep all)")
     g.add_argument("--large-output", choices=["auto", "ome-zarr", "bigtiff"], default="auto",
                    help="masks and labels of a streamed image (OME-Zarr, or a TIFF above 8192² px): auto = BigTIFF "
                         "for TIFF input, OME-Zarr for OME-Zarr input (default: auto)")

@@ -226,6 +226,11 @@ class EvalConfig:
     # fixed: foreground where p >= eval.threshold; prior: at the threshold that undoes weighted BCE's
     # shift, w / (1 + w) for the support set's foreground weight w (fsmeta.losses.prior_threshold)
     threshold_rule: str = "prior"
+    # Predicted objects (8-connected components) smaller than this fraction of the median area of
+    # the support set's annotated objects are dropped before scoring, and by `fsmeta predict` on a
+    # fine-tuned checkpoint (which records the size): a quarter of the area is half the diameter,
+    # CellProfiler's "typical diameter" convention. 0: keep every component (the papers).
+    min_size_fraction: float = 0.25
 
 
 PRETRAININGS = tuple(f"meta-{v}" for v in VARIANTS) + ("transfer", "scratch")
@@ -472,6 +477,7 @@ RANGES: dict[str, tuple[Any, bool, Any, bool]] = {
     "select.pretext_weight_decay": _NON_NEGATIVE,
     "select.batch_size": _AT_LEAST_1,
     "eval.threshold": _UNIT_OPEN,
+    "eval.min_size_fraction": (0.0, True, 1.0, True),
     "ray.cpus_per_worker": _NON_NEGATIVE,
     "ray.num_cpus": _NON_NEGATIVE,
     "ray.placement_timeout_s": _POSITIVE,
@@ -557,6 +563,7 @@ ABSENT_MEANS: dict[str, Any] = {
     "augment.transfer": False,
     "augment.finetune": False,
     "eval.threshold_rule": "fixed",
+    "eval.min_size_fraction": 0.0,  # every predicted component scored
 }
 
 

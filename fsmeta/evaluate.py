@@ -36,9 +36,11 @@ def predict_probability(model: SegmentationModel, image: np.ndarray, compute: Co
 
 
 def evaluate(model: SegmentationModel, images: ImageSet, indices: Iterable[int], threshold: float = 0.5,
-             compute: ComputeConfig | None = None, progress: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+             compute: ComputeConfig | None = None, progress: bool = False,
+             min_size: int = 0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Score ``model`` on the listed images (on its device, see :func:`predict_probability`);
-    returns (summary, per-image rows).
+    returns (summary, per-image rows). Foreground is ``p ≥ threshold`` less its components
+    under ``min_size`` pixels.
 
     The summary holds ``miou`` (mean of per-image IoU), ``pooled_iou`` (TP, FP, FN
     summed over images first), instance ``precision``, ``recall``, ``f1`` and ``n_images``.
@@ -50,7 +52,7 @@ def evaluate(model: SegmentationModel, images: ImageSet, indices: Iterable[int],
     scorer = inference_model(model, compute)  # bf16: batch norm folded (a copy); fp32: the model itself
     for i in indices:
         prob = predict_probability(scorer, images.image(int(i)), compute)
-        row = evaluate_image(prob, images.masks[int(i)], threshold)
+        row = evaluate_image(prob, images.masks[int(i)], threshold, min_size)
         rows.append({"image": images.ids[int(i)], **row})
         bar.update()
     return summarize(rows), rows

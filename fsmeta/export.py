@@ -205,7 +205,9 @@ def _documentation(meta: dict[str, Any], name: str, stride: int) -> str:
         "or float images by their own min–max range to [0, 1] first; do the same before running this model.",
         f"- output `probability`: foreground probability per pixel; fsmeta thresholds it at "
         f"{float(meta.get('threshold', 0.5)):g} (the threshold this checkpoint records, else 0.5) and labels "
-        "8-connected components as cells. Tiles overlapping by 64 px reproduce a whole-image pass.", "",
+        "8-connected components as cells"
+        + (f", dropping those under {int(meta['min_size'])} px (the smallest object this checkpoint records)" if meta.get("min_size") else "")
+        + ". Tiles overlapping by 64 px reproduce a whole-image pass.", "",
         "## Training data", "",
     ]
     if meta.get("kind") == "finetuned":
@@ -222,7 +224,7 @@ def _documentation(meta: dict[str, Any], name: str, stride: int) -> str:
 
 
 def _config_subset(meta: dict[str, Any]) -> dict[str, Any]:
-    keep = ("arch", "bn_affine", "kind", "pretraining", "target", "shots", "seed", "support", "threshold", "fsmeta_version",
+    keep = ("arch", "bn_affine", "kind", "pretraining", "target", "shots", "seed", "support", "threshold", "min_size", "fsmeta_version",
             "mlflow_run_id")
     return json.loads(json.dumps({k: meta[k] for k in keep if k in meta}, default=str))
 

@@ -27,6 +27,7 @@ from fsmeta.errors import DataError, FsmetaError
 from fsmeta.evaluate import default_device, evaluate
 from fsmeta.finetune import HeldOut, finetune, hold_out, support_crops
 from fsmeta.losses import prior_threshold
+from fsmeta.metrics import median_object_area
 from fsmeta.models import SegmentationModel
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ DEMO_OVERRIDES = [
     "finetune.holdout=0",
     "augment.finetune=false",
     "eval.threshold_rule=fixed",
+    "eval.min_size_fraction=0",
     "eval.shots=[1, 3, 5]",
     "eval.seeds=[0, 1, 2]",
 ]
@@ -109,6 +111,20 @@ def decision_threshold(cfg: Config, support_masks: torch.Tensor, holdout: HeldOu
     if cfg.eval.threshold_rule == "prior":
         return prior_threshold(support_masks)
     return float(cfg.eval.threshold)
+
+
+def min_object_size(cfg: Config, masks: Iterable[np.ndarray]) -> int:
+    """The smallest predicted object a model fine-tuned on ``masks`` keeps (pixels):
+    ``eval.min_size_fraction`` of the median area of their annotated objects, rounded; 0 keeps
+    all. It reads only the support set's annotation, never a test image."""
+    if cfg.eval.min_size_fraction <= 0:
+        return 0
+    return int(round(cfg.eval.min_size_fraction * median_object_area(masks)))
+
+
+def support_masks(target: ImageSet, windows: Iterable[tuple[int, int, int, int, int]]) -> list[np.ndarray]:
+    """The annotated windows ``(image, y, x, height, width)`` of a support set, as masks."""
+    return [target.masks[i][y:y + h, x:x + w] for i, y, x, h, w in windows]
 
 
 def cell_split(cfg: Config, n_images: int, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -258,12 +274,13 @@ def run_cell(cfg: Config, target: ImageSet, checkpoint: Path, cell: Cell,
     finetune(model, x, y, cfg.finetune, seed=cell.seed, where=cell.name(), compute=cfg.compute, augment=cfg.augment,
              holdout=holdout)
     threshold = decision_threshold(cfg, y, holdout)
-    summary, _ = evaluate(model, target, test, threshold, compute=cfg.compute)
+    min_size = min_object_size(cfg, support_masks(target, chosen.windows))
+    summary, _ = evaluate(model, target, test, threshold, compute=cfg.compute, min_size=min_size)
     metrics = {
         "miou": summary["miou"], "pooled_iou": summary["pooled_iou"], "f1": summary["f1"],
         "precision": summary["precision"], "recall": summary["recall"], "n_test": int(summary["n_images"]),
         "support_crops": int(len(x)), "support_images": int(len(chosen.images)),
-        "annotated_pixels": chosen.pixels, "threshold": threshold,
+        "annotated_pixels": chosen.pixels, "threshold": threshold, "min_size": min_size,
         **annotation_composition(target, chosen.windows), "ranking_seconds": chosen.seconds,
         **(holdout.summary() if holdout is not None else {}),
     }

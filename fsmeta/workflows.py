@@ -24,7 +24,8 @@ from fsmeta.errors import FsmetaError
 from fsmeta.evaluate import evaluate
 from fsmeta.finetune import finetune, support_crops
 from fsmeta.models import clone_state
-from fsmeta.study import Cell, cell_split, decision_threshold, random_support, support_holdout
+from fsmeta.study import Cell, cell_split, decision_threshold, min_object_size, random_support, support_holdout
+from fsmeta.study import support_masks as window_masks
 from fsmeta.tracking import Tracker
 
 
@@ -78,6 +79,7 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
         x, y = support_crops(images, index)
         holdout = support_holdout(cfg, images, index, seed)
         target, label, support_ids, crop_size = f"folder:{folder}", folder.name, list(images.ids), index.size
+        masks = list(images.masks)
     else:
         # The benchmark's own K-shot cell: the same draw, the same crops.
         images = load_dataset(cfg.data.target, cfg)
@@ -86,6 +88,7 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
         chosen = random_support(cfg, images, pool, cell)
         x, y, holdout = chosen.x, chosen.y, chosen.holdout
         target, label, support_ids, crop_size = cfg.data.target, cfg.data.target, [images.ids[i] for i in chosen.images], cfg.finetune_crop_size()
+        masks = window_masks(images, chosen.windows)
     n_images = len(support_ids)
     params: dict[str, Any] = {"target": target, "arch": meta["arch"], "pretraining": meta.get("kind", ""), "shots": n_images,
                               "seed": seed, "weights": str(weights), "support_crops": len(x), "crop_size": crop_size}
@@ -101,9 +104,14 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
             note = "; ".join(filter(None, [note, f"held-out bands chose step {holdout.best_step} (IoU {holdout.iou:.3f}) "
                                                  f"and threshold {holdout.threshold:.2f}"]))
         threshold = decision_threshold(cfg, y, holdout)
+        min_size = min_object_size(cfg, masks)
+        if min_size:
+            note = "; ".join(filter(None, [note, f"objects under {min_size} px dropped ({cfg.eval.min_size_fraction:g} of the "
+                                                 "support's median annotated object)"]))
         path = save_checkpoint(out, clone_state(model), describe_adapted(
             Kind.FINETUNED, meta, target=target, shots=n_images, seed=seed, support=support_ids, crop_size=crop_size,
-            threshold=threshold, config=cfg.to_dict(), mlflow_run_id=run_id))
+            threshold=threshold, min_size=min_size, config=cfg.to_dict(), mlflow_run_id=run_id))
+        tracker.log_metrics(run_id, {"threshold": threshold, "min_size": min_size})
         registered = f"models:/{register}/{tracker.register_model(run_id, path, register)}" if register else ""
     return FinetuneResult(path, target, n_images, len(x), crop_size, history[-1], note, registered)
 
@@ -119,11 +127,12 @@ def evaluate_checkpoint(weights: str | Path, cfg: Config, *, shots: int | None =
     if shots is None:
         raise FsmetaError(f"{weights} does not record its K-shot draw; pass --shots and --seed")
     target, _, test = cell_images(cfg, int(shots), int(seed))
-    # The threshold the fine-tune chose (eval.threshold_rule), as predict uses it.
+    # The threshold and smallest object the fine-tune chose, as predict uses them.
     threshold = float(meta.get("threshold", cfg.eval.threshold))
-    summary, rows = evaluate(model, target, test, threshold, compute=cfg.compute, progress=progress)
+    min_size = int(meta.get("min_size", 0))
+    summary, rows = evaluate(model, target, test, threshold, compute=cfg.compute, progress=progress, min_size=min_size)
     return {"weights": str(weights), "target": cfg.data.target, "shots": int(shots), "seed": int(seed), "threshold": threshold,
-            **summary}, rows
+            "min_size": min_size, **summary}, rows
 
 
 __all__ = ["FinetuneResult", "cell_images", "evaluate_checkpoint", "finetune_checkpoint"]

@@ -114,6 +114,12 @@ def test_finetune_folders_hold_out_bands_and_keep_their_threshold(tmp_path, tiny
     assert int(found.group(1)) in (3, 6)
     meta = json.loads((tmp_path / "ft.json").read_text())
     assert meta["threshold"] == pytest.approx(float(found.group(2)), abs=0.005)
+    # and the smallest object it keeps: a quarter of the folders' median annotated object
+    from fsmeta.data.io import load_folder
+    from fsmeta.metrics import median_object_area
+
+    expected = round(0.25 * median_object_area(load_folder(images, masks).masks))
+    assert expected > 0 and meta["min_size"] == expected and f"objects under {expected} px dropped" in out
 
 
 def test_finetune_folders_must_come_together(tmp_path, tiny_config, capsys):

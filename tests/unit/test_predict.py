@@ -185,6 +185,23 @@ def test_predict_uses_the_threshold_the_fine_tune_recorded(tmp_path, capsys):
     assert abs(half.mean() - (prob >= 0.5).mean()) < 0.02 and abs(rec.mean() - half.mean()) > 0.05
 
 
+def test_predict_drops_the_objects_under_the_size_the_fine_tune_recorded(tmp_path):
+    model = _model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    image = (np.random.default_rng(3).random((64, 64)) * 255).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    prob = predict_whole(model, image)
+    threshold = float(np.quantile(prob, 0.5))
+    recorded = save_checkpoint(tmp_path / "t.safetensors", state, {"arch": "fcrn", "bn_affine": False, "kind": "scratch",
+                                                                   "threshold": threshold, "min_size": 64 * 64 + 1})
+    base = ["predict", "--weights", str(recorded), "--input", str(tmp_path / "a.png"), "--tile", "64", "--overlap", "16"]
+    assert main([*base, "--output", str(tmp_path / "rec")]) == 0
+    assert main([*base, "--output", str(tmp_path / "all"), "--min-size", "0"]) == 0
+    rec = np.asarray(Image.open(tmp_path / "rec" / "masks" / "a.png")) > 0
+    kept = np.asarray(Image.open(tmp_path / "all" / "masks" / "a.png")) > 0
+    assert rec.sum() == 0 and abs(kept.mean() - 0.5) < 0.05  # no object is as large as the image; --min-size 0 keeps all
+
+
 def test_weights_from_an_mlflow_run(tmp_path, checkpoint, capsys):
     from fsmeta.tracking import Tracker
 
