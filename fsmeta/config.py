@@ -231,6 +231,9 @@ class EvalConfig:
     # fine-tuned checkpoint (which records the size): a quarter of the area is half the diameter,
     # CellProfiler's "typical diameter" convention. 0: keep every component (the papers).
     min_size_fraction: float = 0.25
+    # Score the mean prediction over the 8 flips and 90° turns (fsmeta.models.tta; 8× the evaluation's
+    # forward passes). `fsmeta predict --tta` is the same for a user's images.
+    tta: bool = False
 
 
 PRETRAININGS = tuple(f"meta-{v}" for v in VARIANTS) + ("transfer", "scratch")

@@ -13,7 +13,7 @@ from fsmeta.config import ComputeConfig
 from fsmeta.data.crops import normalise
 from fsmeta.data.store import ImageSet
 from fsmeta.metrics import evaluate_image, summarize
-from fsmeta.models import SegmentationModel
+from fsmeta.models import DihedralTTA, SegmentationModel
 from fsmeta.progress import Progress
 
 __all__ = ["default_device", "evaluate", "predict_probability"]
@@ -37,10 +37,11 @@ def predict_probability(model: SegmentationModel, image: np.ndarray, compute: Co
 
 def evaluate(model: SegmentationModel, images: ImageSet, indices: Iterable[int], threshold: float = 0.5,
              compute: ComputeConfig | None = None, progress: bool = False,
-             min_size: int = 0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+             min_size: int = 0, tta: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Score ``model`` on the listed images (on its device, see :func:`predict_probability`);
     returns (summary, per-image rows). Foreground is ``p ≥ threshold`` less its components
-    under ``min_size`` pixels.
+    under ``min_size`` pixels; with ``tta``, p is the mean over the 8 flips and turns
+    (:class:`fsmeta.models.DihedralTTA`).
 
     The summary holds ``miou`` (mean of per-image IoU), ``pooled_iou`` (TP, FP, FN
     summed over images first), instance ``precision``, ``recall``, ``f1`` and ``n_images``.
@@ -50,6 +51,8 @@ def evaluate(model: SegmentationModel, images: ImageSet, indices: Iterable[int],
     bar = Progress(len(indices), f"evaluate {images.name}", enabled=progress)
     rows = []
     scorer = inference_model(model, compute)  # bf16: batch norm folded (a copy); fp32: the model itself
+    if tta:
+        scorer = DihedralTTA(scorer)
     for i in indices:
         prob = predict_probability(scorer, images.image(int(i)), compute)
         row = evaluate_image(prob, images.masks[int(i)], threshold, min_size)

@@ -275,7 +275,7 @@ def run_cell(cfg: Config, target: ImageSet, checkpoint: Path, cell: Cell,
              holdout=holdout)
     threshold = decision_threshold(cfg, y, holdout)
     min_size = min_object_size(cfg, support_masks(target, chosen.windows))
-    summary, _ = evaluate(model, target, test, threshold, compute=cfg.compute, min_size=min_size)
+    summary, _ = evaluate(model, target, test, threshold, compute=cfg.compute, min_size=min_size, tta=cfg.eval.tta)
     metrics = {
         "miou": summary["miou"], "pooled_iou": summary["pooled_iou"], "f1": summary["f1"],
         "precision": summary["precision"], "recall": summary["recall"], "n_test": int(summary["n_images"]),

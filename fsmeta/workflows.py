@@ -130,7 +130,8 @@ def evaluate_checkpoint(weights: str | Path, cfg: Config, *, shots: int | None =
     # The threshold and smallest object the fine-tune chose, as predict uses them.
     threshold = float(meta.get("threshold", cfg.eval.threshold))
     min_size = int(meta.get("min_size", 0))
-    summary, rows = evaluate(model, target, test, threshold, compute=cfg.compute, progress=progress, min_size=min_size)
+    summary, rows = evaluate(model, target, test, threshold, compute=cfg.compute, progress=progress, min_size=min_size,
+                             tta=cfg.eval.tta)
     return {"weights": str(weights), "target": cfg.data.target, "shots": int(shots), "seed": int(seed), "threshold": threshold,
             "min_size": min_size, **summary}, rows
 

@@ -8,6 +8,7 @@ from fsmeta.models.common import (
     SegmentationModel, StateDict, clone_state, count_parameters, fold_batch_norm, is_bn_affine, make_bn_affine,
 )
 from fsmeta.models.fcrn import FCRN
+from fsmeta.models.tta import DihedralTTA
 from fsmeta.models.unet import UNet
 
 ARCHITECTURES: dict[str, Callable[..., SegmentationModel]] = {"fcrn": FCRN, "unet": UNet}
@@ -29,6 +30,6 @@ def build_model(arch: str, *, affine: bool = False, dropout: float = 0.0) -> Seg
 
 
 __all__ = [
-    "ARCHITECTURES", "FCRN", "UNet", "SegmentationModel", "StateDict", "build_model", "clone_state", "fold_batch_norm",
+    "ARCHITECTURES", "DihedralTTA", "FCRN", "UNet", "SegmentationModel", "StateDict", "build_model", "clone_state", "fold_batch_norm",
     "count_parameters", "is_bn_affine", "make_bn_affine",
 ]

@@ -85,7 +85,8 @@ def validation_score(cfg: Config, theta: dict, target: ImageSet, split: TuneSpli
             # trial scores what a cell would
             threshold = decision_threshold(cfg, support.y, support.holdout)
             min_size = min_object_size(cfg, support_masks(target, support.windows))
-            summary, _ = evaluate(model, target, split.val, threshold, compute=cfg.compute, min_size=min_size)
+            summary, _ = evaluate(model, target, split.val, threshold, compute=cfg.compute, min_size=min_size,
+                                  tta=cfg.eval.tta)
             per_k.setdefault(k, []).append(float(summary["miou"]))
     scores = {f"{METRIC}_K{k}": float(np.mean(v)) for k, v in per_k.items()}
     scores[METRIC] = float(np.mean([s for v in per_k.values() for s in v]))
