@@ -154,9 +154,9 @@ def annotation_composition(target: ImageSet, windows: Iterable[tuple[int, int, i
     an input to choosing): ``support_foreground``, the foreground share of its annotated pixels, and
     ``support_empty``, the share of its windows (images or patches) with no foreground at all."""
     fg = total = empty = n = 0
-    for i, y, x, h, w in windows:
-        count = int(np.count_nonzero(target.masks[i][y:y + h, x:x + w]))
-        fg, total, empty, n = fg + count, total + h * w, empty + (count == 0), n + 1
+    for mask in support_masks(target, windows):
+        count = int(np.count_nonzero(mask))
+        fg, total, empty, n = fg + count, total + mask.size, empty + (count == 0), n + 1
     return {"support_foreground": fg / total if total else 0.0, "support_empty": empty / n if n else 0.0}
 
 

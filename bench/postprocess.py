@@ -1,0 +1,87 @@
+"""Post-processing of benchmark cells, paired on the same fine-tuned model: the test mIoU with
+predicted objects under a fraction of the support's median annotated object dropped
+(``eval.min_size_fraction``), and with the mean over the 8 flips and 90° turns (``eval.tta``).
+
+Each cell ``TARGET:K:SPLIT`` is fine-tuned as ``fsmeta benchmark`` fine-tunes it (random
+selection, the run's θ′ of ``--pretraining``), once; then its test images are scored under
+every fraction, with and without TTA, at the threshold the fine-tune chose. Prints one line
+per cell (JSON), with the seconds of the plain and the TTA predictions.
+
+    python bench/postprocess.py --config configs/real3.yaml --data-root ../data --run runs/real3-v3 \\
+        em:1:0 em:5:0 sstem:1:0 sstem:5:0 tnbc:5:0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from fsmeta.checkpoint import model_from_checkpoint  # noqa: E402
+from fsmeta.compute import inference_model  # noqa: E402
+from fsmeta.config import load_config  # noqa: E402
+from fsmeta.data.registry import load_dataset  # noqa: E402
+from fsmeta.evaluate import default_device, predict_probability  # noqa: E402
+from fsmeta.finetune import finetune  # noqa: E402
+from fsmeta.metrics import drop_small, iou, median_object_area  # noqa: E402
+from fsmeta.models import DihedralTTA  # noqa: E402
+from fsmeta.study import Cell, _selected_support, cell_split, decision_threshold, support_masks, target_config  # noqa: E402
+from fsmeta.train import apply_threads  # noqa: E402
+
+FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.25, 0.3, 0.5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--data-root")
+    p.add_argument("--run", required=True, help="a benchmark's --out (its pretrained/<target>/<arch>/<pretraining>/pretext.safetensors)")
+    p.add_argument("--pretraining", default="meta-all")
+    p.add_argument("cells", nargs="+", help="TARGET:K:SPLIT")
+    args = p.parse_args(argv)
+    for spec in args.cells:
+        name, k, s = spec.split(":")
+        k, s = int(k), int(s)
+        cfg = load_config(args.config, [f"data.root={args.data_root}"] if args.data_root else [])
+        cfg = target_config(cfg, name, cfg.arch)
+        apply_threads(cfg)
+        target = load_dataset(name, cfg)
+        checkpoint = Path(args.run) / "pretrained" / name / cfg.arch / args.pretraining / "pretext.safetensors"
+        cell = Cell(name, cfg.arch, args.pretraining, "random", k, s)
+        pool, test = cell_split(cfg, len(target), s)
+        model, _ = model_from_checkpoint(checkpoint)
+        model.to(default_device())
+        chosen = _selected_support(cfg, target, model, pool, test, cell, None)
+        finetune(model, chosen.x, chosen.y, cfg.finetune, seed=s, where=cell.name(), compute=cfg.compute,
+                 augment=cfg.augment, holdout=chosen.holdout)
+        threshold = decision_threshold(cfg, chosen.y, chosen.holdout)
+        median = median_object_area(support_masks(target, chosen.windows))
+        plain = inference_model(model, cfg.compute)
+        scorers = {"": plain, "tta_": DihedralTTA(plain)}
+        scores = {f"{tag}f{f:g}": [] for tag in scorers for f in FRACTIONS}
+        seconds = dict.fromkeys(scorers, 0.0)
+        for i in test:
+            image, truth = target.image(int(i)), target.masks[int(i)] > 0
+            for tag, scorer in scorers.items():
+                t0 = time.perf_counter()
+                prob = predict_probability(scorer, image, cfg.compute)
+                seconds[tag] += time.perf_counter() - t0
+                for f in FRACTIONS:
+                    scores[f"{tag}f{f:g}"].append(iou(drop_small(prob >= threshold, int(round(f * median))), truth))
+        print(json.dumps({"cell": spec, "threshold": threshold, "median_object_px": median,
+                          "plain_s": round(seconds[""], 1), "tta_s": round(seconds["tta_"], 1),
+                          **{key: round(100 * float(np.mean(v)), 1) for key, v in scores.items()}}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
