@@ -2,10 +2,11 @@
 predicted objects under a fraction of the support's median annotated object dropped
 (``eval.min_size_fraction``), and with the mean over the 8 flips and 90° turns (``eval.tta``).
 
-Each cell ``TARGET:K:SPLIT`` is fine-tuned as ``fsmeta benchmark`` fine-tunes it (random
-selection, the run's θ′ of ``--pretraining``), once; then its test images are scored under
-every fraction, with and without TTA, at the threshold the fine-tune chose. Prints one line
-per cell (JSON), with the seconds of the plain and the TTA predictions.
+Each cell ``TARGET:K:SPLIT`` is ``fsmeta benchmark``'s own cell (:func:`fsmeta.study.run_cell`:
+random selection, the run's θ′ of ``--pretraining``), run once; then its test images are scored
+under every fraction, with and without TTA, at the threshold the fine-tune chose. Prints one
+line per cell (JSON): the benchmark's own mIoU and smallest object beside the variants, and the
+seconds of the plain and the TTA predictions.
 
     python bench/postprocess.py --config configs/real3.yaml --data-root ../data --run runs/real3-v3 \\
         em:1:0 em:5:0 sstem:1:0 sstem:5:0 tnbc:5:0
@@ -26,15 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from fsmeta.checkpoint import model_from_checkpoint  # noqa: E402
 from fsmeta.compute import inference_model  # noqa: E402
 from fsmeta.config import load_config  # noqa: E402
 from fsmeta.data.registry import load_dataset  # noqa: E402
-from fsmeta.evaluate import default_device, predict_probability  # noqa: E402
-from fsmeta.finetune import finetune  # noqa: E402
+from fsmeta.evaluate import predict_probability  # noqa: E402
 from fsmeta.metrics import drop_small, iou, median_object_area  # noqa: E402
 from fsmeta.models import DihedralTTA  # noqa: E402
-from fsmeta.study import Cell, _selected_support, cell_split, decision_threshold, support_masks, target_config  # noqa: E402
+from fsmeta.study import Cell, _selected_support, cell_split, run_cell, support_masks, target_config  # noqa: E402
 from fsmeta.train import apply_threads  # noqa: E402
 
 FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.25, 0.3, 0.5)
@@ -57,14 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         target = load_dataset(name, cfg)
         checkpoint = Path(args.run) / "pretrained" / name / cfg.arch / args.pretraining / "pretext.safetensors"
         cell = Cell(name, cfg.arch, args.pretraining, "random", k, s)
-        pool, test = cell_split(cfg, len(target), s)
-        model, _ = model_from_checkpoint(checkpoint)
-        model.to(default_device())
-        chosen = _selected_support(cfg, target, model, pool, test, cell, None)
-        finetune(model, chosen.x, chosen.y, cfg.finetune, seed=s, where=cell.name(), compute=cfg.compute,
-                 augment=cfg.augment, holdout=chosen.holdout)
-        threshold = decision_threshold(cfg, chosen.y, chosen.holdout)
-        median = median_object_area(support_masks(target, chosen.windows))
+        # the benchmark's own cell (fine-tuned and scored as it is), then its support's windows again
+        metrics, model, test = run_cell(cfg, target, checkpoint, cell)
+        pool, _ = cell_split(cfg, len(target), s)
+        windows = _selected_support(cfg, target, model, pool, test, cell).windows
+        threshold, median = metrics["threshold"], median_object_area(support_masks(target, windows))
         plain = inference_model(model, cfg.compute)
         scorers = {"": plain, "tta_": DihedralTTA(plain)}
         scores = {f"{tag}f{f:g}": [] for tag in scorers for f in FRACTIONS}
@@ -78,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                 for f in FRACTIONS:
                     scores[f"{tag}f{f:g}"].append(iou(drop_small(prob >= threshold, int(round(f * median))), truth))
         print(json.dumps({"cell": spec, "threshold": threshold, "median_object_px": median,
+                          "benchmark_miou": round(100 * metrics["miou"], 1), "benchmark_min_size": metrics["min_size"],
                           "plain_s": round(seconds[""], 1), "tta_s": round(seconds["tta_"], 1),
                           **{key: round(100 * float(np.mean(v)), 1) for key, v in scores.items()}}), flush=True)
     return 0
