@@ -6,7 +6,10 @@ Each cell ``TARGET:K:SPLIT`` is ``fsmeta benchmark``'s own cell (:func:`fsmeta.s
 random selection, the run's θ′ of ``--pretraining``), run once; then its test images are scored
 under every fraction, with and without TTA, at the threshold the fine-tune chose. Prints one
 line per cell (JSON): the benchmark's own mIoU and smallest object beside the variants, and the
-seconds of the plain and the TTA predictions.
+seconds of the plain and the TTA predictions. ``cal``, ``tta_cal0`` and ``tta_cal`` re-choose the
+held-out bands' threshold at the fine-tuned weights (:meth:`fsmeta.finetune.HeldOut.calibrate`): on
+the plain prediction with small objects dropped, on the TTA mean (``eval.tta``'s rule), and on the
+TTA mean with small objects dropped; each is scored with the benchmark's smallest object.
 
     python bench/postprocess.py --config configs/real3.yaml --data-root ../data --run runs/real3-v3 \\
         em:1:0 em:5:0 sstem:1:0 sstem:5:0 tnbc:5:0
@@ -59,8 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         # the benchmark's own cell (fine-tuned and scored as it is), then its support's windows again
         metrics, model, test = run_cell(cfg, target, checkpoint, cell)
         pool, _ = cell_split(cfg, len(target), s)
-        windows = _selected_support(cfg, target, model, pool, test, cell).windows
-        threshold, median = metrics["threshold"], median_object_area(support_masks(target, windows))
+        support = _selected_support(cfg, target, model, pool, test, cell)
+        threshold, median = metrics["threshold"], median_object_area(support_masks(target, support.windows))
+        # the bands' threshold chosen again as the evaluation scores (HeldOut.calibrate): objects
+        # under the benchmark's min size dropped, with and without TTA
+        size = metrics["min_size"]
+        band = {}
+        if support.holdout is not None:
+            for tag, (ms, tta) in {"cal": (size, False), "tta_cal0": (0, True), "tta_cal": (size, True)}.items():
+                band[tag] = support.holdout.calibrate(model, cfg.compute, ms, tta)[1]
         plain = inference_model(model, cfg.compute)
         scorers = {"": plain, "tta_": DihedralTTA(plain)}
         scores = {f"{tag}f{f:g}": [] for tag in scorers for f in FRACTIONS}
@@ -73,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
                 seconds[tag] += time.perf_counter() - t0
                 for f in FRACTIONS:
                     scores[f"{tag}f{f:g}"].append(iou(drop_small(prob >= threshold, int(round(f * median))), truth))
+                for name_, t in band.items():
+                    if name_.startswith(tag) and (tag or not name_.startswith("tta_")):
+                        scores.setdefault(name_, []).append(iou(drop_small(prob >= t, size), truth))
         print(json.dumps({"cell": spec, "threshold": threshold, "median_object_px": median,
+                          **{f"{k}_threshold": t for k, t in band.items()},
                           "benchmark_miou": round(100 * metrics["miou"], 1), "benchmark_min_size": metrics["min_size"],
                           "plain_s": round(seconds[""], 1), "tta_s": round(seconds["tta_"], 1),
                           **{key: round(100 * float(np.mean(v)), 1) for key, v in scores.items()}}), flush=True)

@@ -183,6 +183,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         model, meta = model_from_checkpoint(resolve_weights(args.weights, tracking_uri=args.tracking_uri or "", cache=cache))
     # bf16 + channels_last where the device has native bf16, with batch norm folded in; fp32 elsewhere
     model = inference_model(prepare_model(model, default_device()))
+    if args.tta is None:  # the fine-tune's predictor (eval.tta), whose mean its threshold was chosen on
+        args.tta = bool(meta.get("tta", False))
     if args.tta:  # the mean over the 8 flips and 90° turns: 8× the forward passes
         from fsmeta.models import DihedralTTA
 
@@ -508,8 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "fine-tune recorded, else 0.5)")
     g.add_argument("--watershed", action="store_true", help="split touching cells by a distance-transform watershed (default: off)")
     g.add_argument("--min-distance", type=int, default=5, metavar="PX", help="watershed: minimum distance between cell centres (default: 5)")
-    g.add_argument("--tta", action="store_true", help="average the prediction over the 8 flips and 90° turns "
-                   "(8× slower; +1.5 to +4.7 mIoU on real3 cells, docs/results.md)")
+    g.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average the prediction over the 8 flips and 90° turns (8× slower; +1.8 mIoU over 12 real3 cells (10 up), "
+                   "docs/results.md). Default: what the fine-tuned checkpoint records (eval.tta, on by default; its "
+                   "threshold was chosen on that prediction), else off")
     g.add_argument("--min-size", type=int, metavar="PX", help="drop cells smaller than this many pixels (default: the size a "
                    "fine-tuned checkpoint records, a quarter of its support's median annotated cell; else 0, keep all)")
     g.add_argument("--large-output", choices=["auto", "ome-zarr", "bigtiff"], default="auto",

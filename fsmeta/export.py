@@ -207,6 +207,9 @@ def _documentation(meta: dict[str, Any], name: str, stride: int) -> str:
         f"{float(meta.get('threshold', 0.5)):g} (the threshold this checkpoint records, else 0.5) and labels "
         "8-connected components as cells"
         + (f", dropping those under {int(meta['min_size'])} px (the smallest object this checkpoint records)" if meta.get("min_size") else "")
+        + (". fsmeta predicts the mean probability over the 8 flips and 90° turns of the input (test-time "
+           "augmentation, and the threshold was chosen on that mean); this package's model is one pass, so its "
+           "probabilities differ slightly from fsmeta's" if meta.get("tta") else "")
         + ". Tiles overlapping by 64 px reproduce a whole-image pass.", "",
         "## Training data", "",
     ]
@@ -224,7 +227,7 @@ def _documentation(meta: dict[str, Any], name: str, stride: int) -> str:
 
 
 def _config_subset(meta: dict[str, Any]) -> dict[str, Any]:
-    keep = ("arch", "bn_affine", "kind", "pretraining", "target", "shots", "seed", "support", "threshold", "min_size", "fsmeta_version",
+    keep = ("arch", "bn_affine", "kind", "pretraining", "target", "shots", "seed", "support", "threshold", "min_size", "tta", "fsmeta_version",
             "mlflow_run_id")
     return json.loads(json.dumps({k: meta[k] for k in keep if k in meta}, default=str))
 

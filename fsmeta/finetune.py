@@ -59,6 +59,7 @@ class HeldOut:
     threshold: float = 0.5
     iou: float = float("nan")
     curve: list[tuple[int, float, float]] = field(default_factory=list)  # (step, IoU, threshold) of every validation
+    raw_threshold: float | None = None  # the threshold of the best validation, when :meth:`calibrate` chose again
 
     def score(self, model: SegmentationModel, compute: ComputeConfig | None = None) -> tuple[float, float]:
         """(pooled IoU of the bands at the best threshold, that threshold) for ``model`` as it is;
@@ -77,9 +78,44 @@ class HeldOut:
         model.train()
         return best_threshold(fg, bg)
 
+    def calibrate(self, model: SegmentationModel, compute: ComputeConfig | None = None, min_size: int = 0,
+                  tta: bool = False) -> tuple[float, float]:
+        """Choose the threshold again at the weights fine-tuning ended on, scoring the bands as the
+        evaluation scores a test image: predicted components under ``min_size`` pixels dropped
+        (labelled over each whole window, band and context, so an object the band's edge cuts
+        keeps the part of it beside the band) and, with ``tta``, the mean over the 8 flips and
+        turns. Sets and returns (pooled IoU, threshold); ties go to the threshold nearest the one
+        :meth:`score` chose (so a band that scores 0 everywhere keeps it), and the step stays
+        :meth:`score`'s. With neither, it returns :meth:`score`'s choice at these weights."""
+        from fsmeta.compute import inference_model
+        from fsmeta.evaluate import predict_probability
+        from fsmeta.metrics import drop_small
+        from fsmeta.models import DihedralTTA
+
+        scorer = inference_model(model, compute)
+        if tta:
+            scorer = DihedralTTA(scorer)
+        bins = [np.minimum((predict_probability(scorer, w, compute) * THRESHOLD_BINS).astype(np.int64), THRESHOLD_BINS - 1)
+                for w in self.windows]
+        model.train()
+        lo, hi = int(round(THRESHOLD_RANGE[0] * THRESHOLD_BINS)), int(round(THRESHOLD_RANGE[1] * THRESHOLD_BINS))
+        iou = np.zeros(THRESHOLD_BINS)
+        for k in range(lo, hi + 1):
+            tp = fp = fn = 0
+            for b, mask, (rows, cols) in zip(bins, self.masks, self.scored):
+                pred = drop_small(b >= k, min_size)[rows, cols]
+                tp += int(np.count_nonzero(pred & mask))
+                fp += int(np.count_nonzero(pred & ~mask))
+                fn += int(np.count_nonzero(mask & ~pred))
+            iou[k] = tp / (tp + fp + fn) if tp + fp + fn else 0.0
+        k = min(range(lo, hi + 1), key=lambda k: (-iou[k], abs(k / THRESHOLD_BINS - self.threshold), abs(k / THRESHOLD_BINS - 0.5)))
+        self.raw_threshold, self.iou, self.threshold = self.threshold, float(iou[k]), k / THRESHOLD_BINS
+        return self.iou, self.threshold
+
     def summary(self) -> dict[str, float | int]:
+        extra = {} if self.raw_threshold is None else {"holdout_raw_threshold": float(self.raw_threshold)}
         return {"holdout_step": int(self.best_step), "holdout_iou": float(self.iou), "holdout_threshold": float(self.threshold),
-                "holdout_bands": len(self.bands), "holdout_train_crops": int(len(self.train_rows))}
+                "holdout_bands": len(self.bands), "holdout_train_crops": int(len(self.train_rows)), **extra}
 
 
 def best_threshold(fg: np.ndarray, bg: np.ndarray) -> tuple[float, float]:

@@ -59,6 +59,7 @@ DEMO_OVERRIDES = [
     "augment.finetune=false",
     "eval.threshold_rule=fixed",
     "eval.min_size_fraction=0",
+    "eval.tta=false",
     "eval.shots=[1, 3, 5]",
     "eval.seeds=[0, 1, 2]",
 ]
@@ -120,6 +121,24 @@ def min_object_size(cfg: Config, masks: Iterable[np.ndarray]) -> int:
     if cfg.eval.min_size_fraction <= 0:
         return 0
     return int(round(cfg.eval.min_size_fraction * median_object_area(masks)))
+
+
+def decision_rule(cfg: Config, model: SegmentationModel, support_y: torch.Tensor, holdout: HeldOut | None,
+                  masks: Iterable[np.ndarray]) -> tuple[float, int]:
+    """(threshold, smallest kept object in pixels) a model just fine-tuned on a support set is
+    scored at, by the benchmark's cells, Tune trials and ``fsmeta finetune`` alike: see
+    :func:`decision_threshold` and :func:`min_object_size` (``masks``: the support's annotated
+    windows). With held-out bands and ``eval.tta``, the bands' threshold is chosen again at the
+    kept weights on the predictor the evaluation uses, the mean over the 8 flips and turns
+    (:meth:`HeldOut.calibrate`): averaging pulls probabilities away from 0 and 1, so a threshold
+    chosen on the plain prediction (0.9–0.95 on some cells) cuts objects out of the averaged one.
+    The smallest-object rule is not part of that choice: on the bands it made the IoU curve jump
+    object by object and the choice noisier (docs/results.md, issue 19). Reads only the support's
+    annotation, never a test image."""
+    min_size = min_object_size(cfg, masks)
+    if holdout is not None and holdout.curve and cfg.eval.tta:
+        holdout.calibrate(model, cfg.compute, tta=True)
+    return decision_threshold(cfg, support_y, holdout), min_size
 
 
 def support_masks(target: ImageSet, windows: Iterable[tuple[int, int, int, int, int]]) -> list[np.ndarray]:
@@ -273,8 +292,7 @@ def run_cell(cfg: Config, target: ImageSet, checkpoint: Path, cell: Cell,
     x, y, holdout = chosen.x, chosen.y, chosen.holdout
     finetune(model, x, y, cfg.finetune, seed=cell.seed, where=cell.name(), compute=cfg.compute, augment=cfg.augment,
              holdout=holdout)
-    threshold = decision_threshold(cfg, y, holdout)
-    min_size = min_object_size(cfg, support_masks(target, chosen.windows))
+    threshold, min_size = decision_rule(cfg, model, y, holdout, support_masks(target, chosen.windows))
     summary, _ = evaluate(model, target, test, threshold, compute=cfg.compute, min_size=min_size, tta=cfg.eval.tta)
     metrics = {
         "miou": summary["miou"], "pooled_iou": summary["pooled_iou"], "f1": summary["f1"],

@@ -24,7 +24,7 @@ from fsmeta.errors import FsmetaError
 from fsmeta.evaluate import evaluate
 from fsmeta.finetune import finetune, support_crops
 from fsmeta.models import clone_state
-from fsmeta.study import Cell, cell_split, decision_threshold, min_object_size, random_support, support_holdout
+from fsmeta.study import Cell, cell_split, decision_rule, random_support, support_holdout
 from fsmeta.study import support_masks as window_masks
 from fsmeta.tracking import Tracker
 
@@ -97,21 +97,26 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
                               progress=progress, augment=cfg.augment, holdout=holdout)
         for epoch, loss in enumerate(history, 1):
             tracker.log_metrics(run_id, {"loss": loss}, step=epoch)
+        threshold, min_size = decision_rule(cfg, model, y, holdout, masks)
         if holdout is not None:
             for step, iou, chosen in holdout.curve:
                 tracker.log_metrics(run_id, {"holdout_iou": iou, "holdout_threshold": chosen}, step=step)
             tracker.log_metrics(run_id, holdout.summary())
             note = "; ".join(filter(None, [note, f"held-out bands chose step {holdout.best_step} (IoU {holdout.iou:.3f}) "
-                                                 f"and threshold {holdout.threshold:.2f}"]))
-        threshold = decision_threshold(cfg, y, holdout)
-        min_size = min_object_size(cfg, masks)
+                                                 f"and threshold {holdout.threshold:.2f}"
+                                                 + ("" if holdout.raw_threshold is None else
+                                                    f" (scored as predicted{', with TTA' if cfg.eval.tta else ''}; "
+                                                    f"{holdout.raw_threshold:.2f} before)")]))
         if min_size:
             note = "; ".join(filter(None, [note, f"objects under {min_size} px dropped ({cfg.eval.min_size_fraction:g} of the "
                                                  "support's median annotated object)"]))
+        if cfg.eval.tta:
+            note = "; ".join(filter(None, [note, "predictions are the mean over the 8 flips and 90° turns (eval.tta; "
+                                                 "`fsmeta predict --no-tta` for the plain one)"]))
         path = save_checkpoint(out, clone_state(model), describe_adapted(
             Kind.FINETUNED, meta, target=target, shots=n_images, seed=seed, support=support_ids, crop_size=crop_size,
-            threshold=threshold, min_size=min_size, config=cfg.to_dict(), mlflow_run_id=run_id))
-        tracker.log_metrics(run_id, {"threshold": threshold, "min_size": min_size})
+            threshold=threshold, min_size=min_size, tta=bool(cfg.eval.tta), config=cfg.to_dict(), mlflow_run_id=run_id))
+        tracker.log_metrics(run_id, {"threshold": threshold, "min_size": min_size, "tta": float(cfg.eval.tta)})
         registered = f"models:/{register}/{tracker.register_model(run_id, path, register)}" if register else ""
     return FinetuneResult(path, target, n_images, len(x), crop_size, history[-1], note, registered)
 
@@ -127,13 +132,14 @@ def evaluate_checkpoint(weights: str | Path, cfg: Config, *, shots: int | None =
     if shots is None:
         raise FsmetaError(f"{weights} does not record its K-shot draw; pass --shots and --seed")
     target, _, test = cell_images(cfg, int(shots), int(seed))
-    # The threshold and smallest object the fine-tune chose, as predict uses them.
+    # The threshold, smallest object and predictor the fine-tune chose, as predict uses them.
     threshold = float(meta.get("threshold", cfg.eval.threshold))
     min_size = int(meta.get("min_size", 0))
+    tta = bool(meta.get("tta", False))
     summary, rows = evaluate(model, target, test, threshold, compute=cfg.compute, progress=progress, min_size=min_size,
-                             tta=cfg.eval.tta)
+                             tta=tta)
     return {"weights": str(weights), "target": cfg.data.target, "shots": int(shots), "seed": int(seed), "threshold": threshold,
-            "min_size": min_size, **summary}, rows
+            "min_size": min_size, "tta": tta, **summary}, rows
 
 
 __all__ = ["FinetuneResult", "cell_images", "evaluate_checkpoint", "finetune_checkpoint"]

@@ -31,7 +31,7 @@ from fsmeta.evaluate import evaluate
 from fsmeta.finetune import finetune
 from fsmeta.meta.sources import load_sources
 from fsmeta.models import build_model
-from fsmeta.study import Cell, decision_threshold, min_object_size, random_support, support_masks
+from fsmeta.study import Cell, decision_rule, random_support, support_masks
 from fsmeta.train import apply_threads, initial_theta, make_backend, meta_iteration
 from fsmeta.tuning.space import with_values
 
@@ -83,8 +83,7 @@ def validation_score(cfg: Config, theta: dict, target: ImageSet, split: TuneSpli
                      augment=cfg.augment, holdout=support.holdout)
             # the benchmark's threshold (eval.threshold_rule or the held-out bands') and smallest object, so a
             # trial scores what a cell would
-            threshold = decision_threshold(cfg, support.y, support.holdout)
-            min_size = min_object_size(cfg, support_masks(target, support.windows))
+            threshold, min_size = decision_rule(cfg, model, support.y, support.holdout, support_masks(target, support.windows))
             summary, _ = evaluate(model, target, split.val, threshold, compute=cfg.compute, min_size=min_size,
                                   tta=cfg.eval.tta)
             per_k.setdefault(k, []).append(float(summary["miou"]))

@@ -120,6 +120,11 @@ def test_finetune_folders_hold_out_bands_and_keep_their_threshold(tmp_path, tiny
 
     expected = round(0.25 * median_object_area(load_folder(images, masks).masks))
     assert expected > 0 and meta["min_size"] == expected and f"objects under {expected} px dropped" in out
+    # and its predictor: eval.tta (on by default) — the threshold was chosen again on the bands' mean over
+    # the 8 flips and turns, the one before is said, and predict will follow the record
+    assert meta["tta"] is True and "mean over the 8 flips and 90° turns" in out
+    before = re.search(r"scored as predicted, with TTA; ([0-9.]+) before", out)
+    assert before, out
 
 
 def test_finetune_folders_must_come_together(tmp_path, tiny_config, capsys):

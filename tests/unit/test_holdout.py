@@ -101,6 +101,8 @@ def test_finetune_with_holdout_ends_on_the_best_validation():
         assert torch.equal(v, model.state_dict()[k]), k
     assert decision_threshold(load_config(None, ["eval.threshold_rule=fixed"]), y, held) == held.threshold
     assert decision_threshold(load_config(None, ["eval.threshold_rule=fixed"]), y, None) == 0.5
+    # chosen again with nothing dropped and no TTA, the bands give the same threshold and IoU
+    assert held.calibrate(model, None) == (pytest.approx(held.iou), pytest.approx(held.threshold))
 
 
 def test_patience_stops_early_and_refit_trains_every_crop_for_the_chosen_steps():
@@ -130,3 +132,49 @@ def test_patience_stops_early_and_refit_trains_every_crop_for_the_chosen_steps()
 def test_holdout_range(value):
     with pytest.raises(ConfigError, match="finetune.holdout"):
         load_config(None, [f"finetune.holdout={value}"])
+
+
+def _window_with_specks():
+    """A 10×12 band window (rows 0–5 scored, 6–9 context) and its probabilities: object A (6 px,
+    p 0.805), two background specks of 4 px and object B of 8 px (4 in the band, 4 in the context),
+    all at p 0.355."""
+    prob = np.zeros((10, 12), np.float32)
+    prob[1:3, 1:4] = 0.805  # A
+    prob[0:2, 6:8] = 0.355  # speck 1 (background)
+    prob[4:6, 1:3] = 0.355  # speck 2 (background)
+    prob[4:8, 9:11] = 0.355  # B: cut by the band's edge at row 6
+    truth = np.zeros((10, 12), bool)
+    truth[1:3, 1:4] = True
+    truth[4:8, 9:11] = True
+    from fsmeta.finetune import HeldOut
+
+    held = HeldOut(np.arange(1), [np.zeros((10, 12), np.float32)], [truth[:6]], [(slice(0, 6), slice(None))], [("i0", "top", 6)])
+    return held, prob
+
+
+def test_calibrate_scores_the_bands_as_the_evaluation_does(monkeypatch):
+    import fsmeta.evaluate
+    from fsmeta.models import DihedralTTA
+
+    held, prob = _window_with_specks()
+    seen = []
+    monkeypatch.setattr(fsmeta.evaluate, "predict_probability", lambda scorer, window, compute=None: (seen.append(scorer), prob)[1])
+    model = build_model("fcrn")
+    # Every object kept: t ≤ 0.35 predicts A, B's 4 band px and 8 speck px: 10 / 18 = 0.556; 0.35 < t ≤ 0.80
+    # predicts A alone: 6 / 10 = 0.6 (the best; nearest the raw threshold 0.5 → 0.5).
+    held.threshold = 0.5
+    assert held.calibrate(model, None, min_size=0) == (pytest.approx(0.6), pytest.approx(0.5))
+    # Objects under 5 px dropped: the specks go at every threshold, B (8 px over band and context) stays, so
+    # t ≤ 0.35 scores 10 / 10; the one nearest the threshold before (0.5) is 0.35. (Labelled within the band
+    # alone, B's 4 px would go with the specks and t ≤ 0.35 would score 6 / 10.)
+    held.threshold, held.raw_threshold = 0.5, None
+    assert held.calibrate(model, None, min_size=5) == (pytest.approx(1.0), pytest.approx(0.35))
+    assert held.raw_threshold == 0.5 and held.summary()["holdout_raw_threshold"] == 0.5
+    assert not any(isinstance(s, DihedralTTA) for s in seen)
+    held.calibrate(model, None, min_size=5, tta=True)
+    assert isinstance(seen[-1], DihedralTTA)  # eval.tta's predictor scores the bands too
+    # A band where nothing scores: every threshold ties at 0, and the one chosen before stays.
+    empty, _ = _window_with_specks()
+    empty.masks = [np.zeros((6, 12), bool)]
+    empty.threshold = 0.73
+    assert empty.calibrate(model, None, min_size=5) == (0.0, pytest.approx(0.73))

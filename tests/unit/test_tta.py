@@ -60,3 +60,25 @@ def test_predict_tta_segments_the_group_mean(tmp_path):
     assert (tta == (p >= threshold)).mean() > 0.97
     assert (tta != one).mean() > 0.03
     assert pytest.approx(tta.mean(), abs=0.05) == 0.5
+
+
+def test_predict_follows_the_checkpoints_recorded_predictor(tmp_path):
+    """A fine-tune with eval.tta records it (its threshold was chosen on the group mean): predict uses
+    the mean unless --no-tta; a checkpoint without the record predicts one pass unless --tta."""
+    model = _model(2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    image = (np.random.default_rng(6).random((64, 64)) * 255).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    with torch.no_grad():
+        x = torch.from_numpy(image.astype(np.float32) / 255 * 2 - 1)[None, None]
+        threshold = float(np.median(torch.sigmoid(DihedralTTA(model)(x))[0, 0].numpy()))
+    masks = {}
+    for name, meta, flag in [("plain", {}, []), ("plain-tta", {}, ["--tta"]), ("rec", {"tta": True}, []),
+                             ("rec-no", {"tta": True}, ["--no-tta"])]:
+        ckpt = save_checkpoint(tmp_path / f"{name}.safetensors", state, {"arch": "fcrn", "bn_affine": False, "kind": "scratch", **meta})
+        assert main(["predict", "--weights", str(ckpt), "--input", str(tmp_path / "a.png"), "--tile", "64", "--overlap", "16",
+                     "--threads", "1", "--threshold", str(threshold), "--output", str(tmp_path / name), *flag]) == 0
+        masks[name] = np.asarray(Image.open(tmp_path / name / "masks" / "a.png")) > 0
+    assert (masks["plain"] != masks["plain-tta"]).mean() > 0.03  # the two predictors differ here
+    assert np.array_equal(masks["rec"], masks["plain-tta"])
+    assert np.array_equal(masks["rec-no"], masks["plain"])
