@@ -18,6 +18,7 @@ TTA mean with small objects dropped; each is scored with the benchmark's smalles
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -29,6 +30,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+
+import fsmeta.finetune  # noqa: E402
 
 from fsmeta.compute import inference_model  # noqa: E402
 from fsmeta.config import load_config  # noqa: E402
@@ -42,12 +45,27 @@ from fsmeta.train import apply_threads  # noqa: E402
 FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.25, 0.3, 0.5)
 
 
+@contextlib.contextmanager
+def grid_top(top: float | None):
+    """The held-out threshold grid's upper end set to ``top`` for the block (None: unchanged)."""
+    saved = fsmeta.finetune.THRESHOLD_RANGE
+    if top is not None:
+        fsmeta.finetune.THRESHOLD_RANGE = (saved[0], top)
+    try:
+        yield
+    finally:
+        fsmeta.finetune.THRESHOLD_RANGE = saved
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("--data-root")
     p.add_argument("--run", required=True, help="a benchmark's --out (its pretrained/<target>/<arch>/<pretraining>/pretext.safetensors)")
     p.add_argument("--pretraining", default="meta-all")
+    p.add_argument("--grid-top", type=float, nargs="*", default=[], metavar="T",
+                   help="also re-choose the TTA threshold on a grid up to T (the default grid stops at "
+                        f"{fsmeta.finetune.THRESHOLD_RANGE[1]})")
     p.add_argument("cells", nargs="+", help="TARGET:K:SPLIT")
     args = p.parse_args(argv)
     for spec in args.cells:
@@ -69,8 +87,15 @@ def main(argv: list[str] | None = None) -> int:
         size = metrics["min_size"]
         band = {}
         if support.holdout is not None:
-            for tag, (ms, tta) in {"cal": (size, False), "tta_cal0": (0, True), "tta_cal": (size, True)}.items():
-                band[tag] = support.holdout.calibrate(model, cfg.compute, ms, tta)[1]
+            plain_band = metrics.get("holdout_raw_threshold", threshold)  # the plain validation's choice (ties go nearest it)
+            variants = {"cal": (size, False), "tta_cal0": (0, True), "tta_cal": (size, True)}
+            for top in args.grid_top:  # the TTA mean's threshold on a grid reaching higher than THRESHOLD_RANGE's
+                variants[f"tta_top{top:g}"] = (0, True)
+            for tag, (ms, tta) in variants.items():
+                support.holdout.threshold = plain_band
+                top = float(tag[len("tta_top"):]) if tag.startswith("tta_top") else None
+                with grid_top(top):
+                    band[tag] = support.holdout.calibrate(model, cfg.compute, ms, tta)[1]
         plain = inference_model(model, cfg.compute)
         scorers = {"": plain, "tta_": DihedralTTA(plain)}
         scores = {f"{tag}f{f:g}": [] for tag in scorers for f in FRACTIONS}
