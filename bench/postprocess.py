@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root")
     p.add_argument("--run", required=True, help="a benchmark's --out (its pretrained/<target>/<arch>/<pretraining>/pretext.safetensors)")
     p.add_argument("--pretraining", default="meta-all")
-    p.add_argument("--grid-top", type=float, nargs="*", default=[], metavar="T",
-                   help="also re-choose the TTA threshold on a grid up to T (the default grid stops at "
+    p.add_argument("--grid-top", type=float, action="append", default=[], metavar="T",
+                   help="also re-choose the TTA threshold on a grid up to T (repeatable; the default grid stops at "
                         f"{fsmeta.finetune.THRESHOLD_RANGE[1]})")
     p.add_argument("cells", nargs="+", help="TARGET:K:SPLIT")
     args = p.parse_args(argv)
