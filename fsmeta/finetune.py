@@ -65,17 +65,12 @@ class HeldOut:
         """(pooled IoU of the bands at the best threshold, that threshold) for ``model`` as it is;
         ties go to the threshold nearest 0.5. Leaves the model in training mode."""
         from fsmeta.compute import inference_model
-        from fsmeta.evaluate import predict_probability
 
-        scorer = inference_model(model, compute)
         fg = np.zeros(THRESHOLD_BINS, np.int64)
         bg = np.zeros(THRESHOLD_BINS, np.int64)
-        for window, mask, (rows, cols) in zip(self.windows, self.masks, self.scored):
-            prob = predict_probability(scorer, window, compute)[rows, cols]
-            bins = np.minimum((prob * THRESHOLD_BINS).astype(np.int64), THRESHOLD_BINS - 1)
-            fg += np.bincount(bins[mask], minlength=THRESHOLD_BINS)
-            bg += np.bincount(bins[~mask], minlength=THRESHOLD_BINS)
-        model.train()
+        for bins, mask, (rows, cols) in zip(self._bins(model, inference_model(model, compute), compute), self.masks, self.scored):
+            fg += np.bincount(bins[rows, cols][mask], minlength=THRESHOLD_BINS)
+            bg += np.bincount(bins[rows, cols][~mask], minlength=THRESHOLD_BINS)
         return best_threshold(fg, bg)
 
     def calibrate(self, model: SegmentationModel, compute: ComputeConfig | None = None, min_size: int = 0,
@@ -88,29 +83,33 @@ class HeldOut:
         :meth:`score` chose (so a band that scores 0 everywhere keeps it), and the step stays
         :meth:`score`'s. With neither, it returns :meth:`score`'s choice at these weights."""
         from fsmeta.compute import inference_model
-        from fsmeta.evaluate import predict_probability
         from fsmeta.metrics import drop_small
         from fsmeta.models import DihedralTTA
 
         scorer = inference_model(model, compute)
-        if tta:
-            scorer = DihedralTTA(scorer)
-        bins = [np.minimum((predict_probability(scorer, w, compute) * THRESHOLD_BINS).astype(np.int64), THRESHOLD_BINS - 1)
-                for w in self.windows]
-        model.train()
-        lo, hi = int(round(THRESHOLD_RANGE[0] * THRESHOLD_BINS)), int(round(THRESHOLD_RANGE[1] * THRESHOLD_BINS))
+        windows = self._bins(model, DihedralTTA(scorer) if tta else scorer, compute)
         iou = np.zeros(THRESHOLD_BINS)
-        for k in range(lo, hi + 1):
+        for k in threshold_grid(THRESHOLD_BINS):
             tp = fp = fn = 0
-            for b, mask, (rows, cols) in zip(bins, self.masks, self.scored):
-                pred = drop_small(b >= k, min_size)[rows, cols]
+            for bins, mask, (rows, cols) in zip(windows, self.masks, self.scored):
+                pred = drop_small(bins >= k, min_size)[rows, cols]
                 tp += int(np.count_nonzero(pred & mask))
                 fp += int(np.count_nonzero(pred & ~mask))
                 fn += int(np.count_nonzero(mask & ~pred))
             iou[k] = tp / (tp + fp + fn) if tp + fp + fn else 0.0
-        k = min(range(lo, hi + 1), key=lambda k: (-iou[k], abs(k / THRESHOLD_BINS - self.threshold), abs(k / THRESHOLD_BINS - 0.5)))
+        k = best_bin(iou, self.threshold, 0.5)
         self.raw_threshold, self.iou, self.threshold = self.threshold, float(iou[k]), k / THRESHOLD_BINS
         return self.iou, self.threshold
+
+    def _bins(self, model: SegmentationModel, scorer: torch.nn.Module, compute: ComputeConfig | None) -> list[np.ndarray]:
+        """Each whole window's probabilities under ``scorer`` (``model``'s inference form), as bins
+        of the 1/``THRESHOLD_BINS`` grid; leaves ``model`` in training mode."""
+        from fsmeta.evaluate import predict_probability
+
+        bins = [np.minimum((predict_probability(scorer, w, compute) * THRESHOLD_BINS).astype(np.int64), THRESHOLD_BINS - 1)
+                for w in self.windows]
+        model.train()
+        return bins
 
     def summary(self) -> dict[str, float | int]:
         extra = {} if self.raw_threshold is None else {"holdout_raw_threshold": float(self.raw_threshold)}
@@ -128,11 +127,20 @@ def best_threshold(fg: np.ndarray, bg: np.ndarray) -> tuple[float, float]:
     fn = int(fg.sum()) - tp
     denom = tp + fp + fn
     iou = np.where(denom > 0, tp / np.maximum(denom, 1), 0.0)
-    lo, hi = int(round(THRESHOLD_RANGE[0] * bins)), int(round(THRESHOLD_RANGE[1] * bins))
-    ks = np.arange(lo, hi + 1)
-    order = sorted(ks, key=lambda k: (-iou[k], abs(k / bins - 0.5)))
-    k = int(order[0])
+    k = best_bin(iou, 0.5)
     return float(iou[k]), k / bins
+
+
+def threshold_grid(bins: int) -> range:
+    """The bins whose thresholds ``k / bins`` lie in :data:`THRESHOLD_RANGE`."""
+    return range(int(round(THRESHOLD_RANGE[0] * bins)), int(round(THRESHOLD_RANGE[1] * bins)) + 1)
+
+
+def best_bin(iou: np.ndarray, *prefer: float) -> int:
+    """The bin of :func:`threshold_grid` with the highest ``iou``; ties go to the threshold nearest
+    ``prefer[0]``, then ``prefer[1]``…"""
+    bins = len(iou)
+    return min(threshold_grid(bins), key=lambda k: (-iou[k], *(abs(k / bins - p) for p in prefer)))
 
 
 def hold_out(images: ImageSet, index: CropIndex, fraction: float, seed: int) -> HeldOut | None:
