@@ -4,7 +4,8 @@ A cell is exactly what ``fsmeta benchmark`` runs per (target, arch, pre-training
 selection, K, seed): :func:`fsmeta.study.run_cell` — load the checkpoint, move it
 to the device (CUDA when present), draw K support images, fine-tune on all their
 crops at the fine-tune stride, evaluate every other image at full resolution —
-with the compute defaults (bf16 autocast + channels_last on CUDA, fp32 on a CPU).
+with the compute defaults (bf16 autocast + channels_last on CUDA and on a CPU with native bf16,
+fp32 elsewhere), and the paper's fine-tune (20 epochs over every crop, no held-out bands, no TTA).
 The pre-trained weights are a seeded random initialisation (speed does not depend
 on them). The defaults mimic TNBC's geometry (50 images of 512×512, 256×256 crops
 at stride 28: 100 crops per image, 500 for K=5, 45 test images).
@@ -49,7 +50,15 @@ def cell_config(args: argparse.Namespace, root: Path) -> Config:
         f"data.min_foreground={360 * args.crop * args.crop // (256 * 256)}",
         f"data.synth.images={args.images}",
         f"data.synth.size={args.image_size}",
+        # the paper's fine-tune (configs/paper.yaml), which this bench times: epochs over every crop
+        # at data.crop_size, no held-out bands, the plain prediction (not the 500-step default)
         f"finetune.epochs={args.epochs}",
+        "finetune.steps=0",
+        "finetune.crop_size=0",
+        "finetune.holdout=0",
+        "augment.finetune=false",
+        "eval.tta=false",
+        "eval.min_size_fraction=0",
         f"finetune.batch_size={args.batch}",
         f"threads={args.threads}",
         "eval.protocol=2020",

@@ -54,7 +54,8 @@ SCALED = [
     "study.pretrainings=[meta-bce, meta-all, transfer, scratch]", "study.overlays=0", "study.executor=ray",
     "study.cell_cpus=1", "study.cell_gpus=0.5", "meta.backend=ray", "ray.cpus_per_worker=1", "meta.iterations=6",
     "meta.inner_steps=5", "meta.shots=2", "meta.checkpoint_every=3", "transfer.steps=40", "transfer.batch_size=8",
-    "finetune.epochs=3", "eval.shots=[1, 3]", "eval.seeds=[0, 1, 2]", "tracking.enabled=false",
+    "finetune.epochs=3", "finetune.steps=0", "finetune.crop_size=0", "finetune.holdout=0", "eval.tta=false",
+    "eval.shots=[1, 3]", "eval.seeds=[0, 1, 2]", "tracking.enabled=false",
 ]
 
 

@@ -210,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted({c.target for c in cells} - set(PUBLIC))
     if unknown:
         raise SystemExit(f"{args.config}: no geometry for target(s) {unknown}; the projection knows {sorted(PUBLIC)}")
+    if cfg.finetune.steps > 0 or cfg.finetune.holdout > 0 or cfg.eval.tta:
+        raise SystemExit(f"{args.config}: the projection models the paper's fine-tune (finetune.epochs over every crop, "
+                         f"finetune.steps=0, no held-out bands, no TTA); this configuration has finetune.steps={cfg.finetune.steps}, "
+                         f"finetune.holdout={cfg.finetune.holdout}, eval.tta={cfg.eval.tta}")
     if args.measure:
         if device.type != "cuda":
             print("note: no GPU here — the rates below are this CPU's, so the projection is for GPUs as fast as this CPU")

@@ -698,7 +698,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         for key, defaults in (("source_stride", DataConfig().source_stride), ("finetune_stride", DataConfig().finetune_stride)):
             if isinstance(data.get(key), dict):
                 data[key] = {**defaults, **data[key]}
-    return _build(Config, values).validate()
+    cfg = _build(Config, values).validate()
+    check_budget_keys(values, cfg)
+    return cfg
+
+
+def check_budget_keys(given: dict[str, Any], cfg: Config) -> None:
+    """Refuse a fine-tuning ``epochs`` that the step budget would silently override: with
+    ``finetune.steps`` > 0 the budget is that many steps and ``finetune.epochs`` is not read, so a
+    file or ``--set`` that changes it asked for something that would not happen. (Its default,
+    which every written-out configuration holds, passes.)"""
+    section = given.get("finetune")
+    if isinstance(section, dict) and "epochs" in section and cfg.finetune.steps > 0 \
+            and cfg.finetune.epochs != FinetuneConfig.epochs:
+        raise ConfigError(f"finetune.epochs={cfg.finetune.epochs} has no effect: finetune.steps={cfg.finetune.steps} sets the "
+                          "fine-tuning budget (steps of finetune.batch_size crops); set finetune.steps=0 to fine-tune by epochs")
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

@@ -90,6 +90,10 @@ def parse_space(values: Any, cfg: Config, where: str = "search space") -> list[D
         if dist == "randint" and not (isinstance(low, int) and isinstance(high, int)):
             raise ConfigError(f"{at}: randint bounds [{low}, {high}] must be integers (high excluded)")
         dims.append(Dimension(key, dist, (low, high)))
+    keys = {d.key for d in dims}
+    if "finetune.epochs" in keys and "finetune.steps" not in keys and cfg.finetune.steps > 0:
+        raise ConfigError(f"{where}: finetune.epochs has no effect while finetune.steps={cfg.finetune.steps} sets the fine-tuning "
+                          "budget; search finetune.steps instead, or set finetune.steps=0 to fine-tune by epochs")
     return dims
 
 

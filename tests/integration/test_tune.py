@@ -38,12 +38,21 @@ SPACE = {
         ({"eval.split_seed": {"randint": [0, 3]}}, "eval.split_seed cannot be tuned"),
         ({"meta.alpha": [0.1, 0.01]}, "expected one distribution"),
         ([], "expected a mapping"),
+        ({"finetune.epochs": {"choice": [10, 20]}}, "finetune.epochs has no effect while finetune.steps=500"),
     ],
 )
 def test_bad_search_spaces_are_named(space, message):
     with pytest.raises(ConfigError) as err:
         parse_space(space, load_config(), where="tune_spaces/x.yaml")
     assert message in str(err.value) and "tune_spaces/x.yaml" in str(err.value)
+
+
+
+def test_epochs_are_tunable_where_they_set_the_budget():
+    space = {"finetune.epochs": {"choice": [10, 20]}}
+    assert [d.key for d in parse_space(space, load_config(None, ["finetune.steps=0"]))] == ["finetune.epochs"]
+    both = {**space, "finetune.steps": {"choice": [0, 500]}}  # a space that decides the budget itself
+    assert {d.key for d in parse_space(both, load_config())} == {"finetune.epochs", "finetune.steps"}
 
 
 def test_shipped_spaces_parse_and_contain_the_paper_defaults():

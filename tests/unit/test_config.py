@@ -104,6 +104,21 @@ def test_shipped_configs_load_and_demo_yaml_matches_the_builtin_demo():
     assert isinstance(paper, Config) and DEMO_OVERRIDES
 
 
+def test_epochs_that_the_step_budget_would_ignore_are_refused(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["finetune.epochs=50"])
+    assert str(err.value) == ("finetune.epochs=50 has no effect: finetune.steps=500 sets the fine-tuning budget "
+                              "(steps of finetune.batch_size crops); set finetune.steps=0 to fine-tune by epochs")
+    path = tmp_path / "run.yaml"
+    path.write_text("finetune: {epochs: 3, steps: 250}\n")
+    with pytest.raises(ConfigError, match="finetune.epochs=3 has no effect: finetune.steps=250"):
+        load_config(path)
+    assert load_config(None, ["finetune.epochs=50", "finetune.steps=0"]).finetune.epochs == 50
+    written = tmp_path / "written.yaml"  # a configuration written out holds the default epochs beside steps
+    written.write_text(dump_config(load_config()))
+    assert load_config(written) == load_config()
+
+
 def test_changed_keys_is_the_one_resume_check():
     """Every --resume compares a run's saved flat configuration with the current one here."""
     cfg = load_config(ROOT / "configs" / "real3.yaml")  # replaces select.patches_per_shot: no b5/b39 entries
