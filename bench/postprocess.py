@@ -10,6 +10,10 @@ seconds of the plain and the TTA predictions. ``cal``, ``tta_cal0`` and ``tta_ca
 held-out bands' threshold at the fine-tuned weights (:meth:`fsmeta.finetune.HeldOut.calibrate`): on
 the plain prediction with small objects dropped, on the TTA mean (``eval.tta``'s rule), and on the
 TTA mean with small objects dropped; each is scored with the benchmark's smallest object.
+``--mirrors`` adds the mean over the four mirrorings alone (``m4_``, no quarter turns: nnU-Net's and
+Cellpose's TTA), its bands' threshold re-chosen on it as ``eval.tta`` does (``m4_cal0``), and its
+seconds. ``--checkpoint scratch`` fine-tunes the seeded random initialisation (the benchmark's
+scratch start, no pretext) instead of the run's θ′; then ``--run`` is not needed.
 
     python bench/postprocess.py --config configs/real3.yaml --data-root ../data --run runs/real3-v3 \\
         em:1:0 em:5:0 sstem:1:0 sstem:5:0 tnbc:5:0
@@ -22,6 +26,7 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,8 +44,9 @@ from fsmeta.data.registry import load_dataset  # noqa: E402
 from fsmeta.evaluate import predict_probability  # noqa: E402
 from fsmeta.metrics import drop_small, iou, median_object_area  # noqa: E402
 from fsmeta.models import DihedralTTA  # noqa: E402
+from fsmeta.models.tta import DIHEDRAL, MIRRORS  # noqa: E402
 from fsmeta.study import Cell, _selected_support, cell_split, run_cell, support_masks, target_config  # noqa: E402
-from fsmeta.train import apply_threads  # noqa: E402
+from fsmeta.train import apply_threads, scratch_checkpoint  # noqa: E402
 
 FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.25, 0.3, 0.5)
 
@@ -61,13 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("--data-root")
-    p.add_argument("--run", required=True, help="a benchmark's --out (its pretrained/<target>/<arch>/<pretraining>/pretext.safetensors)")
+    p.add_argument("--run", help="a benchmark's --out (its pretrained/<target>/<arch>/<pretraining>/pretext.safetensors)")
+    p.add_argument("--checkpoint", choices=["scratch"], help="fine-tune the seeded random initialisation instead of --run's θ′")
+    p.add_argument("--mirrors", action="store_true", help="also score the mean over the four mirrorings (no turns)")
     p.add_argument("--pretraining", default="meta-all")
     p.add_argument("--grid-top", type=float, action="append", default=[], metavar="T",
                    help="also re-choose the TTA threshold on a grid up to T (repeatable; the default grid stops at "
                         f"{fsmeta.finetune.THRESHOLD_RANGE[1]})")
     p.add_argument("cells", nargs="+", help="TARGET:K:SPLIT")
     args = p.parse_args(argv)
+    if not args.run and not args.checkpoint:
+        p.error("give --run (the θ′ of a benchmark) or --checkpoint scratch")
+    scratch_dir = tempfile.TemporaryDirectory()
     for spec in args.cells:
         name, k, s = spec.split(":")
         k, s = int(k), int(s)
@@ -75,8 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = target_config(cfg, name, cfg.arch)
         apply_threads(cfg)
         target = load_dataset(name, cfg)
-        checkpoint = Path(args.run) / "pretrained" / name / cfg.arch / args.pretraining / "pretext.safetensors"
-        cell = Cell(name, cfg.arch, args.pretraining, "random", k, s)
+        if args.checkpoint == "scratch":
+            checkpoint = scratch_checkpoint(cfg, scratch_dir.name)
+        else:
+            checkpoint = Path(args.run) / "pretrained" / name / cfg.arch / args.pretraining / "pretext.safetensors"
+        cell = Cell(name, cfg.arch, args.checkpoint or args.pretraining, "random", k, s)
         # the benchmark's own cell (fine-tuned and scored as it is), then its support's windows again
         metrics, model, test = run_cell(cfg, target, checkpoint, cell)
         pool, _ = cell_split(cfg, len(target), s)
@@ -88,16 +102,20 @@ def main(argv: list[str] | None = None) -> int:
         band = {}
         if support.holdout is not None:
             plain_band = metrics.get("holdout_raw_threshold", threshold)  # the plain validation's choice (ties go nearest it)
-            variants = {"cal": (size, False), "tta_cal0": (0, True), "tta_cal": (size, True)}
+            variants = {"cal": (size, False, DIHEDRAL), "tta_cal0": (0, True, DIHEDRAL), "tta_cal": (size, True, DIHEDRAL)}
             for top in args.grid_top:  # the TTA mean's threshold on a grid reaching higher than THRESHOLD_RANGE's
-                variants[f"tta_top{top:g}"] = (0, True)
-            for tag, (ms, tta) in variants.items():
+                variants[f"tta_top{top:g}"] = (0, True, DIHEDRAL)
+            if args.mirrors:
+                variants["m4_cal0"] = (0, True, MIRRORS)
+            for tag, (ms, tta, transforms) in variants.items():
                 support.holdout.threshold = plain_band
                 top = float(tag[len("tta_top"):]) if tag.startswith("tta_top") else None
                 with grid_top(top):
-                    band[tag] = support.holdout.calibrate(model, cfg.compute, ms, tta)[1]
+                    band[tag] = support.holdout.calibrate(model, cfg.compute, ms, tta, transforms)[1]
         plain = inference_model(model, cfg.compute)
         scorers = {"": plain, "tta_": DihedralTTA(plain)}
+        if args.mirrors:
+            scorers["m4_"] = DihedralTTA(plain, MIRRORS)
         scores = {f"{tag}f{f:g}": [] for tag in scorers for f in FRACTIONS}
         seconds = dict.fromkeys(scorers, 0.0)
         for i in test:
@@ -108,13 +126,14 @@ def main(argv: list[str] | None = None) -> int:
                 seconds[tag] += time.perf_counter() - t0
                 for f in FRACTIONS:
                     scores[f"{tag}f{f:g}"].append(iou(drop_small(prob >= threshold, int(round(f * median))), truth))
-                for name_, t in band.items():
-                    if name_.startswith(tag) and (tag or not name_.startswith("tta_")):
+                for name_, t in band.items():  # each re-chosen threshold on the predictor it was chosen on
+                    if max((t_ for t_ in scorers if name_.startswith(t_)), key=len) == tag:
                         scores.setdefault(name_, []).append(iou(drop_small(prob >= t, size), truth))
         print(json.dumps({"cell": spec, "threshold": threshold, "median_object_px": median,
                           **{f"{k}_threshold": t for k, t in band.items()},
                           "benchmark_miou": round(100 * metrics["miou"], 1), "benchmark_min_size": metrics["min_size"],
                           "plain_s": round(seconds[""], 1), "tta_s": round(seconds["tta_"], 1),
+                          **({"m4_s": round(seconds["m4_"], 1)} if args.mirrors else {}),
                           **{key: round(100 * float(np.mean(v)), 1) for key, v in scores.items()}}), flush=True)
     return 0
 

@@ -74,20 +74,21 @@ class HeldOut:
         return best_threshold(fg, bg)
 
     def calibrate(self, model: SegmentationModel, compute: ComputeConfig | None = None, min_size: int = 0,
-                  tta: bool = False) -> tuple[float, float]:
+                  tta: bool = False, transforms: tuple[tuple[int, bool], ...] | None = None) -> tuple[float, float]:
         """Choose the threshold again at the weights fine-tuning ended on, scoring the bands as the
         evaluation scores a test image: predicted components under ``min_size`` pixels dropped
         (labelled over each whole window, band and context, so an object the band's edge cuts
         keeps the part of it beside the band) and, with ``tta``, the mean over the 8 flips and
-        turns. Sets and returns (pooled IoU, threshold); ties go to the threshold nearest the one
+        turns (or over ``transforms``, :class:`fsmeta.models.DihedralTTA`'s). Sets and returns (pooled IoU, threshold); ties go to the threshold nearest the one
         :meth:`score` chose (so a band that scores 0 everywhere keeps it), and the step stays
         :meth:`score`'s. With neither, it returns :meth:`score`'s choice at these weights."""
         from fsmeta.compute import inference_model
         from fsmeta.metrics import drop_small
         from fsmeta.models import DihedralTTA
+        from fsmeta.models.tta import DIHEDRAL
 
         scorer = inference_model(model, compute)
-        windows = self._bins(model, DihedralTTA(scorer) if tta else scorer, compute)
+        windows = self._bins(model, DihedralTTA(scorer, transforms or DIHEDRAL) if tta else scorer, compute)
         iou = np.zeros(THRESHOLD_BINS)
         for k in threshold_grid(THRESHOLD_BINS):
             tp = fp = fn = 0

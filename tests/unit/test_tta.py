@@ -40,6 +40,25 @@ def test_the_group_mean_turns_and_flips_with_its_input():
     assert torch.allclose(p, manual, atol=1e-5)
 
 
+@torch.no_grad()
+def test_the_mirror_mean_flips_with_its_input_but_does_not_turn():
+    """MIRRORS (nnU-Net's and Cellpose's four mirrorings) is a group of its own: flips of the input
+    flip the mean; it is the mean of those four passes; a quarter turn is not among them."""
+    from fsmeta.models.tta import MIRRORS
+
+    model = _model(3)
+    tta = DihedralTTA(model, MIRRORS)
+    x = torch.rand(1, 1, 32, 48) * 2 - 1
+    p = torch.sigmoid(tta(x))
+    assert torch.allclose(torch.sigmoid(tta(x.flip(2))), p.flip(2), atol=1e-5)
+    assert torch.allclose(torch.sigmoid(tta(x.flip(3))), p.flip(3), atol=1e-5)
+    manual = sum(torch.sigmoid(model(x.flip(d) if d else x)).flip(d) if d else torch.sigmoid(model(x))
+                 for d in [(), (2,), (3,), (2, 3)]) / 4
+    assert torch.allclose(p, manual, atol=1e-5)
+    turned = torch.sigmoid(tta(torch.rot90(x, 1, (2, 3))))
+    assert not torch.allclose(turned, torch.rot90(p, 1, (2, 3)), atol=1e-3)
+
+
 def test_predict_tta_segments_the_group_mean(tmp_path):
     model = _model(1)
     state = {k: v.clone() for k, v in model.state_dict().items()}
