@@ -14,6 +14,10 @@ TTA mean with small objects dropped; each is scored with the benchmark's smalles
 Cellpose's TTA), its bands' threshold re-chosen on it as ``eval.tta`` does (``m4_cal0``), and its
 seconds. ``--checkpoint scratch`` fine-tunes the seeded random initialisation (the benchmark's
 scratch start, no pretext) instead of the run's θ′; then ``--run`` is not needed.
+``--oracle`` adds what a perfect threshold would give on the TTA mean: the test mIoU at each
+threshold of the bands' grid (small objects dropped as the cell drops them) and its best
+(``oracle``, ``oracle_threshold``) — read from the test masks, an upper bound for any rule that
+chooses the threshold, never a way to choose one.
 
     python bench/postprocess.py --config configs/real3.yaml --data-root ../data --run runs/real3-v3 \\
         em:1:0 em:5:0 sstem:1:0 sstem:5:0 tnbc:5:0
@@ -70,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", help="a benchmark's --out (its pretrained/<target>/<arch>/<pretraining>/pretext.safetensors)")
     p.add_argument("--checkpoint", choices=["scratch"], help="fine-tune the seeded random initialisation instead of --run's θ′")
     p.add_argument("--mirrors", action="store_true", help="also score the mean over the four mirrorings (no turns)")
+    p.add_argument("--oracle", action="store_true", help="also the test mIoU at the best single threshold of the grid (TTA mean)")
     p.add_argument("--pretraining", default="meta-all")
     p.add_argument("--grid-top", type=float, action="append", default=[], metavar="T",
                    help="also re-choose the TTA threshold on a grid up to T (repeatable; the default grid stops at "
@@ -118,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             scorers["m4_"] = DihedralTTA(plain, MIRRORS)
         scores = {f"{tag}f{f:g}": [] for tag in scorers for f in FRACTIONS}
         seconds = dict.fromkeys(scorers, 0.0)
+        grid = [b / fsmeta.finetune.THRESHOLD_BINS for b in fsmeta.finetune.threshold_grid(fsmeta.finetune.THRESHOLD_BINS)]
+        oracle = np.zeros(len(grid))
         for i in test:
             image, truth = target.image(int(i)), target.masks[int(i)] > 0
             for tag, scorer in scorers.items():
@@ -126,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                 seconds[tag] += time.perf_counter() - t0
                 for f in FRACTIONS:
                     scores[f"{tag}f{f:g}"].append(iou(drop_small(prob >= threshold, int(round(f * median))), truth))
+                if args.oracle and tag == "tta_":
+                    oracle += [iou(drop_small(prob >= t, size), truth) for t in grid]
                 for name_, t in band.items():  # each re-chosen threshold on the predictor it was chosen on
                     if max((t_ for t_ in scorers if name_.startswith(t_)), key=len) == tag:
                         scores.setdefault(name_, []).append(iou(drop_small(prob >= t, size), truth))
@@ -134,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                           "benchmark_miou": round(100 * metrics["miou"], 1), "benchmark_min_size": metrics["min_size"],
                           "plain_s": round(seconds[""], 1), "tta_s": round(seconds["tta_"], 1),
                           **({"m4_s": round(seconds["m4_"], 1)} if args.mirrors else {}),
+                          **({"oracle": round(100 * float(oracle.max()) / len(test), 1),
+                              "oracle_threshold": grid[int(np.argmax(oracle))]} if args.oracle else {}),
                           **{key: round(100 * float(np.mean(v)), 1) for key, v in scores.items()}}), flush=True)
     return 0
 
