@@ -48,7 +48,7 @@ from fsmeta.data.registry import load_dataset  # noqa: E402
 from fsmeta.evaluate import predict_probability  # noqa: E402
 from fsmeta.metrics import drop_small, iou, median_object_area  # noqa: E402
 from fsmeta.models import DihedralTTA  # noqa: E402
-from fsmeta.models.tta import DIHEDRAL, MIRRORS  # noqa: E402
+from fsmeta.models.tta import MIRRORS  # noqa: E402
 from fsmeta.study import Cell, _selected_support, cell_split, run_cell, support_masks, target_config  # noqa: E402
 from fsmeta.train import apply_threads, scratch_checkpoint  # noqa: E402
 
@@ -107,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         band = {}
         if support.holdout is not None:
             plain_band = metrics.get("holdout_raw_threshold", threshold)  # the plain validation's choice (ties go nearest it)
-            variants = {"cal": (size, False, DIHEDRAL), "tta_cal0": (0, True, DIHEDRAL), "tta_cal": (size, True, DIHEDRAL)}
+            variants = {"cal": (size, False, None), "tta_cal0": (0, True, None), "tta_cal": (size, True, None)}  # None: the 8 transforms
             for top in args.grid_top:  # the TTA mean's threshold on a grid reaching higher than THRESHOLD_RANGE's
-                variants[f"tta_top{top:g}"] = (0, True, DIHEDRAL)
+                variants[f"tta_top{top:g}"] = (0, True, None)
             if args.mirrors:
                 variants["m4_cal0"] = (0, True, MIRRORS)
             for tag, (ms, tta, transforms) in variants.items():
