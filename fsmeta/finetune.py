@@ -200,9 +200,10 @@ def finetune(
     progress: bool = False,
     augment: AugmentConfig | None = None,
     holdout: HeldOut | None = None,
+    shots: int = 0,
 ) -> tuple[SegmentationModel, list[float]]:
     """Fine-tune ``model`` in place on support crops; returns it and the mean loss per epoch
-    (with a ``cfg.steps`` budget: per chunk of at most 50 steps).
+    (with a step budget, ``cfg.budget(shots)``: per chunk of at most 50 steps).
 
     The model trains on the device it is on; ``compute`` (default:
     :class:`~fsmeta.config.ComputeConfig`'s, i.e. bf16 autocast and channels_last where
@@ -220,18 +221,20 @@ def finetune(
             ``holdout.train_rows`` only, is validated every ``cfg.val_every`` steps and ends with the
             best validation's weights (``cfg.refit``: re-trained on every crop for that many steps);
             the outcome is written into ``holdout``.
+        shots: the support images the crops come from; with ``cfg.steps`` > 0 the budget is
+            ``cfg.budget(shots)`` steps (at least ``cfg.steps_per_shot`` per shot). 0: ``cfg.steps``.
     """
     if len(x) == 0:
         raise FsmetaError(f"{where}: the support set has no crops")
     make_bn_affine(model)
     model.train()
     if holdout is None:
-        return model, _train(model, x, y, cfg, seed, where, compute, progress, augment, cfg.steps)
+        return model, _train(model, x, y, cfg, seed, where, compute, progress, augment, cfg.budget(shots))
     if len(holdout.train_rows) == 0:
         raise FsmetaError(f"{where}: every support crop touches a held-out band; lower finetune.holdout")
     initial = clone_state(model) if cfg.refit else None
     rows = torch.from_numpy(holdout.train_rows.astype(np.int64))
-    budget = cfg.steps or cfg.epochs * -(-len(rows) // cfg.batch_size)
+    budget = cfg.budget(shots) or cfg.epochs * -(-len(rows) // cfg.batch_size)
     best: dict[str, torch.Tensor] | None = None
     stale = 0
 

@@ -291,7 +291,7 @@ def run_cell(cfg: Config, target: ImageSet, checkpoint: Path, cell: Cell,
         test = fixed_test
     x, y, holdout = chosen.x, chosen.y, chosen.holdout
     finetune(model, x, y, cfg.finetune, seed=cell.seed, where=cell.name(), compute=cfg.compute, augment=cfg.augment,
-             holdout=holdout)
+             holdout=holdout, shots=cell.shots)
     threshold, min_size = decision_rule(cfg, model, y, holdout, support_masks(target, chosen.windows))
     summary, _ = evaluate(model, target, test, threshold, compute=cfg.compute, min_size=min_size, tta=cfg.eval.tta)
     metrics = {
@@ -299,6 +299,7 @@ def run_cell(cfg: Config, target: ImageSet, checkpoint: Path, cell: Cell,
         "precision": summary["precision"], "recall": summary["recall"], "n_test": int(summary["n_images"]),
         "support_crops": int(len(x)), "support_images": int(len(chosen.images)),
         "annotated_pixels": chosen.pixels, "threshold": threshold, "min_size": min_size,
+        "finetune_steps": cfg.finetune.budget(cell.shots),
         **annotation_composition(target, chosen.windows), "ranking_seconds": chosen.seconds,
         **(holdout.summary() if holdout is not None else {}),
     }

@@ -91,10 +91,11 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
         masks = window_masks(images, chosen.windows)
     n_images = len(support_ids)
     params: dict[str, Any] = {"target": target, "arch": meta["arch"], "pretraining": meta.get("kind", ""), "shots": n_images,
-                              "seed": seed, "weights": str(weights), "support_crops": len(x), "crop_size": crop_size}
+                              "seed": seed, "weights": str(weights), "support_crops": len(x), "crop_size": crop_size,
+                              "finetune_steps": cfg.finetune.budget(n_images)}
     with tracker.run(f"finetune/{label}/K{n_images}/s{seed}", params=params, tags={"fsmeta.kind": "finetune"}) as run_id:
         _, history = finetune(model, x, y, cfg.finetune, seed=seed, where=f"fine-tune {label}", compute=cfg.compute,
-                              progress=progress, augment=cfg.augment, holdout=holdout)
+                              progress=progress, augment=cfg.augment, holdout=holdout, shots=n_images)
         for epoch, loss in enumerate(history, 1):
             tracker.log_metrics(run_id, {"loss": loss}, step=epoch)
         threshold, min_size = decision_rule(cfg, model, y, holdout, masks)

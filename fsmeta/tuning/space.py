@@ -94,6 +94,9 @@ def parse_space(values: Any, cfg: Config, where: str = "search space") -> list[D
     if "finetune.epochs" in keys and "finetune.steps" not in keys and cfg.finetune.steps > 0:
         raise ConfigError(f"{where}: finetune.epochs has no effect while finetune.steps={cfg.finetune.steps} sets the fine-tuning "
                           "budget; search finetune.steps instead, or set finetune.steps=0 to fine-tune by epochs")
+    if "finetune.steps_per_shot" in keys and "finetune.steps" not in keys and cfg.finetune.steps == 0:
+        raise ConfigError(f"{where}: finetune.steps_per_shot has no effect while finetune.steps=0 fine-tunes by epochs; "
+                          "set finetune.steps > 0 or search finetune.steps too")
     return dims
 
 

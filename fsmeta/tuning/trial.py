@@ -80,7 +80,7 @@ def validation_score(cfg: Config, theta: dict, target: ImageSet, split: TuneSpli
             model.load_state_dict(theta)
             model.to(default_device())
             finetune(model, support.x, support.y, cfg.finetune, seed=seed, where=f"tune {cell.name()}", compute=cfg.compute,
-                     augment=cfg.augment, holdout=support.holdout)
+                     augment=cfg.augment, holdout=support.holdout, shots=k)
             # the benchmark's threshold (eval.threshold_rule or the held-out bands') and smallest object, so a
             # trial scores what a cell would
             threshold, min_size = decision_rule(cfg, model, support.y, support.holdout, support_masks(target, support.windows))

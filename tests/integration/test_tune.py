@@ -55,6 +55,13 @@ def test_epochs_are_tunable_where_they_set_the_budget():
     assert {d.key for d in parse_space(both, load_config())} == {"finetune.epochs", "finetune.steps"}
 
 
+def test_a_per_shot_budget_is_tunable_only_beside_a_step_budget():
+    space = {"finetune.steps_per_shot": {"choice": [50, 100, 200]}}
+    assert [d.key for d in parse_space(space, load_config())] == ["finetune.steps_per_shot"]
+    with pytest.raises(ConfigError, match="x.yaml: finetune.steps_per_shot has no effect while finetune.steps=0"):
+        parse_space(space, load_config(None, ["finetune.steps=0"]), where="x.yaml")
+
+
 def test_shipped_spaces_parse_and_contain_the_paper_defaults():
     from fsmeta.tuning import default_point, load_space
 

@@ -119,6 +119,19 @@ def test_epochs_that_the_step_budget_would_ignore_are_refused(tmp_path):
     assert load_config(written) == load_config()
 
 
+def test_a_per_shot_budget_that_epochs_would_ignore_is_refused():
+    cfg = load_config()
+    assert [cfg.finetune.budget(k) for k in (1, 5, 7, 10)] == [500, 500, 700, 1000]  # 100 steps a shot, at least 500
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["finetune.steps=0", "finetune.steps_per_shot=50"])
+    assert str(err.value) == ("finetune.steps_per_shot=50 has no effect: finetune.steps=0 fine-tunes for finetune.epochs=20 "
+                              "epochs; set finetune.steps > 0 for a step budget")
+    assert load_config(None, ["finetune.steps=0", "finetune.steps_per_shot=100"]).finetune.budget(10) == 0
+    assert load_config(None, ["finetune.steps_per_shot=0"]).finetune.budget(10) == 500
+    with pytest.raises(ConfigError, match="finetune.steps_per_shot=-1"):
+        load_config(None, ["finetune.steps_per_shot=-1"])
+
+
 def test_changed_keys_is_the_one_resume_check():
     """Every --resume compares a run's saved flat configuration with the current one here."""
     cfg = load_config(ROOT / "configs" / "real3.yaml")  # replaces select.patches_per_shot: no b5/b39 entries

@@ -178,3 +178,26 @@ def test_calibrate_scores_the_bands_as_the_evaluation_does(monkeypatch):
     empty.masks = [np.zeros((6, 12), bool)]
     empty.threshold = 0.73
     assert empty.calibrate(model, None, min_size=5) == (0.0, pytest.approx(0.73))
+
+
+def test_a_budget_per_shot_extends_the_same_run():
+    """finetune.steps_per_shot raises the step budget to that many steps per support image; the
+    longer run begins as the shorter one (same batches, constant rate), so its bands see the
+    shorter run's validations first and can only choose a later step where it scores better."""
+    images, index, x, y = _support()
+    torch.manual_seed(0)
+    base = build_model("fcrn")
+    cfg = FinetuneConfig(steps=4, steps_per_shot=3, batch_size=4, val_every=2, lr=1e-3)
+    assert [cfg.budget(k) for k in (0, 1, 2, 3)] == [4, 4, 6, 9]
+    short, long = hold_out(images, index, 0.25, seed=1), hold_out(images, index, 0.25, seed=1)
+    finetune(copy.deepcopy(base), x, y, cfg, seed=0, holdout=short)  # shots=0: finetune.steps alone
+    finetune(copy.deepcopy(base), x, y, cfg, seed=0, holdout=long, shots=3)
+    assert [s for s, _, _ in short.curve] == [2, 4] and [s for s, _, _ in long.curve] == [2, 4, 6, 8, 9]
+    assert long.curve[:2] == short.curve
+    seen = []
+    model = copy.deepcopy(base)
+    original = model.forward_with_latent
+    model.forward_with_latent = lambda t: (seen.append(len(t)), original(t))[1]
+    finetune(model, x, y, cfg, seed=0, shots=2)  # no bands: the whole budget
+    assert len(seen) == 6
+    assert FinetuneConfig(steps=0, steps_per_shot=3).budget(5) == 0  # epochs: no step budget
