@@ -120,7 +120,7 @@ class AugmentConfig:
 @dataclass
 class FinetuneConfig:
     """K-shot fine-tuning. The defaults are the measured ones of docs/results.md (issue 19: a
-    500-step budget of 16 crops of 128², Adam 3e-4, with augment.finetune, held-out bands choosing
+    budget of 100 steps a shot, at least 500, of 16 crops of 128², Adam 3e-4, with augment.finetune, held-out bands choosing
     the step and the threshold, else the prior threshold); configs/paper.yaml restores the paper's
     20 epochs of batch 64 at data.crop_size, lr 1e-4, no held-out bands."""
 
