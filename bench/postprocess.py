@@ -49,7 +49,7 @@ from fsmeta.evaluate import predict_probability  # noqa: E402
 from fsmeta.metrics import drop_small, iou, median_object_area  # noqa: E402
 from fsmeta.models import DihedralTTA  # noqa: E402
 from fsmeta.models.tta import MIRRORS  # noqa: E402
-from fsmeta.study import Cell, _selected_support, cell_split, run_cell, support_masks, target_config  # noqa: E402
+from fsmeta.study import Cell, _selected_support, annotation_composition, cell_split, run_cell, support_masks, target_config  # noqa: E402
 from fsmeta.train import apply_threads, scratch_checkpoint  # noqa: E402
 
 FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.25, 0.3, 0.5)
@@ -79,8 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid-top", type=float, action="append", default=[], metavar="T",
                    help="also re-choose the TTA threshold on a grid up to T (repeatable; the default grid stops at "
                         f"{fsmeta.finetune.THRESHOLD_RANGE[1]})")
+    p.add_argument("--curves", type=int, default=0, metavar="N",
+                   help="also print, on the TTA mean, the test mIoU (implies --oracle), the bands' IoU and the predicted "
+                        "foreground share of N unannotated pool images (never a test image) at every threshold of the grid")
     p.add_argument("cells", nargs="+", help="TARGET:K:SPLIT")
     args = p.parse_args(argv)
+    args.oracle = args.oracle or bool(args.curves)
     if not args.run and not args.checkpoint:
         p.error("give --run (the θ′ of a benchmark) or --checkpoint scratch")
     scratch_dir = tempfile.TemporaryDirectory()
@@ -138,6 +142,17 @@ def main(argv: list[str] | None = None) -> int:
                 for name_, t in band.items():  # each re-chosen threshold on the predictor it was chosen on
                     if max((t_ for t_ in scorers if name_.startswith(t_)), key=len) == tag:
                         scores.setdefault(name_, []).append(iou(drop_small(prob >= t, size), truth))
+        curves = {}
+        if args.curves:
+            curves = {"test_curve": [round(float(v) / len(test), 4) for v in oracle],
+                      "grid": grid, **annotation_composition(target, support.windows),
+                      "pool_curve": pool_share(target, pool, support.images, args.curves, s, scorers["tta_"], cfg.compute, grid)}
+            if support.holdout is not None:
+                support.holdout.threshold = metrics.get("holdout_raw_threshold", threshold)
+                support.holdout.calibrate(model, cfg.compute, 0, True)
+                curves["band_curve"] = [round(float(support.holdout.calibration[int(round(t * fsmeta.finetune.THRESHOLD_BINS))]), 4)
+                                        for t in grid]
+                curves["band_foreground"] = float(np.mean(np.concatenate([m.ravel() for m in support.holdout.masks])))
         print(json.dumps({"cell": spec, "threshold": threshold, "median_object_px": median,
                           **{f"{k}_threshold": t for k, t in band.items()},
                           "benchmark_miou": round(100 * metrics["miou"], 1), "benchmark_min_size": metrics["min_size"],
@@ -145,8 +160,22 @@ def main(argv: list[str] | None = None) -> int:
                           **({"m4_s": round(seconds["m4_"], 1)} if args.mirrors else {}),
                           **({"oracle": round(100 * float(oracle.max()) / len(test), 1),
                               "oracle_threshold": grid[int(np.argmax(oracle))]} if args.oracle else {}),
-                          **{key: round(100 * float(np.mean(v)), 1) for key, v in scores.items()}}), flush=True)
+                          **{key: round(100 * float(np.mean(v)), 1) for key, v in scores.items()}, **curves}), flush=True)
     return 0
+
+
+def pool_share(target, pool: np.ndarray, support: np.ndarray, n: int, seed: int, scorer, compute, grid: list[float]) -> list[float]:
+    """The share of pixels predicted foreground by ``scorer`` at each threshold of ``grid``, pooled over
+    ``n`` images drawn (seeded by ``seed``) from the split's pool outside the support: unannotated images a
+    lab has beside the ones it annotated, never a test image."""
+    rest = np.setdiff1d(pool, support)
+    drawn = np.random.default_rng([seed, 104729]).permutation(rest)[:n]
+    counts, total = np.zeros(len(grid)), 0
+    for i in drawn:
+        prob = predict_probability(scorer, target.image(int(i)), compute)
+        counts += [np.count_nonzero(prob >= t) for t in grid]
+        total += prob.size
+    return [round(float(c) / total, 5) for c in counts]
 
 
 if __name__ == "__main__":

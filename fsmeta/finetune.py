@@ -60,6 +60,7 @@ class HeldOut:
     iou: float = float("nan")
     curve: list[tuple[int, float, float]] = field(default_factory=list)  # (step, IoU, threshold) of every validation
     raw_threshold: float | None = None  # the threshold of the best validation, when :meth:`calibrate` chose again
+    calibration: np.ndarray | None = None  # :meth:`calibrate`'s pooled IoU of the bands at each bin of the grid
 
     def score(self, model: SegmentationModel, compute: ComputeConfig | None = None) -> tuple[float, float]:
         """(pooled IoU of the bands at the best threshold, that threshold) for ``model`` as it is;
@@ -99,6 +100,7 @@ class HeldOut:
                 fn += int(np.count_nonzero(mask & ~pred))
             iou[k] = tp / (tp + fp + fn) if tp + fp + fn else 0.0
         k = best_bin(iou, self.threshold, 0.5)
+        self.calibration = iou
         self.raw_threshold, self.iou, self.threshold = self.threshold, float(iou[k]), k / THRESHOLD_BINS
         return self.iou, self.threshold
 
