@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                 top = float(tag[len("tta_top"):]) if tag.startswith("tta_top") else None
                 with grid_top(top):
                     band[tag] = support.holdout.calibrate(model, cfg.compute, ms, tta, transforms)[1]
+                if tag == "tta_cal0":  # eval.tta's own choice: its IoU curve is --curves' band curve
+                    band_curve = support.holdout.calibration
         plain = inference_model(model, cfg.compute)
         scorers = {"": plain, "tta_": DihedralTTA(plain)}
         if args.mirrors:
@@ -148,9 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                       "grid": grid, **annotation_composition(target, support.windows),
                       "pool_curve": pool_share(target, pool, support.images, args.curves, s, scorers["tta_"], cfg.compute, grid)}
             if support.holdout is not None:
-                support.holdout.threshold = metrics.get("holdout_raw_threshold", threshold)
-                support.holdout.calibrate(model, cfg.compute, 0, True)
-                curves["band_curve"] = [round(float(support.holdout.calibration[int(round(t * fsmeta.finetune.THRESHOLD_BINS))]), 4)
+                curves["band_curve"] = [round(float(band_curve[int(round(t * fsmeta.finetune.THRESHOLD_BINS))]), 4)
                                         for t in grid]
                 curves["band_foreground"] = float(np.mean(np.concatenate([m.ravel() for m in support.holdout.masks])))
         print(json.dumps({"cell": spec, "threshold": threshold, "median_object_px": median,
