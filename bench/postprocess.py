@@ -17,7 +17,10 @@ scratch start, no pretext) instead of the run's θ′; then ``--run`` is not nee
 ``--oracle`` adds what a perfect threshold would give on the TTA mean: the test mIoU at each
 threshold of the bands' grid (small objects dropped as the cell drops them) and its best
 (``oracle``, ``oracle_threshold``) — read from the test masks, an upper bound for any rule that
-chooses the threshold, never a way to choose one.
+chooses the threshold, never a way to choose one. ``--curves N`` adds the curves of the threshold
+grid (test mIoU, the bands' IoU, the foreground share of N unannotated pool images) and
+``tta_pool``: the mIoU at ``eval.pool_threshold``'s choice from those N images
+(:meth:`fsmeta.finetune.HeldOut.match_pool`), with its record (``pool_ratio``, ``pool_used``).
 
     python bench/postprocess.py --config configs/real3.yaml --data-root ../data --run runs/real3-v3 \\
         em:1:0 em:5:0 sstem:1:0 sstem:5:0 tnbc:5:0
@@ -49,7 +52,9 @@ from fsmeta.evaluate import predict_probability  # noqa: E402
 from fsmeta.metrics import drop_small, iou, median_object_area  # noqa: E402
 from fsmeta.models import DihedralTTA  # noqa: E402
 from fsmeta.models.tta import MIRRORS  # noqa: E402
-from fsmeta.study import Cell, _selected_support, annotation_composition, cell_split, run_cell, support_masks, target_config  # noqa: E402
+from fsmeta.finetune import pool_share_curve  # noqa: E402
+from fsmeta.study import (Cell, _selected_support, annotation_composition, cell_split, run_cell, support_masks,  # noqa: E402
+                          target_config, unannotated_draw)
 from fsmeta.train import apply_threads, scratch_checkpoint  # noqa: E402
 
 FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.25, 0.3, 0.5)
@@ -123,6 +128,14 @@ def main(argv: list[str] | None = None) -> int:
                     band[tag] = support.holdout.calibrate(model, cfg.compute, ms, tta, transforms)[1]
                 if tag == "tta_cal0":  # eval.tta's own choice: its IoU curve is --curves' band curve
                     band_curve = support.holdout.calibration
+        unannotated = [target.image(int(i)) for i in unannotated_draw(pool, support.images, args.curves, s)]
+        if args.curves and support.holdout is not None:
+            # eval.pool_threshold's choice (HeldOut.match_pool) from the bands' TTA threshold, as
+            # decision_rule takes it
+            support.holdout.threshold = band["tta_cal0"]
+            share_curve = pool_share_curve(DihedralTTA(inference_model(model, cfg.compute)), unannotated, cfg.compute)
+            band["tta_pool"] = support.holdout.match_pool(annotation_composition(target, support.windows)["support_foreground"],
+                                                         share_curve)
         plain = inference_model(model, cfg.compute)
         scorers = {"": plain, "tta_": DihedralTTA(plain)}
         if args.mirrors:
@@ -148,11 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.curves:
             curves = {"test_curve": [round(float(v) / len(test), 4) for v in oracle],
                       "grid": grid, **annotation_composition(target, support.windows),
-                      "pool_curve": pool_share(target, pool, support.images, args.curves, s, scorers["tta_"], cfg.compute, grid)}
+                      "pool_curve": [round(float(share_curve[int(round(t * fsmeta.finetune.THRESHOLD_BINS))]), 5) for t in grid]
+                      if support.holdout is not None else
+                      list(pool_share_curve(scorers["tta_"], unannotated, cfg.compute)[[int(round(t * 100)) for t in grid]])}
             if support.holdout is not None:
                 curves["band_curve"] = [round(float(band_curve[int(round(t * fsmeta.finetune.THRESHOLD_BINS))]), 4)
                                         for t in grid]
                 curves["band_foreground"] = float(np.mean(np.concatenate([m.ravel() for m in support.holdout.masks])))
+                curves.update(support.holdout.pool or {})
         print(json.dumps({"cell": spec, "threshold": threshold, "median_object_px": median,
                           **{f"{k}_threshold": t for k, t in band.items()},
                           "benchmark_miou": round(100 * metrics["miou"], 1), "benchmark_min_size": metrics["min_size"],
@@ -162,20 +178,6 @@ def main(argv: list[str] | None = None) -> int:
                               "oracle_threshold": grid[int(np.argmax(oracle))]} if args.oracle else {}),
                           **{key: round(100 * float(np.mean(v)), 1) for key, v in scores.items()}, **curves}), flush=True)
     return 0
-
-
-def pool_share(target, pool: np.ndarray, support: np.ndarray, n: int, seed: int, scorer, compute, grid: list[float]) -> list[float]:
-    """The share of pixels predicted foreground by ``scorer`` at each threshold of ``grid``, pooled over
-    ``n`` images drawn (seeded by ``seed``) from the split's pool outside the support: unannotated images a
-    lab has beside the ones it annotated, never a test image."""
-    rest = np.setdiff1d(pool, support)
-    drawn = np.random.default_rng([seed, 104729]).permutation(rest)[:n]
-    counts, total = np.zeros(len(grid)), 0
-    for i in drawn:
-        prob = predict_probability(scorer, target.image(int(i)), compute)
-        counts += [np.count_nonzero(prob >= t) for t in grid]
-        total += prob.size
-    return [round(float(c) / total, 5) for c in counts]
 
 
 if __name__ == "__main__":

@@ -259,7 +259,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = _load(args)
     apply_threads(cfg)
     r = finetune_checkpoint(args.weights, cfg, args.out, _tracker(cfg), shots=args.shots, seed=args.seed,
-                            support_images=args.support_images, support_masks=args.support_masks, register=args.register or "")
+                            support_images=args.support_images, support_masks=args.support_masks, register=args.register or "",
+                            pool=args.pool)
     if r.note:
         print(f"note: {r.note}")
     where = f"annotated image(s) of {args.support_images}" if args.support_images else f"image(s) of {r.target}"
@@ -457,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     u = p.add_argument_group("your own annotated images (instead of --target's K-shot draw)")
     u.add_argument("--support-images", metavar="DIR", help="fine-tune on every image of this folder (default: none; use --target)")
     u.add_argument("--support-masks", metavar="DIR", help="their masks, paired by name as in `fsmeta data import` (default: none)")
+    u.add_argument("--pool", metavar="DIR", help="unannotated images of the same kind (e.g. `fsmeta select`'s --target folder): "
+                   "the threshold moves toward the one at which eval.pool_images of them are predicted the support's foreground "
+                   "share, unless the two disagree (eval.pool_threshold; docs/results.md) (default: the held-out bands' threshold)")
     p.add_argument("--register", metavar="NAME", help="also register the weights in MLflow's model registry as a new version of "
                    "NAME, usable as --weights models:/NAME/<version> (default: do not register)")
     p.set_defaults(func=cmd_finetune)

@@ -32,6 +32,9 @@ def support_crops(images: ImageSet, index: CropIndex) -> tuple[torch.Tensor, tor
 THRESHOLD_BINS = 100  # the held-out threshold is chosen on a grid of 1/100
 THRESHOLD_RANGE = (0.05, 0.95)
 CONTEXT_MARGIN = 32  # pixels of training region predicted beside a band (the network's context), never scored
+# eval.pool_threshold: the pool is trusted only where the share it is predicted at the bands'
+# threshold and the support's annotated share differ by at most this factor (docs/results.md)
+POOL_AGREEMENT = 4.0
 
 
 @dataclass
@@ -61,6 +64,7 @@ class HeldOut:
     curve: list[tuple[int, float, float]] = field(default_factory=list)  # (step, IoU, threshold) of every validation
     raw_threshold: float | None = None  # the threshold of the best validation, when :meth:`calibrate` chose again
     calibration: np.ndarray | None = None  # :meth:`calibrate`'s pooled IoU of the bands at each bin of the grid
+    pool: dict[str, float] | None = None  # :meth:`match_pool`'s record, when it ran
 
     def score(self, model: SegmentationModel, compute: ComputeConfig | None = None) -> tuple[float, float]:
         """(pooled IoU of the bands at the best threshold, that threshold) for ``model`` as it is;
@@ -104,6 +108,36 @@ class HeldOut:
         self.raw_threshold, self.iou, self.threshold = self.threshold, float(iou[k]), k / THRESHOLD_BINS
         return self.iou, self.threshold
 
+    def match_pool(self, support_share: float, pool_curve: np.ndarray) -> float:
+        """Move the threshold halfway to the one at which unannotated images of the target get the
+        support's foreground share (``eval.pool_threshold``), unless the two disagree.
+
+        ``pool_curve[k]`` is the share of the pool images' pixels predicted at or above bin ``k``
+        (:func:`pool_share_curve`) and ``support_share`` the foreground share of the support's
+        annotation. The pool's threshold is the bin of the grid whose share is nearest
+        ``support_share`` on a log scale (ties: the lower); the new threshold is the mean of it and
+        the bands' (rounded down to the grid). When the pool's share at the bands' threshold and
+        ``support_share`` differ by more than :data:`POOL_AGREEMENT` times (a support that is not
+        typical of the target, e.g. one nearly empty tile), the bands' threshold stays. Sets and
+        returns ``threshold``; ``pool`` records the bands' and the pool's thresholds, the ratio and
+        whether the pool was used. Reads no mask but the support's."""
+        if not 0.0 < support_share <= 1.0:
+            raise FsmetaError(f"the support's foreground share must lie in (0, 1], got {support_share!r}")
+        curve = np.asarray(pool_curve, dtype=float)
+        if curve.shape != (THRESHOLD_BINS,):
+            raise FsmetaError(f"the pool curve needs {THRESHOLD_BINS} bins, got shape {curve.shape}")
+        grid = threshold_grid(THRESHOLD_BINS)
+        bands = int(round(self.threshold * THRESHOLD_BINS))
+        target = np.log(support_share)
+        k_pool = min(grid, key=lambda k: (abs(np.log(max(curve[k], 1e-9)) - target), k))
+        ratio = float(curve[bands]) / support_share
+        used = 1.0 / POOL_AGREEMENT <= ratio <= POOL_AGREEMENT
+        k = (bands + k_pool) // 2 if used else bands
+        self.pool = {"pool_bands_threshold": bands / THRESHOLD_BINS, "pool_match_threshold": k_pool / THRESHOLD_BINS,
+                     "pool_ratio": ratio, "pool_used": float(used)}
+        self.threshold = k / THRESHOLD_BINS
+        return self.threshold
+
     def _bins(self, model: SegmentationModel, scorer: torch.nn.Module, compute: ComputeConfig | None) -> list[np.ndarray]:
         """Each whole window's probabilities under ``scorer`` (``model``'s inference form), as bins
         of the 1/``THRESHOLD_BINS`` grid; leaves ``model`` in training mode."""
@@ -116,8 +150,29 @@ class HeldOut:
 
     def summary(self) -> dict[str, float | int]:
         extra = {} if self.raw_threshold is None else {"holdout_raw_threshold": float(self.raw_threshold)}
+        extra.update(self.pool or {})
         return {"holdout_step": int(self.best_step), "holdout_iou": float(self.iou), "holdout_threshold": float(self.threshold),
                 "holdout_bands": len(self.bands), "holdout_train_crops": int(len(self.train_rows)), **extra}
+
+
+def pool_share_curve(scorer: torch.nn.Module, images, compute: ComputeConfig | None = None, progress: bool = False) -> np.ndarray:
+    """The share of the pixels of ``images`` (float [0, 1] arrays, unannotated) that ``scorer`` (a
+    model's inference form, or its TTA mean) predicts at or above each bin of the threshold grid:
+    entry ``k`` is the foreground share at threshold ``k / THRESHOLD_BINS``."""
+    from fsmeta.evaluate import predict_probability
+
+    images = list(images)
+    bar = Progress(len(images), "predict the unannotated pool", enabled=progress)
+    counts, total = np.zeros(THRESHOLD_BINS, np.int64), 0
+    for image in images:
+        prob = predict_probability(scorer, image, compute)
+        bar.update()
+        counts += np.bincount(np.minimum((prob * THRESHOLD_BINS).astype(np.int64), THRESHOLD_BINS - 1).ravel(),
+                              minlength=THRESHOLD_BINS)
+        total += prob.size
+    if total == 0:
+        raise FsmetaError("no unannotated pool image to read the foreground share from")
+    return np.cumsum(counts[::-1])[::-1] / total
 
 
 def best_threshold(fg: np.ndarray, bg: np.ndarray) -> tuple[float, float]:

@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from fsmeta.data.sampling import draw_support, protocol_split, held_out_images
 from fsmeta.data.store import ImageSet
 from fsmeta.errors import DataError, FsmetaError
 from fsmeta.evaluate import default_device, evaluate
-from fsmeta.finetune import HeldOut, finetune, hold_out, support_crops
+from fsmeta.finetune import HeldOut, finetune, hold_out, pool_share_curve, support_crops
 from fsmeta.losses import prior_threshold
 from fsmeta.metrics import median_object_area
 from fsmeta.models import SegmentationModel
@@ -124,7 +124,7 @@ def min_object_size(cfg: Config, masks: Iterable[np.ndarray]) -> int:
 
 
 def decision_rule(cfg: Config, model: SegmentationModel, support_y: torch.Tensor, holdout: HeldOut | None,
-                  masks: Iterable[np.ndarray]) -> tuple[float, int]:
+                  masks: Iterable[np.ndarray], pool: Sequence[np.ndarray] = (), progress: bool = False) -> tuple[float, int]:
     """(threshold, smallest kept object in pixels) a model just fine-tuned on a support set is
     scored at, by the benchmark's cells, Tune trials and ``fsmeta finetune`` alike: see
     :func:`decision_threshold` and :func:`min_object_size` (``masks``: the support's annotated
@@ -133,12 +133,34 @@ def decision_rule(cfg: Config, model: SegmentationModel, support_y: torch.Tensor
     (:meth:`HeldOut.calibrate`): averaging pulls probabilities away from 0 and 1, so a threshold
     chosen on the plain prediction (0.9–0.95 on some cells) cuts objects out of the averaged one.
     The smallest-object rule is not part of that choice: on the bands it made the IoU curve jump
-    object by object and the choice noisier (docs/results.md, issue 19). Reads only the support's
-    annotation, never a test image."""
+    object by object and the choice noisier (docs/results.md, issue 19). With ``eval.pool_threshold``
+    and held-out bands, the bands' threshold then moves toward the one at which the unannotated
+    images ``pool`` get the support's foreground share (:meth:`HeldOut.match_pool`), predicted as the
+    evaluation predicts. Reads only the support's annotation, never a test image."""
+    masks = list(masks)
     min_size = min_object_size(cfg, masks)
     if holdout is not None and holdout.curve and cfg.eval.tta:
         holdout.calibrate(model, cfg.compute, tta=True)
+    if cfg.eval.pool_threshold and holdout is not None and holdout.curve:
+        if not len(pool):
+            raise FsmetaError("eval.pool_threshold needs unannotated images of the target (fsmeta finetune --pool DIR)")
+        from fsmeta.compute import inference_model
+        from fsmeta.models import DihedralTTA
+
+        scorer = inference_model(model, cfg.compute)
+        curve = pool_share_curve(DihedralTTA(scorer) if cfg.eval.tta else scorer, pool, cfg.compute, progress)
+        model.train()
+        annotated = sum(int(m.size) for m in masks)
+        share = sum(int(np.count_nonzero(m)) for m in masks) / annotated if annotated else 0.0
+        holdout.match_pool(share, curve)
     return decision_threshold(cfg, support_y, holdout), min_size
+
+
+def unannotated_draw(pool: np.ndarray, support: Iterable[int], n: int, seed: int) -> np.ndarray:
+    """``n`` images of ``pool`` outside ``support``, drawn by ``seed`` (fewer when the pool has
+    fewer): the unannotated images ``eval.pool_threshold`` reads, never a test image."""
+    rest = np.setdiff1d(np.asarray(pool), np.asarray(list(support), dtype=np.int64))
+    return np.random.default_rng([seed, 104729]).permutation(rest)[:n]
 
 
 def support_masks(target: ImageSet, windows: Iterable[tuple[int, int, int, int, int]]) -> list[np.ndarray]:
@@ -292,7 +314,13 @@ def run_cell(cfg: Config, target: ImageSet, checkpoint: Path, cell: Cell,
     x, y, holdout = chosen.x, chosen.y, chosen.holdout
     finetune(model, x, y, cfg.finetune, seed=cell.seed, where=cell.name(), compute=cfg.compute, augment=cfg.augment,
              holdout=holdout, shots=cell.shots)
-    threshold, min_size = decision_rule(cfg, model, y, holdout, support_masks(target, chosen.windows))
+    unannotated = ()
+    if cfg.eval.pool_threshold:
+        if fixed_test is None:
+            raise FsmetaError(f"{cell.name()}: eval.pool_threshold needs eval.protocol=2023: in the 2020 protocol every "
+                              "image outside the support is a test image, none is left unannotated to read")
+        unannotated = [target.image(int(i)) for i in unannotated_draw(pool, chosen.images, cfg.eval.pool_images, cell.seed)]
+    threshold, min_size = decision_rule(cfg, model, y, holdout, support_masks(target, chosen.windows), unannotated)
     summary, _ = evaluate(model, target, test, threshold, compute=cfg.compute, min_size=min_size, tta=cfg.eval.tta)
     metrics = {
         "miou": summary["miou"], "pooled_iou": summary["pooled_iou"], "f1": summary["f1"],

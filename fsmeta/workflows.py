@@ -7,6 +7,7 @@ functions and get the same behaviour. Studies (many models) live in
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,9 @@ from fsmeta.data.sampling import draw_support, held_out_images
 from fsmeta.data.store import ImageSet
 from fsmeta.errors import FsmetaError
 from fsmeta.evaluate import evaluate
-from fsmeta.finetune import finetune, support_crops
+from fsmeta.finetune import POOL_AGREEMENT, finetune, support_crops
 from fsmeta.models import clone_state
-from fsmeta.study import Cell, cell_split, decision_rule, random_support, support_holdout
+from fsmeta.study import Cell, cell_split, decision_rule, random_support, support_holdout, unannotated_draw
 from fsmeta.study import support_masks as window_masks
 from fsmeta.tracking import Tracker
 
@@ -55,7 +56,7 @@ def cell_images(cfg: Config, shots: int, seed: int) -> tuple[ImageSet, np.ndarra
 def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, tracker: Tracker, *, shots: int = 5,
                         seed: int = 0, support_images: str | Path | None = None,
                         support_masks: str | Path | None = None, progress: bool = True,
-                        register: str = "") -> FinetuneResult:
+                        register: str = "", pool: str | Path | None = None) -> FinetuneResult:
     """Fine-tune a pre-trained checkpoint (or the pretext θ′ of ``fsmeta select``) and save it to ``out``.
 
     The support set is either a user's annotated folders (``support_images`` with
@@ -63,14 +64,21 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
     of the prepared target ``cfg.data.target``. The run is logged to ``tracker``; the
     checkpoint's description names the pre-training, the support images and the run.
     With ``register``, the checkpoint becomes a new version of that registered MLflow model.
+    ``pool``, a folder of unannotated images of the same kind, turns on ``eval.pool_threshold``
+    (its images that share a support image's name are left out); without it the option reads
+    the prepared target's pool outside the draw, as a benchmark cell does.
     """
     if register and not tracker.enabled:
         raise FsmetaError(f"--register {register} needs MLflow tracking; drop --no-tracking")
+    if pool and not cfg.eval.pool_threshold:  # a folder of unannotated images turns the option on (and the checkpoint records it)
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, pool_threshold=True))
     model, meta = model_from_checkpoint(weights)
     model.to(default_device())  # CUDA when present
     check_fine_tunable(meta, weights)
     if bool(support_images) != bool(support_masks):
         raise FsmetaError("--support-images and --support-masks go together: give both folders")
+    if pool and not support_images:
+        raise FsmetaError("--pool goes with --support-images: a prepared target's draw reads its own pool (eval.pool_threshold)")
     note = ""
     if support_images:
         folder = Path(support_images).resolve()
@@ -80,15 +88,21 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
         holdout = support_holdout(cfg, images, index, seed)
         target, label, support_ids, crop_size = f"folder:{folder}", folder.name, list(images.ids), index.size
         masks = list(images.masks)
+        unannotated = _pool_images(cfg, pool, set(support_ids))
     else:
         # The benchmark's own K-shot cell: the same draw, the same crops.
         images = load_dataset(cfg.data.target, cfg)
-        pool, _ = cell_split(cfg, len(images), seed)
+        pool_ids, test_ids = cell_split(cfg, len(images), seed)
+        if cfg.eval.pool_threshold and test_ids is None:
+            raise FsmetaError("eval.pool_threshold on a prepared target needs eval.protocol=2023: in the 2020 protocol "
+                              "every image outside the draw is a test image")
         cell = Cell(cfg.data.target, meta["arch"], pretraining_name(meta), "random", shots, seed)
-        chosen = random_support(cfg, images, pool, cell)
+        chosen = random_support(cfg, images, pool_ids, cell)
         x, y, holdout = chosen.x, chosen.y, chosen.holdout
         target, label, support_ids, crop_size = cfg.data.target, cfg.data.target, [images.ids[i] for i in chosen.images], cfg.finetune_crop_size()
         masks = window_masks(images, chosen.windows)
+        unannotated = ([images.image(int(i)) for i in unannotated_draw(pool_ids, chosen.images, cfg.eval.pool_images, seed)]
+                       if cfg.eval.pool_threshold else [])
     n_images = len(support_ids)
     params: dict[str, Any] = {"target": target, "arch": meta["arch"], "pretraining": meta.get("kind", ""), "shots": n_images,
                               "seed": seed, "weights": str(weights), "support_crops": len(x), "crop_size": crop_size,
@@ -98,7 +112,7 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
                               progress=progress, augment=cfg.augment, holdout=holdout, shots=n_images)
         for epoch, loss in enumerate(history, 1):
             tracker.log_metrics(run_id, {"loss": loss}, step=epoch)
-        threshold, min_size = decision_rule(cfg, model, y, holdout, masks)
+        threshold, min_size = decision_rule(cfg, model, y, holdout, masks, unannotated, progress)
         if holdout is not None:
             for step, iou, chosen in holdout.curve:
                 tracker.log_metrics(run_id, {"holdout_iou": iou, "holdout_threshold": chosen}, step=step)
@@ -108,6 +122,16 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
                                                  + ("" if holdout.raw_threshold is None else
                                                     f" (scored as predicted{', with TTA' if cfg.eval.tta else ''}; "
                                                     f"{holdout.raw_threshold:.2f} before)")]))
+            if unannotated and not holdout.pool:
+                note = "; ".join([note, "the unannotated images were not read: the held-out bands did not choose a threshold"])
+            if holdout.pool:
+                rec = holdout.pool
+                note = "; ".join([note, f"{len(unannotated)} unannotated image(s) are predicted the support's foreground share at "
+                                        f"{rec['pool_match_threshold']:.2f}: " + (
+                                            f"threshold {holdout.threshold:.2f}, halfway from the bands' {rec['pool_bands_threshold']:.2f}"
+                                            if rec["pool_used"] else
+                                            f"kept the bands' {rec['pool_bands_threshold']:.2f}, as the pool's share there is "
+                                            f"{rec['pool_ratio']:.2g}× the support's (more than {POOL_AGREEMENT:g}× apart)")])
         if min_size:
             note = "; ".join(filter(None, [note, f"objects under {min_size} px dropped ({cfg.eval.min_size_fraction:g} of the "
                                                  "support's median annotated object)"]))
@@ -120,6 +144,25 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
         tracker.log_metrics(run_id, {"threshold": threshold, "min_size": min_size, "tta": float(cfg.eval.tta)})
         registered = f"models:/{register}/{tracker.register_model(run_id, path, register)}" if register else ""
     return FinetuneResult(path, target, n_images, len(x), crop_size, history[-1], note, registered)
+
+
+def _pool_images(cfg: Config, pool: str | Path | None, support: set[str]) -> list[np.ndarray]:
+    """The unannotated images of ``pool`` (a folder) that ``eval.pool_threshold`` reads: at most
+    ``eval.pool_images`` of them in name order, leaving out those named as a support image.
+    With the option on and no folder, an error says what to give."""
+    if not pool:
+        if cfg.eval.pool_threshold and cfg.finetune.holdout > 0:
+            raise FsmetaError("eval.pool_threshold reads unannotated images of the target: give them with --pool DIR")
+        return []
+    from fsmeta.select.outputs import read_unlabelled_folder
+
+    found = read_unlabelled_folder(pool).images
+    kept = [i for i, name in enumerate(found.ids) if name not in support]
+    if not kept:
+        raise FsmetaError(f"--pool {pool}: every image there is a support image; give images that are not annotated")
+    if cfg.finetune.holdout <= 0:
+        raise FsmetaError("--pool moves the held-out bands' threshold: it needs finetune.holdout > 0")
+    return [found.image(i) for i in kept[:cfg.eval.pool_images]]
 
 
 def evaluate_checkpoint(weights: str | Path, cfg: Config, *, shots: int | None = None,

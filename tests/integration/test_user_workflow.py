@@ -128,6 +128,49 @@ def test_finetune_folders_hold_out_bands_and_keep_their_threshold(tmp_path, tiny
     assert before, out
 
 
+def test_finetune_with_a_pool_of_unannotated_images(tmp_path, tiny_config, capsys):
+    """--pool: the bands' threshold moves toward the one at which the unannotated images get the
+    support's foreground share (eval.pool_threshold), the support's own images left out of them."""
+    images, masks = _lab_folder(tmp_path / "lab")
+    support_i, support_m = tmp_path / "support" / "images", tmp_path / "support" / "masks"
+    support_i.mkdir(parents=True)
+    support_m.mkdir(parents=True)
+    for p in sorted(images.iterdir())[:5]:
+        shutil.copy(p, support_i / p.name)
+    for p in sorted(masks.iterdir())[:5]:
+        shutil.copy(p, support_m / p.name)
+    pretrained = scratch_checkpoint(tiny_config(), tmp_path / "pre")
+    tiny = [o for o in TINY if not o.startswith("finetune.epochs=")]
+    sets = [a for item in [*tiny, "finetune.crop_size=32", "data.finetune_stride={default: 16}", "finetune.holdout=0.25",
+                           "finetune.steps=4", "finetune.val_every=2"] for a in ("--set", item)]
+    base = ["finetune", *sets, "--weights", str(pretrained), "--support-images", str(support_i), "--support-masks", str(support_m)]
+    # the pool is the whole lab folder: its 5 support images are not read as unannotated ones
+    code = main([*base, "--pool", str(images), "--out", str(tmp_path / "ft.safetensors")])
+    out = capsys.readouterr().out
+    found = re.search(r"3 unannotated image\(s\) are predicted the support's foreground share at ([0-9.]+): "
+                      r"(?:threshold ([0-9.]+), halfway from the bands' ([0-9.]+)|kept the bands' ([0-9.]+))", out)
+    assert code == 0 and found, out
+    meta = json.loads((tmp_path / "ft.json").read_text())
+    assert meta["config"]["eval"]["pool_threshold"] is True
+    matched = round(100 * float(found.group(1)))
+    if found.group(2):  # halfway, rounded down to the grid
+        assert round(100 * meta["threshold"]) == (round(100 * float(found.group(3))) + matched) // 2 == round(100 * float(found.group(2)))
+    else:
+        assert meta["threshold"] == pytest.approx(float(found.group(4)))
+    # the same run without --pool keeps the bands' threshold: the one the pool started from
+    assert main([*base, "--out", str(tmp_path / "plain.safetensors")]) == 0
+    capsys.readouterr()
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    assert plain["threshold"] == pytest.approx(float(found.group(3) or found.group(4)))
+    assert plain["config"]["eval"]["pool_threshold"] is False
+    # a pool of nothing but the support's own images has nothing unannotated to read
+    code = main([*base, "--pool", str(support_i), "--out", str(tmp_path / "x.safetensors")])
+    assert code == 2 and "every image there is a support image" in capsys.readouterr().err
+    # the option on a folder support without a pool says what to give
+    code = main([*base, "--set", "eval.pool_threshold=true", "--out", str(tmp_path / "x.safetensors")])
+    assert code == 2 and "give them with --pool DIR" in capsys.readouterr().err
+
+
 def test_finetune_folders_must_come_together(tmp_path, tiny_config, capsys):
     pretrained = scratch_checkpoint(tiny_config(), tmp_path / "pre")
     code = main(["finetune", "--weights", str(pretrained), "--support-images", str(tmp_path), "--no-tracking"])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fsmeta.config import ConfigError, FinetuneConfig, load_config
+from fsmeta.errors import FsmetaError
 from fsmeta.data.crops import build_crop_index
 from fsmeta.data.store import ImageSet
 from fsmeta.finetune import CONTEXT_MARGIN, best_threshold, finetune, hold_out
@@ -201,3 +202,63 @@ def test_a_budget_per_shot_extends_the_same_run():
     finetune(model, x, y, cfg, seed=0, shots=2)  # no bands: the whole budget
     assert len(seen) == 6
     assert FinetuneConfig(steps=0, steps_per_shot=3).budget(5) == 0  # epochs: no step budget
+
+
+def _held(threshold):
+    from fsmeta.finetune import HeldOut
+
+    held = HeldOut(np.arange(1), [], [], [], [])
+    held.threshold = threshold
+    return held
+
+
+def test_match_pool_by_hand():
+    # A pool curve where the share predicted at threshold k/100 is 0.4 · 0.9^k (decreasing with k).
+    curve = 0.4 * 0.9 ** np.arange(100)
+    held = _held(0.60)
+    # The support holds 1 % foreground: the pool is predicted that share where 0.4 · 0.9^k = 0.01,
+    # k = ln(0.025) / ln(0.9) = 35.01 → bin 35. At the bands' 0.60 the pool's share is 0.4 · 0.9^60
+    # = 7.19e-4, 0.0719 of the support's: more than 4× apart, so the bands' threshold stays.
+    assert held.match_pool(0.01, curve) == pytest.approx(0.60)
+    assert held.pool == pytest.approx({"pool_bands_threshold": 0.60, "pool_match_threshold": 0.35,
+                                       "pool_ratio": 0.4 * 0.9 ** 60 / 0.01, "pool_used": 0.0})
+    # A support of 0.1 %: matched at k = ln(0.0025) / ln(0.9) = 56.87 → 57; at 0.60 the ratio is 0.719,
+    # within 4×: the threshold moves halfway, (60 + 57) // 2 = 58 → 0.58.
+    held = _held(0.60)
+    assert held.match_pool(0.001, curve) == pytest.approx(0.58)
+    assert held.pool["pool_match_threshold"] == pytest.approx(0.57) and held.pool["pool_used"] == 1.0
+    assert held.summary()["pool_used"] == 1.0 and held.summary()["holdout_threshold"] == pytest.approx(0.58)
+    # The matched threshold stays in the grid [0.05, 0.95]: a support share above every pool share
+    # (0.5 > 0.4 at k = 0) matches 0.05; at 0.10 the pool's share 0.139 is 0.28× the support's: used.
+    held = _held(0.10)
+    assert held.match_pool(0.5, curve) == pytest.approx(0.07)  # (10 + 5) // 2
+    with pytest.raises(FsmetaError, match=r"foreground share must lie in \(0, 1\], got 0.0"):
+        _held(0.5).match_pool(0.0, curve)
+    with pytest.raises(FsmetaError, match=r"pool curve needs 100 bins, got shape \(50,\)"):
+        _held(0.5).match_pool(0.1, curve[:50])
+
+
+def test_pool_share_curve_counts_pixels_at_or_above_each_bin(monkeypatch):
+    import fsmeta.evaluate
+    from fsmeta.finetune import pool_share_curve
+
+    probs = [np.array([[0.05, 0.30], [0.305, 0.99]], np.float32), np.array([[0.0, 0.5, 0.7, 1.0]], np.float32)]
+    monkeypatch.setattr(fsmeta.evaluate, "predict_probability", lambda scorer, image, compute=None: image)
+    curve = pool_share_curve(None, probs)
+    # 8 pixels: bins 5, 30, 30, 99 and 0, 50, 70, 99 (1.0 falls in the last bin)
+    assert curve[0] == 1.0 and curve[5] == pytest.approx(7 / 8) and curve[6] == pytest.approx(6 / 8)
+    assert curve[30] == pytest.approx(6 / 8) and curve[31] == pytest.approx(4 / 8) and curve[51] == pytest.approx(3 / 8)
+    assert curve[71] == pytest.approx(2 / 8) and curve[99] == pytest.approx(2 / 8)
+    with pytest.raises(FsmetaError, match="no unannotated pool image"):
+        pool_share_curve(None, [])
+
+
+def test_unannotated_draw_leaves_out_the_support_and_is_seeded():
+    from fsmeta.study import unannotated_draw
+
+    pool = np.array([3, 5, 8, 9, 12, 20])
+    drawn = unannotated_draw(pool, [5, 12], 3, seed=4)
+    assert len(drawn) == 3 and set(drawn) <= {3, 8, 9, 20}
+    assert np.array_equal(drawn, unannotated_draw(pool, [12, 5], 3, seed=4))
+    assert sorted(unannotated_draw(pool, [5, 12], 10, seed=4)) == [3, 8, 9, 20]  # fewer when the pool has fewer
+    assert len({tuple(unannotated_draw(pool, [], 3, seed=s)) for s in range(6)}) > 1  # the seed draws
