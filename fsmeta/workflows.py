@@ -8,6 +8,7 @@ functions and get the same behaviour. Studies (many models) live in
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,8 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
         holdout = support_holdout(cfg, images, index, seed)
         target, label, support_ids, crop_size = f"folder:{folder}", folder.name, list(images.ids), index.size
         masks = list(images.masks)
-        unannotated = _pool_images(cfg, pool, set(support_ids))
+        # a multi-page support file's planes are STEM-pNNN: its file is left out of the pool too
+        unannotated = _pool_images(cfg, pool, {*support_ids, *(re.sub(r"-p\d{3}$", "", i) for i in support_ids)}, seed)
     else:
         # The benchmark's own K-shot cell: the same draw, the same crops.
         images = load_dataset(cfg.data.target, cfg)
@@ -122,8 +124,6 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
                                                  + ("" if holdout.raw_threshold is None else
                                                     f" (scored as predicted{', with TTA' if cfg.eval.tta else ''}; "
                                                     f"{holdout.raw_threshold:.2f} before)")]))
-            if unannotated and not holdout.pool:
-                note = "; ".join([note, "the unannotated images were not read: the held-out bands did not choose a threshold"])
             if holdout.pool:
                 rec = holdout.pool
                 note = "; ".join([note, f"{len(unannotated)} unannotated image(s) are predicted the support's foreground share at "
@@ -132,6 +132,9 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
                                             if rec["pool_used"] else
                                             f"kept the bands' {rec['pool_bands_threshold']:.2f}, as the pool's share there is "
                                             f"{rec['pool_ratio']:.2g}× the support's (more than {POOL_AGREEMENT:g}× apart)")])
+        if unannotated and (holdout is None or not holdout.pool):
+            note = "; ".join(filter(None, [note, "--pool was not used: no held-out band could be cut from the support, so "
+                                                 "there is no bands' threshold to move"]))
         if min_size:
             note = "; ".join(filter(None, [note, f"objects under {min_size} px dropped ({cfg.eval.min_size_fraction:g} of the "
                                                  "support's median annotated object)"]))
@@ -146,23 +149,24 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
     return FinetuneResult(path, target, n_images, len(x), crop_size, history[-1], note, registered)
 
 
-def _pool_images(cfg: Config, pool: str | Path | None, support: set[str]) -> list[np.ndarray]:
-    """The unannotated images of ``pool`` (a folder) that ``eval.pool_threshold`` reads: at most
-    ``eval.pool_images`` of them in name order, leaving out those named as a support image.
-    With the option on and no folder, an error says what to give."""
+def _pool_images(cfg: Config, pool: str | Path | None, support: set[str], seed: int) -> list[np.ndarray]:
+    """The unannotated images of the folder ``pool`` that ``eval.pool_threshold`` reads: a draw of
+    ``eval.pool_images`` by ``seed`` (as a benchmark cell draws them) among its images not named as
+    a support image; only those are read. With the option on and no folder, an error says what
+    to give."""
     if not pool:
         if cfg.eval.pool_threshold and cfg.finetune.holdout > 0:
             raise FsmetaError("eval.pool_threshold reads unannotated images of the target: give them with --pool DIR")
         return []
-    from fsmeta.select.outputs import read_unlabelled_folder
+    from fsmeta.data.io import image_to_unit, list_images, read_image
 
-    found = read_unlabelled_folder(pool).images
-    kept = [i for i, name in enumerate(found.ids) if name not in support]
-    if not kept:
+    files = [f for f in list_images(pool, "--pool") if f.stem not in support]
+    if not files:
         raise FsmetaError(f"--pool {pool}: every image there is a support image; give images that are not annotated")
     if cfg.finetune.holdout <= 0:
         raise FsmetaError("--pool moves the held-out bands' threshold: it needs finetune.holdout > 0")
-    return [found.image(i) for i in kept[:cfg.eval.pool_images]]
+    drawn = np.random.default_rng([seed, 104729]).permutation(len(files))[:cfg.eval.pool_images]
+    return [image_to_unit(read_image(files[int(k)]), where=str(files[int(k)])) for k in sorted(drawn)]
 
 
 def evaluate_checkpoint(weights: str | Path, cfg: Config, *, shots: int | None = None,
