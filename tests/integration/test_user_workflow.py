@@ -38,6 +38,18 @@ def _lab_folder(root, n=8, size=96):
     return images, masks
 
 
+def _first_five(images, masks, root):
+    """The first five image/mask pairs of a lab folder copied to ``root``/images and ``root``/masks."""
+    support_i, support_m = root / "images", root / "masks"
+    support_i.mkdir(parents=True)
+    support_m.mkdir(parents=True)
+    for p in sorted(images.iterdir())[:5]:
+        shutil.copy(p, support_i / p.name)
+    for p in sorted(masks.iterdir())[:5]:
+        shutil.copy(p, support_m / p.name)
+    return support_i, support_m
+
+
 def test_import_finetune_predict(tmp_path, tiny_config, capsys):
     images, masks = _lab_folder(tmp_path / "lab")
     root = tmp_path / "data"
@@ -49,13 +61,7 @@ def test_import_finetune_predict(tmp_path, tiny_config, capsys):
 
     # 2. fine-tune a pre-trained checkpoint on five annotated images, straight from folders
     pretrained = scratch_checkpoint(tiny_config(), tmp_path / "pre")
-    support_i, support_m = tmp_path / "support" / "images", tmp_path / "support" / "masks"
-    support_i.mkdir(parents=True)
-    support_m.mkdir(parents=True)
-    for p in sorted(images.iterdir())[:5]:
-        shutil.copy(p, support_i / p.name)
-    for p in sorted(masks.iterdir())[:5]:
-        shutil.copy(p, support_m / p.name)
+    support_i, support_m = _first_five(images, masks, tmp_path / "support")
     sets = [a for item in TINY for a in ("--set", item)]
     code = main(["finetune", *sets, "--weights", str(pretrained), "--support-images", str(support_i),
                  "--support-masks", str(support_m), "--out", str(tmp_path / "mine.safetensors")])
@@ -132,13 +138,7 @@ def test_finetune_with_a_pool_of_unannotated_images(tmp_path, tiny_config, capsy
     """--pool: the bands' threshold moves toward the one at which the unannotated images get the
     support's foreground share (eval.pool_threshold), the support's own images left out of them."""
     images, masks = _lab_folder(tmp_path / "lab")
-    support_i, support_m = tmp_path / "support" / "images", tmp_path / "support" / "masks"
-    support_i.mkdir(parents=True)
-    support_m.mkdir(parents=True)
-    for p in sorted(images.iterdir())[:5]:
-        shutil.copy(p, support_i / p.name)
-    for p in sorted(masks.iterdir())[:5]:
-        shutil.copy(p, support_m / p.name)
+    support_i, support_m = _first_five(images, masks, tmp_path / "support")
     pretrained = scratch_checkpoint(tiny_config(), tmp_path / "pre")
     tiny = [o for o in TINY if not o.startswith("finetune.epochs=")]
     sets = [a for item in [*tiny, "finetune.crop_size=32", "data.finetune_stride={default: 16}", "finetune.holdout=0.25",
