@@ -24,7 +24,7 @@ from fsmeta.data.sampling import draw_support, held_out_images
 from fsmeta.data.store import ImageSet
 from fsmeta.errors import FsmetaError
 from fsmeta.evaluate import evaluate
-from fsmeta.finetune import POOL_AGREEMENT, finetune, support_crops
+from fsmeta.finetune import POOL_AGREEMENT, THRESHOLD_RANGE, finetune, support_crops
 from fsmeta.models import clone_state
 from fsmeta.study import Cell, cell_split, decision_rule, random_support, support_holdout, unannotated_draw
 from fsmeta.study import support_masks as window_masks
@@ -126,8 +126,9 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
                                                     f"{holdout.raw_threshold:.2f} before)")]))
             if holdout.pool:
                 rec = holdout.pool
-                note = "; ".join([note, f"{len(unannotated)} unannotated image(s) are predicted the support's foreground share at "
-                                        f"{rec['pool_match_threshold']:.2f}: " + (
+                edge = rec["pool_match_threshold"] in (THRESHOLD_RANGE[0], THRESHOLD_RANGE[1])  # no threshold matches: the nearest
+                note = "; ".join([note, f"{len(unannotated)} unannotated image(s) are predicted the support's foreground share "
+                                        f"{'nearest (the end of the grid) ' if edge else ''}at {rec['pool_match_threshold']:.2f}: " + (
                                             f"threshold {holdout.threshold:.2f}, halfway from the bands' {rec['pool_bands_threshold']:.2f}"
                                             if rec["pool_used"] else
                                             f"kept the bands' {rec['pool_bands_threshold']:.2f}, as the pool's share there is "

@@ -147,7 +147,7 @@ def test_finetune_with_a_pool_of_unannotated_images(tmp_path, tiny_config, capsy
     # the pool is the whole lab folder: its 5 support images are not read as unannotated ones
     code = main([*base, "--pool", str(images), "--out", str(tmp_path / "ft.safetensors")])
     out = capsys.readouterr().out
-    found = re.search(r"3 unannotated image\(s\) are predicted the support's foreground share at ([0-9.]+): "
+    found = re.search(r"3 unannotated image\(s\) are predicted the support's foreground share (?:nearest \(the end of the grid\) )?at ([0-9.]+): "
                       r"(?:threshold ([0-9.]+), halfway from the bands' ([0-9.]+)|kept the bands' ([0-9.]+))", out)
     assert code == 0 and found, out
     meta = json.loads((tmp_path / "ft.json").read_text())
