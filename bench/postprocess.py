@@ -128,14 +128,15 @@ def main(argv: list[str] | None = None) -> int:
                     band[tag] = support.holdout.calibrate(model, cfg.compute, ms, tta, transforms)[1]
                 if tag == "tta_cal0":  # eval.tta's own choice: its IoU curve is --curves' band curve
                     band_curve = support.holdout.calibration
-        unannotated = [target.image(int(i)) for i in unannotated_draw(pool, support.images, args.curves, s)]
-        if args.curves and support.holdout is not None:
-            # eval.pool_threshold's choice (HeldOut.match_pool) from the bands' TTA threshold, as
-            # decision_rule takes it
-            support.holdout.threshold = band["tta_cal0"]
+        if args.curves:
+            unannotated = [target.image(int(i)) for i in unannotated_draw(pool, support.images, args.curves, s)]
             share_curve = pool_share_curve(DihedralTTA(inference_model(model, cfg.compute)), unannotated, cfg.compute)
-            band["tta_pool"] = support.holdout.match_pool(annotation_composition(target, support.windows)["support_foreground"],
-                                                         share_curve)
+            if support.holdout is not None:
+                # eval.pool_threshold's choice (HeldOut.match_pool) from the bands' TTA threshold, as
+                # decision_rule takes it
+                support.holdout.threshold = band["tta_cal0"]
+                band["tta_pool"] = support.holdout.match_pool(
+                    annotation_composition(target, support.windows)["support_foreground"], share_curve)
         plain = inference_model(model, cfg.compute)
         scorers = {"": plain, "tta_": DihedralTTA(plain)}
         if args.mirrors:
@@ -161,9 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.curves:
             curves = {"test_curve": [round(float(v) / len(test), 4) for v in oracle],
                       "grid": grid, **annotation_composition(target, support.windows),
-                      "pool_curve": [round(float(share_curve[int(round(t * fsmeta.finetune.THRESHOLD_BINS))]), 5) for t in grid]
-                      if support.holdout is not None else
-                      list(pool_share_curve(scorers["tta_"], unannotated, cfg.compute)[[int(round(t * 100)) for t in grid]])}
+                      "pool_curve": [round(float(share_curve[int(round(t * fsmeta.finetune.THRESHOLD_BINS))]), 5) for t in grid]}
             if support.holdout is not None:
                 curves["band_curve"] = [round(float(band_curve[int(round(t * fsmeta.finetune.THRESHOLD_BINS))]), 4)
                                         for t in grid]

@@ -150,9 +150,7 @@ def decision_rule(cfg: Config, model: SegmentationModel, support_y: torch.Tensor
         scorer = inference_model(model, cfg.compute)
         curve = pool_share_curve(DihedralTTA(scorer) if cfg.eval.tta else scorer, pool, cfg.compute, progress)
         model.train()
-        annotated = sum(int(m.size) for m in masks)
-        share = sum(int(np.count_nonzero(m)) for m in masks) / annotated if annotated else 0.0
-        holdout.match_pool(share, curve)
+        holdout.match_pool(mask_composition(masks)["support_foreground"], curve)
     return decision_threshold(cfg, support_y, holdout), min_size
 
 
@@ -161,6 +159,19 @@ def unannotated_draw(pool: np.ndarray, support: Iterable[int], n: int, seed: int
     fewer): the unannotated images ``eval.pool_threshold`` reads, never a test image."""
     rest = np.setdiff1d(np.asarray(pool), np.asarray(list(support), dtype=np.int64))
     return np.random.default_rng([seed, 104729]).permutation(rest)[:n]
+
+
+def unannotated_images(cfg: Config, target: ImageSet, pool: np.ndarray, test: np.ndarray | None, support: Iterable[int],
+                       seed: int, where: str) -> list[np.ndarray]:
+    """The images :func:`unannotated_draw` gives ``eval.pool_threshold`` (none when it is off), for
+    a support drawn from ``pool`` beside the fixed ``test`` images; ``test`` None (the 2020
+    protocol) is refused, every image outside the support being a test image there."""
+    if not cfg.eval.pool_threshold:
+        return []
+    if test is None:
+        raise FsmetaError(f"{where}: eval.pool_threshold needs eval.protocol=2023: in the 2020 protocol every "
+                          "image outside the support is a test image, none is left unannotated to read")
+    return [target.image(int(i)) for i in unannotated_draw(pool, support, cfg.eval.pool_images, seed)]
 
 
 def support_masks(target: ImageSet, windows: Iterable[tuple[int, int, int, int, int]]) -> list[np.ndarray]:
@@ -194,8 +205,13 @@ def annotation_composition(target: ImageSet, windows: Iterable[tuple[int, int, i
     """What an annotated support holds, read from its true masks once it is chosen (a report, never
     an input to choosing): ``support_foreground``, the foreground share of its annotated pixels, and
     ``support_empty``, the share of its windows (images or patches) with no foreground at all."""
+    return mask_composition(support_masks(target, windows))
+
+
+def mask_composition(masks: Iterable[np.ndarray]) -> dict[str, float]:
+    """:func:`annotation_composition` of the annotated masks themselves."""
     fg = total = empty = n = 0
-    for mask in support_masks(target, windows):
+    for mask in masks:
         count = int(np.count_nonzero(mask))
         fg, total, empty, n = fg + count, total + mask.size, empty + (count == 0), n + 1
     return {"support_foreground": fg / total if total else 0.0, "support_empty": empty / n if n else 0.0}
@@ -314,12 +330,7 @@ def run_cell(cfg: Config, target: ImageSet, checkpoint: Path, cell: Cell,
     x, y, holdout = chosen.x, chosen.y, chosen.holdout
     finetune(model, x, y, cfg.finetune, seed=cell.seed, where=cell.name(), compute=cfg.compute, augment=cfg.augment,
              holdout=holdout, shots=cell.shots)
-    unannotated = ()
-    if cfg.eval.pool_threshold:
-        if fixed_test is None:
-            raise FsmetaError(f"{cell.name()}: eval.pool_threshold needs eval.protocol=2023: in the 2020 protocol every "
-                              "image outside the support is a test image, none is left unannotated to read")
-        unannotated = [target.image(int(i)) for i in unannotated_draw(pool, chosen.images, cfg.eval.pool_images, cell.seed)]
+    unannotated = unannotated_images(cfg, target, pool, fixed_test, chosen.images, cell.seed, cell.name())
     threshold, min_size = decision_rule(cfg, model, y, holdout, support_masks(target, chosen.windows), unannotated)
     summary, _ = evaluate(model, target, test, threshold, compute=cfg.compute, min_size=min_size, tta=cfg.eval.tta)
     metrics = {

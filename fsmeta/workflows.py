@@ -26,7 +26,7 @@ from fsmeta.errors import FsmetaError
 from fsmeta.evaluate import evaluate
 from fsmeta.finetune import POOL_AGREEMENT, THRESHOLD_RANGE, finetune, support_crops
 from fsmeta.models import clone_state
-from fsmeta.study import Cell, cell_split, decision_rule, random_support, support_holdout, unannotated_draw
+from fsmeta.study import Cell, cell_split, decision_rule, random_support, support_holdout, unannotated_images
 from fsmeta.study import support_masks as window_masks
 from fsmeta.tracking import Tracker
 
@@ -95,16 +95,12 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
         # The benchmark's own K-shot cell: the same draw, the same crops.
         images = load_dataset(cfg.data.target, cfg)
         pool_ids, test_ids = cell_split(cfg, len(images), seed)
-        if cfg.eval.pool_threshold and test_ids is None:
-            raise FsmetaError("eval.pool_threshold on a prepared target needs eval.protocol=2023: in the 2020 protocol "
-                              "every image outside the draw is a test image")
         cell = Cell(cfg.data.target, meta["arch"], pretraining_name(meta), "random", shots, seed)
         chosen = random_support(cfg, images, pool_ids, cell)
         x, y, holdout = chosen.x, chosen.y, chosen.holdout
         target, label, support_ids, crop_size = cfg.data.target, cfg.data.target, [images.ids[i] for i in chosen.images], cfg.finetune_crop_size()
         masks = window_masks(images, chosen.windows)
-        unannotated = ([images.image(int(i)) for i in unannotated_draw(pool_ids, chosen.images, cfg.eval.pool_images, seed)]
-                       if cfg.eval.pool_threshold else [])
+        unannotated = unannotated_images(cfg, images, pool_ids, test_ids, chosen.images, seed, cell.name())
     n_images = len(support_ids)
     params: dict[str, Any] = {"target": target, "arch": meta["arch"], "pretraining": meta.get("kind", ""), "shots": n_images,
                               "seed": seed, "weights": str(weights), "support_crops": len(x), "crop_size": crop_size,

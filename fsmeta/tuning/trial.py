@@ -31,7 +31,7 @@ from fsmeta.evaluate import evaluate
 from fsmeta.finetune import finetune
 from fsmeta.meta.sources import load_sources
 from fsmeta.models import build_model
-from fsmeta.study import Cell, decision_rule, random_support, support_masks, unannotated_draw
+from fsmeta.study import Cell, decision_rule, random_support, support_masks, unannotated_images
 from fsmeta.train import apply_threads, initial_theta, make_backend, meta_iteration
 from fsmeta.tuning.space import with_values
 
@@ -83,8 +83,8 @@ def validation_score(cfg: Config, theta: dict, target: ImageSet, split: TuneSpli
                      augment=cfg.augment, holdout=support.holdout, shots=k)
             # the benchmark's threshold (eval.threshold_rule or the held-out bands') and smallest object, so a
             # trial scores what a cell would
-            unannotated = ([target.image(int(i)) for i in unannotated_draw(split.train, support.images, cfg.eval.pool_images, seed)]
-                           if cfg.eval.pool_threshold else ())  # the trial's support pool, never a validation image
+            # the trial's support pool outside the support, never a validation image
+            unannotated = unannotated_images(cfg, target, split.train, split.test, support.images, seed, f"tune {cell.name()}")
             threshold, min_size = decision_rule(cfg, model, support.y, support.holdout, support_masks(target, support.windows),
                                                 unannotated)
             summary, _ = evaluate(model, target, split.val, threshold, compute=cfg.compute, min_size=min_size,
