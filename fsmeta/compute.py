@@ -13,10 +13,13 @@ and pretext training share one step shape::
 With :class:`~fsmeta.config.ComputeConfig`'s defaults (``amp=auto``,
 ``channels_last=auto``) precision follows the hardware: bf16 autocast and
 channels_last on CUDA and on a CPU with native bf16 (AVX-512 BF16 or AMX,
-:func:`cpu_has_native_bf16`; about 3× faster training on such a CPU), and the
-exact fp32 path elsewhere and with ``off``: no autocast, the default memory
-format, ``.float()`` and ``.to("cpu")`` no-ops. Weights stay fp32 (autocast,
-not a bf16 model); losses and the Reptile meta-update are fp32.
+:func:`cpu_has_native_bf16`; about 3× faster training on such a CPU); fp32 with
+channels_last on any other x86-64 CPU (oneDNN's channels_last convolutions, 1.2–1.4×
+faster steps than the default memory format on an AVX2 EPYC without bf16,
+docs/benchmarks.md); and with ``amp=off, channels_last=off`` (or on another CPU
+without native bf16) the exact fp32 path: no autocast, the default memory format,
+``.float()`` and ``.to("cpu")`` no-ops. Weights stay fp32 (autocast, not a bf16
+model); losses and the Reptile meta-update are fp32.
 
 Loss values are read back to the host once per epoch or per inner loop
 (:func:`host_values`), not once per step: on a GPU each read is a
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import platform
 from typing import Callable, ContextManager, Sequence
 
 import torch
@@ -82,9 +86,15 @@ def autocast(device: torch.device, compute: ComputeConfig | None = None) -> Cont
 
 def channels_last(device: torch.device, compute: ComputeConfig | None = None) -> bool:
     """Whether models and batches on ``device`` use the channels_last memory format (``auto``: where
-    bf16 is native, as for :func:`autocast_dtype`; oneDNN's bf16 convolutions want it)."""
+    bf16 is native, as for :func:`autocast_dtype`, as oneDNN's bf16 convolutions want it, and on
+    every x86-64 CPU, where oneDNN's fp32 convolutions are faster in it too; docs/benchmarks.md)."""
     mode = (compute or ComputeConfig()).channels_last
-    return mode == "on" or (mode == "auto" and _native_bf16(device))
+    return mode == "on" or (mode == "auto" and (_native_bf16(device) or (device.type == "cpu" and _x86_64())))
+
+
+@functools.cache
+def _x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 def prepare_model(model: SegmentationModel, device: torch.device, compute: ComputeConfig | None = None) -> SegmentationModel:
@@ -104,13 +114,14 @@ def prepare_model(model: SegmentationModel, device: torch.device, compute: Compu
 
 
 def inference_model(model: SegmentationModel, compute: ComputeConfig | None = None) -> SegmentationModel:
-    """The model to predict with on its device: under bf16 autocast a copy with batch norm
-    folded into the convolutions (:func:`fsmeta.models.fold_batch_norm`; 1.34× faster tiled
-    prediction on an AVX-512 BF16 CPU, docs/benchmarks.md, with rounding far below bf16's),
-    placed by :func:`prepare_model`; in fp32 ``model`` itself in eval mode, so the exact path
-    stays bit for bit what it was."""
+    """The model to predict with on its device: under bf16 autocast or channels_last a copy with
+    batch norm folded into the convolutions (:func:`fsmeta.models.fold_batch_norm`; tiled
+    prediction 1.34× faster under bf16 on an AVX-512 BF16 CPU, and 1.29× on top of channels_last's
+    1.88× in fp32 on an AVX2 CPU, masks unchanged; docs/benchmarks.md), placed by
+    :func:`prepare_model`; on the exact fp32 path (no autocast, the default memory format)
+    ``model`` itself in eval mode, so that path stays bit for bit what it was."""
     device = next(model.parameters()).device
-    if autocast_dtype(device, compute) is None:
+    if autocast_dtype(device, compute) is None and not channels_last(device, compute):
         return model.eval()
     return prepare_model(fold_batch_norm(model), device, compute)
 

@@ -331,11 +331,12 @@ class ComputeConfig:
     """How training and inference use the device (fsmeta/compute.py); never what they compute.
 
     ``auto`` follows the hardware: bf16 autocast and channels_last on CUDA and on a CPU with
-    native bf16 (AVX-512 BF16 or AMX), fp32 and the default memory format elsewhere.
+    native bf16 (AVX-512 BF16 or AMX); fp32 with channels_last on another x86-64 CPU; fp32 and
+    the default memory format elsewhere. ``amp=off, channels_last=off`` is the exact fp32 path.
     """
 
     amp: str = "auto"  # auto: bf16 autocast where bf16 is native (CUDA; CPUs with AVX-512 BF16 or AMX), else fp32; bf16: autocast on any device; off: fp32 everywhere
-    channels_last: str = "auto"  # auto: on where bf16 is native, as amp; on | off
+    channels_last: str = "auto"  # auto: on where bf16 is native, as amp, and on any x86-64 CPU (faster fp32 convolutions); on | off
     cudnn_benchmark: bool = True  # let cuDNN pick the fastest convolution per input shape (CUDA only)
     compile: bool = False  # torch.compile the model's forward (pays a compile per process; for long runs)
 
