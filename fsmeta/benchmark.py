@@ -449,6 +449,9 @@ def run_benchmark(
     targets = list(dict.fromkeys(c.target for c in cells))
     if cfg.eval.protocol != "2023" and cfg.study.selections != ["random"]:
         raise FsmetaError(f"study.selections={cfg.study.selections}: selection methods other than random need eval.protocol=2023")
+    if cfg.eval.protocol != "2023" and cfg.eval.pool_threshold and cfg.finetune.holdout > 0:
+        log.info("eval.pool_threshold: the %s protocol tests on every image outside the support, so no unannotated "
+                 "image is left to read; the held-out bands choose the threshold alone", cfg.eval.protocol)
     # Validate every target's sources and prepare every data set before any work starts
     # (and before tasks run in parallel, so no two of them generate the same synthetic store).
     for t in targets:

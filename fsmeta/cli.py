@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--support-masks", metavar="DIR", help="their masks, paired by name as in `fsmeta data import` (default: none)")
     u.add_argument("--pool", metavar="DIR", help="unannotated images of the same kind (e.g. `fsmeta select`'s --target folder): "
                    "the threshold moves toward the one at which eval.pool_images of them are predicted the support's foreground "
-                   "share, unless the two disagree (eval.pool_threshold; docs/results.md) (default: the held-out bands' threshold)")
+                   "share, unless the two disagree (eval.pool_threshold, on by default; docs/results.md) (default: the held-out bands' threshold alone)")
     p.add_argument("--register", metavar="NAME", help="also register the weights in MLflow's model registry as a new version of "
                    "NAME, usable as --weights models:/NAME/<version> (default: do not register)")
     p.set_defaults(func=cmd_finetune)

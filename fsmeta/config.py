@@ -249,8 +249,10 @@ class EvalConfig:
     # test image; `fsmeta finetune --pool DIR`: a user's folder) are predicted to hold the support's
     # foreground share, unless the two shares disagree by more than 4× (HeldOut.match_pool;
     # docs/results.md, issue 19: on real3 cells it was not designed on, +2.2 mIoU over 9 from a random
-    # start and +5.1 over 6 from meta-all θ′). Off by default until the real3 grid is rerun with it.
-    pool_threshold: bool = False
+    # start and +5.1 over 6 from meta-all θ′; the real3-v7 grid, docs/results.md). Nothing to read
+    # without held-out bands, in the 2020 protocol (every image outside the support is a test
+    # image) or in `fsmeta finetune` on a user's folders without --pool: the bands' threshold alone.
+    pool_threshold: bool = True
     pool_images: int = 8
 
 
@@ -590,6 +592,7 @@ ABSENT_MEANS: dict[str, Any] = {
     "eval.threshold_rule": "fixed",
     "eval.min_size_fraction": 0.0,  # every predicted component scored
     "eval.tta": False,  # the plain prediction scored
+    "eval.pool_threshold": False,  # the held-out bands' threshold alone
 }
 
 

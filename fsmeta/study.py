@@ -136,14 +136,13 @@ def decision_rule(cfg: Config, model: SegmentationModel, support_y: torch.Tensor
     object by object and the choice noisier (docs/results.md, issue 19). With ``eval.pool_threshold``
     and held-out bands, the bands' threshold then moves toward the one at which the unannotated
     images ``pool`` get the support's foreground share (:meth:`HeldOut.match_pool`), predicted as the
-    evaluation predicts. Reads only the support's annotation, never a test image."""
+    evaluation predicts (without such images, the bands' threshold alone). Reads only the support's
+    annotation, never a test image."""
     masks = list(masks)
     min_size = min_object_size(cfg, masks)
     if holdout is not None and holdout.curve and cfg.eval.tta:
         holdout.calibrate(model, cfg.compute, tta=True)
-    if cfg.eval.pool_threshold and holdout is not None and holdout.curve:
-        if not len(pool):
-            raise FsmetaError("eval.pool_threshold needs unannotated images of the target (fsmeta finetune --pool DIR)")
+    if cfg.eval.pool_threshold and holdout is not None and holdout.curve and len(pool):
         from fsmeta.compute import inference_model
         from fsmeta.models import DihedralTTA
 
@@ -163,14 +162,15 @@ def unannotated_draw(pool: np.ndarray, support: Iterable[int], n: int, seed: int
 
 def unannotated_images(cfg: Config, target: ImageSet, pool: np.ndarray, test: np.ndarray | None, support: Iterable[int],
                        seed: int, where: str) -> list[np.ndarray]:
-    """The images :func:`unannotated_draw` gives ``eval.pool_threshold`` (none when it is off), for
-    a support drawn from ``pool`` beside the fixed ``test`` images; ``test`` None (the 2020
-    protocol) is refused, every image outside the support being a test image there."""
-    if not cfg.eval.pool_threshold:
+    """The images :func:`unannotated_draw` gives ``eval.pool_threshold`` for a support drawn from
+    ``pool`` beside the fixed ``test`` images: none when the option is off, when there are no
+    held-out bands whose threshold they would move, or with ``test`` None (the 2020 protocol), where
+    every image outside the support is a test image and none is left unannotated to read."""
+    if not cfg.eval.pool_threshold or cfg.finetune.holdout <= 0:
         return []
     if test is None:
-        raise FsmetaError(f"{where}: eval.pool_threshold needs eval.protocol=2023: in the 2020 protocol every "
-                          "image outside the support is a test image, none is left unannotated to read")
+        log.debug("%s: eval.pool_threshold reads nothing in the 2020 protocol (every other image is a test image)", where)
+        return []
     return [target.image(int(i)) for i in unannotated_draw(pool, support, cfg.eval.pool_images, seed)]
 
 

@@ -65,14 +65,16 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
     of the prepared target ``cfg.data.target``. The run is logged to ``tracker``; the
     checkpoint's description names the pre-training, the support images and the run.
     With ``register``, the checkpoint becomes a new version of that registered MLflow model.
-    ``pool``, a folder of unannotated images of the same kind, turns on ``eval.pool_threshold``
-    (its images that share a support image's name are left out); without it the option reads
-    the prepared target's pool outside the draw, as a benchmark cell does.
+    ``pool``, a folder of unannotated images of the same kind, is what ``eval.pool_threshold`` (on
+    by default) reads on a folder support (its images that share a support image's name are left
+    out; without it the bands' threshold stands alone, and the note says how to give one); on a
+    prepared target the option reads its pool outside the draw, as a benchmark cell does.
     """
     if register and not tracker.enabled:
         raise FsmetaError(f"--register {register} needs MLflow tracking; drop --no-tracking")
     if pool and not cfg.eval.pool_threshold:  # a folder of unannotated images turns the option on (and the checkpoint records it)
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, pool_threshold=True))
+    ask_for_pool = bool(support_images) and not pool and cfg.eval.pool_threshold and cfg.finetune.holdout > 0
     model, meta = model_from_checkpoint(weights)
     model.to(default_device())  # CUDA when present
     check_fine_tunable(meta, weights)
@@ -129,6 +131,10 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
                                             if rec["pool_used"] else
                                             f"kept the bands' {rec['pool_bands_threshold']:.2f}, as the pool's share there is "
                                             f"{rec['pool_ratio']:.2g}× the support's (more than {POOL_AGREEMENT:g}× apart)")])
+        if ask_for_pool and holdout is not None and holdout.curve:
+            note = "; ".join(filter(None, [note, "no --pool folder: the held-out bands' threshold alone (give a folder of "
+                                                 "unannotated images of the same kind with --pool DIR to check it against "
+                                                 "them, eval.pool_threshold; docs/results.md)"]))
         if unannotated and (holdout is None or not holdout.pool):
             note = "; ".join(filter(None, [note, "--pool was not used: no held-out band could be cut from the support, so "
                                                  "there is no bands' threshold to move"]))
@@ -149,11 +155,8 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
 def _pool_images(cfg: Config, pool: str | Path | None, support: set[str], seed: int) -> list[np.ndarray]:
     """The unannotated images of the folder ``pool`` that ``eval.pool_threshold`` reads: a draw of
     ``eval.pool_images`` by ``seed`` (as a benchmark cell draws them) among its images not named as
-    a support image; only those are read. With the option on and no folder, an error says what
-    to give."""
+    a support image; only those are read (none without a folder)."""
     if not pool:
-        if cfg.eval.pool_threshold and cfg.finetune.holdout > 0:
-            raise FsmetaError("eval.pool_threshold reads unannotated images of the target: give them with --pool DIR")
         return []
     from fsmeta.data.io import image_to_unit, list_images, read_image
 

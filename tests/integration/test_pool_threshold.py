@@ -6,7 +6,6 @@ import pytest
 
 import fsmeta.study
 from fsmeta.data.registry import load_dataset
-from fsmeta.errors import FsmetaError
 from fsmeta.study import Cell, cell_split, run_cell, unannotated_draw
 from fsmeta.config import load_config
 from fsmeta.train import scratch_checkpoint
@@ -43,14 +42,25 @@ def test_a_cell_reads_the_pool_outside_its_support_and_never_a_test_image(tmp_pa
         assert np.array_equal(image, target.image(int(i)))
     assert metrics["pool_used"] in (0.0, 1.0) and 0 < metrics["pool_ratio"]
     # the same cell without the option scores at the threshold the pool started from
-    plain, _, _ = run_cell(_config(tmp_path), target, checkpoint, cell)
+    plain, _, _ = run_cell(_config(tmp_path, "eval.pool_threshold=false"), target, checkpoint, cell)
     assert plain["threshold"] == pytest.approx(metrics["pool_bands_threshold"]) and "pool_used" not in plain
     k = (round(100 * metrics["pool_bands_threshold"]) + round(100 * metrics["pool_match_threshold"])) // 2
     assert metrics["threshold"] == pytest.approx(k / 100 if metrics["pool_used"] else plain["threshold"])
 
 
-def test_the_2020_protocol_has_no_unannotated_image(tmp_path):
-    cfg = _config(tmp_path, "eval.protocol=2020", "eval.pool_threshold=true")
+def test_the_2020_protocol_has_no_unannotated_image_and_scores_as_without_the_option(tmp_path, monkeypatch):
+    """The default (on) reads nothing in the 2020 protocol, where every image outside the support is
+    a test image: the cell is the one without the option, bit for bit, and no pool image is predicted."""
+    cfg = _config(tmp_path, "eval.protocol=2020")
+    assert cfg.eval.pool_threshold is True  # the built-in default
     target = load_dataset(cfg.data.target, cfg)
-    with pytest.raises(FsmetaError, match="needs eval.protocol=2023: in the 2020 protocol every image outside the support"):
-        run_cell(cfg, target, scratch_checkpoint(cfg, tmp_path / "pre"), Cell(cfg.data.target, cfg.arch, "scratch", "random", 1, 0))
+    checkpoint = scratch_checkpoint(cfg, tmp_path / "pre")
+    cell = Cell(cfg.data.target, cfg.arch, "scratch", "random", 1, 0)
+    curves = []
+    share = fsmeta.study.pool_share_curve
+    monkeypatch.setattr(fsmeta.study, "pool_share_curve", lambda *a, **k: (curves.append(1), share(*a, **k))[1])
+    on, _, test_on = run_cell(cfg, target, checkpoint, cell)
+    off, _, test_off = run_cell(_config(tmp_path, "eval.protocol=2020", "eval.pool_threshold=false"), target, checkpoint, cell)
+    assert not curves and "pool_used" not in on and "holdout_iou" in on
+    on.pop("ranking_seconds"), off.pop("ranking_seconds")  # the only measured (not computed) entry
+    assert on == off and np.array_equal(test_on, test_off)

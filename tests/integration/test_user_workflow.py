@@ -157,18 +157,20 @@ def test_finetune_with_a_pool_of_unannotated_images(tmp_path, tiny_config, capsy
         assert round(100 * meta["threshold"]) == (round(100 * float(found.group(3))) + matched) // 2 == round(100 * float(found.group(2)))
     else:
         assert meta["threshold"] == pytest.approx(float(found.group(4)))
-    # the same run without --pool keeps the bands' threshold: the one the pool started from
+    # the same run without --pool keeps the bands' threshold (the one the pool started from) and says
+    # how to give a pool; the option stays on (the default) in the record
     assert main([*base, "--out", str(tmp_path / "plain.safetensors")]) == 0
-    capsys.readouterr()
+    assert "no --pool folder: the held-out bands' threshold alone" in capsys.readouterr().out
     plain = json.loads((tmp_path / "plain.json").read_text())
     assert plain["threshold"] == pytest.approx(float(found.group(3) or found.group(4)))
-    assert plain["config"]["eval"]["pool_threshold"] is False
+    assert plain["config"]["eval"]["pool_threshold"] is True
+    # turned off, the note is gone and the threshold is the same
+    assert main([*base, "--set", "eval.pool_threshold=false", "--out", str(tmp_path / "off.safetensors")]) == 0
+    assert "--pool" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "off.json").read_text())["threshold"] == plain["threshold"]
     # a pool of nothing but the support's own images has nothing unannotated to read
     code = main([*base, "--pool", str(support_i), "--out", str(tmp_path / "x.safetensors")])
     assert code == 2 and "every image there is a support image" in capsys.readouterr().err
-    # the option on a folder support without a pool says what to give
-    code = main([*base, "--set", "eval.pool_threshold=true", "--out", str(tmp_path / "x.safetensors")])
-    assert code == 2 and "give them with --pool DIR" in capsys.readouterr().err
 
 
 def test_finetune_folders_must_come_together(tmp_path, tiny_config, capsys):
