@@ -9,7 +9,11 @@ or its ``pretext.safetensors``). A variant is ``NAME=KEY=VALUE;KEY=VALUE`` (``--
 syntax, ``;`` between overrides; ``NAME=`` alone is the base configuration). Prints, per
 variant and K: mean mIoU over the seeds, pooled IoU, instance precision/recall/F1, support
 crops, seconds per cell, the mean threshold and (with ``finetune.holdout``) the mean step the
-held-out bands chose; then one line per split.
+held-out bands chose; then one line per split. ``--phases`` adds, per split, where the cell's
+seconds went: choosing the support, fine-tuning (with the bands' evaluations), the decision rule
+(the bands' TTA threshold and the pool's) and the test evaluation. Run it alone on the machine:
+the cell uses the configuration's ``threads`` (``--set threads=1`` times a cell as the benchmark
+runs two at once on 2 cores, ``study.cell_cpus=1``).
 
     python bench/ablate.py --config configs/real3.yaml --data-root ../data \\
         --checkpoint runs/real3/pretrained/em/fcrn/meta-all/pretext.safetensors --target em --shots 5 --seeds 0 \\
@@ -24,6 +28,7 @@ import argparse
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -32,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+import fsmeta.study as study  # noqa: E402
 from fsmeta.config import load_config  # noqa: E402
 from fsmeta.data.registry import load_dataset  # noqa: E402
 from fsmeta.study import Cell, run_cell, target_config  # noqa: E402
@@ -43,6 +49,40 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     if not name:
         raise SystemExit(f"--variant {text!r}: expected NAME=KEY=VALUE;KEY=VALUE (or NAME= for the base)")
     return name, [o.strip() for o in rest.split(";") if o.strip()]
+
+
+PHASES = {"support": ("_selected_support", "random_support"), "fine-tune": ("finetune",),
+          "decision rule": ("decision_rule",), "evaluate": ("evaluate",)}
+
+
+@contextmanager
+def phase_clock(seconds: dict[str, float]):
+    """Time the phases of :func:`fsmeta.study.run_cell` into ``seconds`` (name → s) while inside:
+    wraps the functions it calls by their module names and puts them back on the way out."""
+    saved, inside = {}, set()
+
+    def timed(phase: str, fn):
+        def wrapper(*a, **k):
+            if phase in inside:  # one phase calling another of its functions counts once
+                return fn(*a, **k)
+            inside.add(phase)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                inside.discard(phase)
+                seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+    for phase, names in PHASES.items():
+        for n in names:
+            saved[n] = getattr(study, n)
+            setattr(study, n, timed(phase, saved[n]))
+    try:
+        yield seconds
+    finally:
+        for n, fn in saved.items():
+            setattr(study, n, fn)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--selection", default="random", help="the cells' selection method (default: random); rankings are cached "
                    "beside the checkpoint, as the benchmark does")
     p.add_argument("--variant", action="append", default=[], help="NAME=KEY=VALUE;KEY=VALUE (repeatable; default: the base alone)")
+    p.add_argument("--phases", action="store_true", help="print, per split, the seconds of each phase of the cell")
     args = p.parse_args(argv)
 
     variants = [parse_variant(v) for v in (args.variant or ["base="])]
@@ -70,13 +111,15 @@ def main(argv: list[str] | None = None) -> int:
         apply_threads(cfg)
         target = load_dataset(args.target, cfg)
         for k in args.shots:
-            rows, seconds = [], []
+            rows, seconds, phases = [], [], []
             for s in args.seeds:
                 t0 = time.perf_counter()
                 cell = Cell(args.target, cfg.arch, args.pretraining, args.selection, k, s)
-                metrics, _, _ = run_cell(cfg, target, Path(args.checkpoint), cell, cache_rankings=True)
+                with phase_clock({}) as spent:
+                    metrics, _, _ = run_cell(cfg, target, Path(args.checkpoint), cell, cache_rankings=True)
                 seconds.append(time.perf_counter() - t0)
                 rows.append(metrics)
+                phases.append(spent)
 
             def mean(key: str) -> float:
                 return float(np.mean([r[key] for r in rows]))
@@ -85,9 +128,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<16}{k:>3}{100 * mean('miou'):>9.1f}{std:>7.1f}{100 * mean('pooled_iou'):>8.1f}{mean('precision'):>6.2f}"
                   f"{mean('recall'):>6.2f}{mean('f1'):>6.2f}{mean('support_crops'):>7.0f}{np.mean(seconds):>8.1f}"
                   f"{mean('threshold'):>6.2f}{mean('holdout_step') if 'holdout_step' in rows[0] else float('nan'):>6.0f}", flush=True)
-            for s, r in zip(args.seeds, rows):  # per split, for the record
+            for s, r, spent, total in zip(args.seeds, rows, phases, seconds):  # per split, for the record
                 print(f"  split {s}: mIoU {100 * r['miou']:.1f}, threshold {r['threshold']:.2f}"
                       + (f", held-out step {r['holdout_step']} (band IoU {100 * r['holdout_iou']:.1f})" if "holdout_step" in r else ""), flush=True)
+                if args.phases:
+                    rest = total - sum(spent.values())
+                    print("    seconds: " + ", ".join(f"{p} {spent.get(p, 0.0):.1f} ({100 * spent.get(p, 0.0) / total:.0f} %)" for p in PHASES)
+                          + f", the rest (loading the checkpoint) {rest:.1f}", flush=True)
     return 0
 
 
