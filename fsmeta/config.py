@@ -157,8 +157,8 @@ SELECT_METHODS = ("random", "entropy", "mc-dropout", "consistency", "typiclust",
 class SelectConfig:
     """Which target images or patches to annotate (``fsmeta select``, the benchmark's selection axis)."""
 
-    # `fsmeta select`'s method: typiclust has the best measured record (docs/results.md, real3-v3:
-    # ahead of random on TNBC and ssTEM, behind on EM); configs/paper.yaml keeps the paper's consistency
+    # `fsmeta select`'s method: typiclust has the best measured record (docs/results.md, real3-v7:
+    # ahead of random in 13 of 15 cells on TNBC, level on EM and ssTEM); configs/paper.yaml keeps the paper's consistency
     method: str = "typiclust"  # random | entropy | mc-dropout | consistency | typiclust | coverage
     unit: str = "patch"  # patch | image: budgets count patches or whole images
     patch_size: int = 256
