@@ -10,7 +10,8 @@ fp32 loop (fsmeta's loop before ``fsmeta.compute``), fsmeta in exact fp32
 (``compute.amp=off``, ``channels_last=off``), fp32 + channels_last, bf16 autocast
 alone, and fsmeta's defaults (``auto``: bf16 autocast + channels_last where the CPU
 has native bf16, AVX-512 BF16 or AMX; fp32 elsewhere). Prints defaults / fp32
-(target ≥ 2.5× on a CPU with native bf16), fp32 / plain (≥ 0.95) and 2 threads / 1 thread.
+(target ≥ 2.5× on a CPU with native bf16), fp32 / plain (≥ 0.95) and 2 threads / 1 thread;
+``--compile`` adds the defaults with ``compute.compile`` (its warm-up untimed).
 
 On CUDA: the plain fp32 loop (pageable memory, a host sync per step, cuDNN
 autotuning off), fsmeta in fp32 (``compute.amp=off``, ``channels_last=off``) and
@@ -123,6 +124,8 @@ def modes(device: torch.device, compile_too: bool) -> dict[str, Callable]:
                "fsmeta default": fsmeta_with(ComputeConfig())}
         if not cpu_has_native_bf16():  # emulated bf16: ~17× slower than fp32 (a 2-core AVX2 EPYC), nothing to learn
             del out["bf16"]
+        if compile_too:
+            out["fsmeta default+compile"] = fsmeta_with(ComputeConfig(compile=True))
         return out
     out = {"plain fp32": plain, "fsmeta fp32": fsmeta_with(ComputeConfig(amp="off", channels_last="off")),
            "fsmeta bf16+CL": fsmeta_with(ComputeConfig())}
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts (default: 3)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU: torch thread counts (default: 1 2)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: CUDA when present")
-    p.add_argument("--compile", action="store_true", help="CUDA: also time compute.compile (default: off)")
+    p.add_argument("--compile", action="store_true", help="also time compute.compile on top of the defaults (default: off)")
     p.add_argument("--no-tf32", action="store_true", help="CUDA: strict fp32 convolutions (default: torch's TF32 setting)")
     args = p.parse_args(argv)
 
@@ -206,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                                    f"(target ≥ 2.5× with native bf16); {bf16}fp32+CL "
                                    f"{best['fp32+CL'] / best['fsmeta fp32']:.2f}×; fsmeta fp32 / plain fp32 loop = "
                                    f"{best['fsmeta fp32'] / best['plain fp32']:.3f} (target ≥ 0.95)")
+                    if "fsmeta default+compile" in best:
+                        summary.append(f"{arch} {size}², {t} thread(s): + compile / fsmeta default = "
+                                       f"{best['fsmeta default+compile'] / best['fsmeta default']:.2f}×")
             if not cuda and 1 in best_by_threads and 2 in best_by_threads:
                 summary.append(f"{arch} {size}²: 2 threads / 1 thread (fsmeta default) = "
                                f"{best_by_threads[2]['fsmeta default'] / best_by_threads[1]['fsmeta default']:.2f}×")
