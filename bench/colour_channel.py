@@ -12,7 +12,7 @@ Two things, both from a public data set's own files:
    dark on a light background and the polarity is grey's). An AUC of 0.5 is no signal; both
    directions count (``max(AUC, 1 − AUC)``).
 2. With ``--out DIR``: a data root where the data set is prepared from the haematoxylin-only
-   rendering (``fsmeta.data.prepare`` with its grey reading swapped), every other data set of
+   rendering (``fsmeta.data.prepare`` with ``colour="haematoxylin"``), every other data set of
    ``--root`` linked in unchanged, so ``bench/ablate.py --data-root DIR`` runs benchmark cells on it
    beside the grey cells of a recorded run (same θ′, splits and seeds).
 
@@ -34,25 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 import fsmeta.data.prepare as prepare_module  # noqa: E402
+from fsmeta.data.colour import haematoxylin_grey  # noqa: E402
 from fsmeta.data.io import to_grey  # noqa: E402
-
-
-def haematoxylin_grey(plane: np.ndarray) -> np.ndarray:
-    """(H, W) uint8: the haematoxylin-only rendering of an 8-bit RGB(A) image, as luminance grey;
-    a grey image is returned as :func:`fsmeta.data.io.to_grey` returns it (nothing to deconvolve)."""
-    from skimage.color import hed2rgb, rgb2hed
-
-    if plane.ndim == 2 or plane.shape[-1] < 3:
-        return to_grey(plane)
-    rgb = plane[..., :3]
-    if rgb.dtype != np.uint8:
-        raise ValueError(f"haematoxylin_grey: 8-bit RGB expected, got {rgb.dtype}")
-    hed = rgb2hed(rgb)
-    h_only = np.zeros_like(hed)
-    h_only[..., 0] = hed[..., 0]
-    back = hed2rgb(h_only)  # float RGB in [0, 1]
-    grey = back[..., 0] * 0.299 + back[..., 1] * 0.587 + back[..., 2] * 0.114
-    return np.clip(np.rint(grey * 255.0), 0, 255).astype(np.uint8)
 
 
 def auc(fg: np.ndarray, bg: np.ndarray) -> float:
@@ -113,11 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         for d in sorted(root.iterdir()):
             if d.is_dir() and d.name != args.name and not d.name.startswith(".") and not (out / d.name).exists():
                 os.symlink(d, out / d.name)
-        prepare_module.to_grey = haematoxylin_grey  # _load's reading of colour
-        try:
-            store = prepare_module.prepare(args.name, out, args.source, progress=False)
-        finally:
-            prepare_module.to_grey = to_grey
+        store = prepare_module.prepare(args.name, out, args.source, progress=False, colour="haematoxylin")
         print(f"{args.name} prepared from the haematoxylin channel: {store}")
 
 

@@ -21,6 +21,11 @@ from fsmeta.data.catalogue import PUBLIC_NAMES  # noqa: E402
 from fsmeta.errors import FsmetaError  # noqa: E402
 
 
+COLOUR_HELP = ("the one channel colour images become: grey (luminance), haematoxylin (the haematoxylin stain alone, "
+               "for H&E-like stained brightfield), or auto: haematoxylin when most images are stained brightfield RGB, "
+               "else grey; grey images stay grey (default: auto; the store records it; docs/user-guide.md)")
+
+
 def default_device():
     from fsmeta.compute import default_device as device
 
@@ -140,12 +145,14 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     root = _data_root(args)
     _refuse_existing(root, args.name, args.replace)
     t0 = time.perf_counter()
-    path = prepare(args.name, root, args.source, download_files=args.download, mirror=args.mirror, downloads=args.downloads)
+    path = prepare(args.name, root, args.source, download_files=args.download, mirror=args.mirror, downloads=args.downloads,
+                   colour=args.colour)
     from fsmeta.data.store import read_meta
 
     meta = read_meta(root, args.name) or {}
     print(f"{args.name}: {meta.get('images')} images, foreground {100 * meta.get('foreground_fraction', 0):.1f}% → {path} "
           f"({time.perf_counter() - t0:.1f} s)")
+    print(f"colour: {meta.get('colour', 'grey')} ({meta.get('colour_reason', '')})")
     return 0
 
 
@@ -155,10 +162,11 @@ def cmd_data_import(args: argparse.Namespace) -> int:
 
     root = _data_root(args)
     _refuse_existing(root, args.name, args.replace)
-    path = import_folder(root, args.name, args.images, args.masks)
+    path = import_folder(root, args.name, args.images, args.masks, colour=args.colour)
     meta = read_meta(root, args.name) or {}
     print(f"{args.name}: imported {meta.get('images')} image/mask pairs ({meta.get('image_dtype')}), "
           f"foreground {100 * meta.get('foreground_fraction', 0):.1f}% → {path}")
+    print(f"colour: {meta.get('colour', 'grey')} ({meta.get('colour_reason', '')})")
     print(f"use it with --target {args.name} or --sources {args.name},…")
     return 0
 
@@ -189,6 +197,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from fsmeta.models import DihedralTTA
 
         model = DihedralTTA(model)
+    from fsmeta.data.colour import checkpoint_colour
+
+    settings = dataclasses.replace(settings, colour=checkpoint_colour(meta)).check()  # the channel it was fine-tuned on
     if args.threshold is None and "threshold" in meta:
         settings = dataclasses.replace(settings, threshold=float(meta["threshold"])).check()
     if args.min_size is None and "min_size" in meta:  # the fine-tune's smallest object (eval.min_size_fraction)
@@ -425,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     dst = p.add_argument_group("output")
     dst.add_argument("--data-root", metavar="DIR", help="where to write (default: $FSMETA_DATA or ./data)")
     dst.add_argument("--replace", action="store_true", help="overwrite an existing data set of that name (default: refuse)")
+    dst.add_argument("--colour", choices=["auto", "grey", "haematoxylin"], default="auto", help=COLOUR_HELP)
     p.set_defaults(func=cmd_data_prepare)
     p = data.add_parser("import", help="import your own folders of images and masks as a data set")
     p.add_argument("name", metavar="NAME", help="the data set's name, then usable with --target/--sources")
@@ -435,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     dst = p.add_argument_group("output")
     dst.add_argument("--data-root", metavar="DIR", help="where to write (default: $FSMETA_DATA or ./data)")
     dst.add_argument("--replace", action="store_true", help="overwrite an existing data set of that name (default: refuse)")
+    dst.add_argument("--colour", choices=["auto", "grey", "haematoxylin"], default="auto", help=COLOUR_HELP)
     p.set_defaults(func=cmd_data_import)
 
     p = sub.add_parser("meta-train", help="Reptile meta-training on the source data sets")

@@ -53,6 +53,10 @@ class DataConfig:
     source_stride: dict[str, int] = field(default_factory=lambda: table("source_stride"))
     finetune_stride: dict[str, int] = field(default_factory=lambda: table("finetune_stride"))
     min_foreground: int = 360  # crops with fewer foreground pixels are dropped
+    # The channel a user's colour images become when fsmeta reads folders (finetune --support-images,
+    # select on a folder): grey | haematoxylin | auto (fsmeta.data.colour; auto decides from the images).
+    # A prepared data set's channel is chosen when it is prepared or imported (--colour) and recorded in its store.
+    colour: str = "auto"
     synth: SynthConfig = field(default_factory=SynthConfig)
 
     def data_root(self) -> Path:
@@ -389,6 +393,8 @@ class Config:
             (self.meta.variant in VARIANTS, f"meta.variant={self.meta.variant!r} is not one of {', '.join(VARIANTS)}"),
             (self.meta.entropy in ("paper", "binary"), f"meta.entropy={self.meta.entropy!r} is not 'paper' or 'binary'"),
             (self.meta.backend in ("sequential", "ray"), f"meta.backend={self.meta.backend!r} is not 'sequential' or 'ray'"),
+            (self.data.colour in ("auto", "grey", "haematoxylin"),
+             f"data.colour={self.data.colour!r} is not 'auto', 'grey' or 'haematoxylin'"),
             (self.eval.protocol in ("2020", "2023"), f"eval.protocol={self.eval.protocol!r} is not '2020' or '2023'"),
             (self.eval.threshold_rule in ("fixed", "prior"), f"eval.threshold_rule={self.eval.threshold_rule!r} is not 'fixed' or 'prior'"),
             (0.0 < self.eval.test_fraction < 1.0, f"eval.test_fraction={self.eval.test_fraction} must lie in (0, 1)"),

@@ -168,7 +168,9 @@ def _sample_image(sample: str | Path | None, meta: dict[str, Any], stride: int, 
     if sample is not None:
         from fsmeta.data.io import image_to_unit, read_image
 
-        image = image_to_unit(read_image(sample), str(sample))
+        from fsmeta.data.colour import checkpoint_colour
+
+        image = image_to_unit(read_image(sample), str(sample), checkpoint_colour(meta))
         if image.dtype != np.uint8:
             image = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
     else:
@@ -203,6 +205,12 @@ def _documentation(meta: dict[str, Any], name: str, stride: int) -> str:
         f"- input `raw`: one 8-bit grey image (batch, channel, y, x), sides multiples of {stride} px; "
         "preprocessing scales it to [-1, 1] as x·2/255 − 1 (fsmeta's normalisation). fsmeta scales 16-bit "
         "or float images by their own min–max range to [0, 1] first; do the same before running this model.",
+        *([] if meta.get("colour", "grey") == "grey" else [
+            "- **colour**: this model was fine-tuned on the *haematoxylin channel* of RGB images, not their "
+            "luminance: colour deconvolution (Ruifrok and Johnston 2001, `skimage.color.rgb2hed`), the haematoxylin "
+            "stain alone rendered back to RGB (`hed2rgb`), then luminance 0.299 R + 0.587 G + 0.114 B, rounded to "
+            "8 bits (`fsmeta.data.colour.haematoxylin_grey`). BioImage.IO preprocessing has no colour "
+            "deconvolution, so convert RGB images this way before running the model; the test image is converted so."]),
         f"- output `probability`: foreground probability per pixel; fsmeta thresholds it at "
         f"{float(meta.get('threshold', 0.5)):g} (the threshold this checkpoint records, else 0.5) and labels "
         "8-connected components as cells"
@@ -227,7 +235,8 @@ def _documentation(meta: dict[str, Any], name: str, stride: int) -> str:
 
 
 def _config_subset(meta: dict[str, Any]) -> dict[str, Any]:
-    keep = ("arch", "bn_affine", "kind", "pretraining", "target", "shots", "seed", "support", "threshold", "min_size", "tta", "fsmeta_version",
+    keep = ("arch", "bn_affine", "kind", "pretraining", "target", "shots", "seed", "support", "threshold", "min_size", "tta", "colour",
+            "fsmeta_version",
             "mlflow_run_id")
     return json.loads(json.dumps({k: meta[k] for k in keep if k in meta}, default=str))
 
@@ -285,7 +294,8 @@ def build_bioimageio(checkpoint: str | Path, folder: str | Path, info: PackageIn
     size = bio.ParameterizedSize(min=2 * s, step=s)
     inputs = [bio.InputTensorDescr(
         id=bio.TensorId("raw"),
-        description="8-bit grey image",
+        description="8-bit grey image" if meta.get("colour", "grey") == "grey" else
+        "8-bit haematoxylin channel of an RGB image (see the documentation: colour deconvolution first)",
         axes=[bio.BatchAxis(), bio.ChannelAxis(channel_names=[bio.Identifier("grey")]),
               bio.SpaceInputAxis(id=bio.AxisId("y"), size=size), bio.SpaceInputAxis(id=bio.AxisId("x"), size=size)],
         test_tensor=bio.FileDescr(source=folder / "test_input.npy"),

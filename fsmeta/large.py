@@ -169,12 +169,12 @@ def open_lazy(path: str | Path) -> LazyImage:
     return LazyImage(array, tuple(index), channel, axes.index("y"), axes.index("x"), str(path), tif)
 
 
-def _value_range(image: LazyImage, band: int) -> tuple[float, float]:
+def _value_range(image: LazyImage, band: int, colour: str = "grey") -> tuple[float, float]:
     """Min and max of the grey image, band by band (the scaling of a non-8-bit image to [0, 1])."""
     lo, hi = np.inf, -np.inf
     h, w = image.shape
     for y0 in range(0, h, band):
-        grey = to_grey(image.read(y0, min(h, y0 + band), 0, w)).astype(np.float64)
+        grey = to_grey(image.read(y0, min(h, y0 + band), 0, w), colour, image.where).astype(np.float64)
         if not np.isfinite(grey).all():
             raise DataError(f"{image.where} has NaN or infinite pixel values")
         lo, hi = min(lo, float(grey.min())), max(hi, float(grey.max()))
@@ -295,6 +295,12 @@ def predict_large(model: SegmentationModel, path: str | Path, out: str | Path, s
     if output == "auto":
         output = "ome-zarr" if path.suffix.lower() == ZARR_SUFFIX else "bigtiff"
     image = open_lazy(path)
+    if settings.colour != "grey":  # before any output exists: the model reads the haematoxylin stain of RGB pixels
+        channels = 1 if image.channel_axis is None else int(image.array.shape[image.channel_axis])
+        if channels < 3:
+            image.close()
+            raise DataError(f"{image.where} is single-channel; the model reads the {settings.colour} channel of RGB "
+                            "images (its checkpoint's colour)")
     h, w = image.shape
     model.eval()
     stride = int(getattr(model, "stride", 8))
@@ -307,13 +313,13 @@ def predict_large(model: SegmentationModel, path: str | Path, out: str | Path, s
     cols_of = [(x0, w if j == len(xs) - 1 else x0 + tx) for j, x0 in enumerate(xs)]
     band_h = max(y1 - y0 for y0, y1 in rows_of)
     try:
-        scale = None if image.dtype == np.uint8 else _value_range(image, band_h)  # other depths: by their own range, as in memory
+        scale = None if image.dtype == np.uint8 else _value_range(image, band_h, settings.colour)  # other depths: by their own range, as in memory
     except BaseException:
         image.close()
         raise
 
     def unit(pixels: np.ndarray) -> np.ndarray:
-        grey = to_grey(pixels)
+        grey = to_grey(pixels, settings.colour, image.where)
         if grey.dtype == np.uint8:
             return grey.astype(np.float32) * np.float32(1 / 255)
         lo, hi = scale

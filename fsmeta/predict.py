@@ -60,6 +60,7 @@ class PredictSettings:
     min_distance: int = 5  # watershed: minimum distance between seeds (pixels)
     min_size: int = 0  # cells smaller than this (pixels) are dropped; 0 keeps all
     rois: tuple[str, ...] = ()  # cell outlines to write under rois/: "imagej", "geojson" (fsmeta.rois)
+    colour: str = "grey"  # the channel the model reads (its checkpoint's ``colour``): grey | haematoxylin
 
     def check(self) -> "PredictSettings":
         if self.tile < 16:
@@ -72,6 +73,8 @@ class PredictSettings:
             raise FsmetaError(f"--threshold {self.threshold} must lie strictly between 0 and 1")
         if self.min_size < 0 or self.min_distance < 1:
             raise FsmetaError("--min-size must be ≥ 0 and --min-distance ≥ 1")
+        if self.colour not in ("grey", "haematoxylin"):
+            raise FsmetaError(f"colour {self.colour!r} is not 'grey' or 'haematoxylin'")
         if self.rois:
             from fsmeta.rois import parse_formats
 
@@ -303,20 +306,23 @@ def list_inputs(path: str | Path) -> list[Path]:
     return sorted([*list_images(path, "input"), *zarrs])
 
 
-def check_inputs(inputs: list[Path]) -> None:
+def check_inputs(inputs: list[Path], colour: str = "grey") -> None:
     """Read every input once before anything is written, so one bad file leaves no partial
-    outputs; one error names every unreadable file."""
+    outputs; one error names every unreadable file (and, for a model that reads the
+    haematoxylin channel, every image that is not RGB)."""
     errors = []
     for path in inputs:
         try:
             planes = read_planes(path)
             for k, plane in enumerate(planes):
-                image_to_unit(plane, f"{path}" + (f" page {k}" if len(planes) > 1 else ""))
+                image_to_unit(plane, f"{path}" + (f" page {k}" if len(planes) > 1 else ""), colour)
         except FsmetaError as exc:
             errors.append(str(exc))
     if errors:
         shown = "\n  ".join(errors[:20]) + (f"\n  … and {len(errors) - 20} more" if len(errors) > 20 else "")
-        raise FsmetaError(f"{len(errors)} of {len(inputs)} input image(s) cannot be segmented; nothing was written:\n  {shown}")
+        why = ("" if colour == "grey" else f"\nthe model was fine-tuned on the {colour} channel of RGB images (its checkpoint "
+               "records colour); give it RGB images of that staining")
+        raise FsmetaError(f"{len(errors)} of {len(inputs)} input image(s) cannot be segmented; nothing was written:\n  {shown}{why}")
 
 
 def predict_files(
@@ -335,7 +341,7 @@ def predict_files(
     dupes = sorted({s for s in stems if stems.count(s) > 1})
     if dupes:
         raise FsmetaError(f"input names clash once extensions are dropped: {', '.join(dupes)}; rename one of each")
-    check_inputs(inputs)
+    check_inputs(inputs, settings.colour)
     model.eval()
     rows: list[ImageResult] = []
     bar = Progress(len(inputs), "predict", enabled=progress)
@@ -345,7 +351,7 @@ def predict_files(
         masks, labels_list = [], []
         for k, plane in enumerate(planes):
             where = f"{path}" + (f" page {k}" if len(planes) > 1 else "")
-            image = image_to_unit(plane, where)
+            image = image_to_unit(plane, where, settings.colour)
             prob = predict_tiled(model, image, settings.tile, settings.overlap, settings.batch)
             mask = prob >= settings.threshold
             labels = instance_labels(mask, settings.watershed, settings.min_distance, settings.min_size)

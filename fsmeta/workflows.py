@@ -85,14 +85,15 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
     note = ""
     if support_images:
         folder = Path(support_images).resolve()
-        images = load_folder(support_images, support_masks)
+        images = load_folder(support_images, support_masks, colour=cfg.data.colour)
         index, note = support_crop_index(images, cfg.finetune_crop_size(), cfg.data.stride("default", "finetune"), cfg.finetune_min_foreground())
         x, y = support_crops(images, index)
         holdout = support_holdout(cfg, images, index, seed)
         target, label, support_ids, crop_size = f"folder:{folder}", folder.name, list(images.ids), index.size
         masks = list(images.masks)
         # a multi-page support file's planes are STEM-pNNN: its file is left out of the pool too
-        unannotated = _pool_images(cfg, pool, {*support_ids, *(re.sub(r"-p\d{3}$", "", i) for i in support_ids)}, seed)
+        unannotated = _pool_images(cfg, pool, {*support_ids, *(re.sub(r"-p\d{3}$", "", i) for i in support_ids)}, seed,
+                                   images.meta["colour"])
     else:
         # The benchmark's own K-shot cell: the same draw, the same crops.
         images = load_dataset(cfg.data.target, cfg)
@@ -104,7 +105,10 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
         masks = window_masks(images, chosen.windows)
         unannotated = unannotated_images(cfg, images, pool_ids, test_ids, chosen.images, seed, cell.name())
     n_images = len(support_ids)
-    params: dict[str, Any] = {"target": target, "arch": meta["arch"], "pretraining": meta.get("kind", ""), "shots": n_images,
+    colour = str(images.meta.get("colour") or "grey")  # the channel the model learns from, and predict feeds it
+    if colour != "grey":
+        note = "; ".join(filter(None, [note, f"colour: {colour} ({images.meta.get('colour_reason', 'the store records it')})"]))
+    params: dict[str, Any] = {"target": target, "colour": colour, "arch": meta["arch"], "pretraining": meta.get("kind", ""), "shots": n_images,
                               "seed": seed, "weights": str(weights), "support_crops": len(x), "crop_size": crop_size,
                               "finetune_steps": cfg.finetune.budget(n_images)}
     with tracker.run(f"finetune/{label}/K{n_images}/s{seed}", params=params, tags={"fsmeta.kind": "finetune"}) as run_id:
@@ -146,16 +150,17 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
                                                  "`fsmeta predict --no-tta` for the plain one)"]))
         path = save_checkpoint(out, clone_state(model), describe_adapted(
             Kind.FINETUNED, meta, target=target, shots=n_images, seed=seed, support=support_ids, crop_size=crop_size,
-            threshold=threshold, min_size=min_size, tta=bool(cfg.eval.tta), config=cfg.to_dict(), mlflow_run_id=run_id))
+            threshold=threshold, min_size=min_size, tta=bool(cfg.eval.tta), colour=colour, config=cfg.to_dict(),
+            mlflow_run_id=run_id))
         tracker.log_metrics(run_id, {"threshold": threshold, "min_size": min_size, "tta": float(cfg.eval.tta)})
         registered = f"models:/{register}/{tracker.register_model(run_id, path, register)}" if register else ""
     return FinetuneResult(path, target, n_images, len(x), crop_size, history[-1], note, registered)
 
 
-def _pool_images(cfg: Config, pool: str | Path | None, support: set[str], seed: int) -> list[np.ndarray]:
+def _pool_images(cfg: Config, pool: str | Path | None, support: set[str], seed: int, colour: str = "grey") -> list[np.ndarray]:
     """The unannotated images of the folder ``pool`` that ``eval.pool_threshold`` reads: a draw of
     ``eval.pool_images`` by ``seed`` (as a benchmark cell draws them) among its images not named as
-    a support image; only those are read (none without a folder)."""
+    a support image; only those are read (none without a folder), as the support's channel ``colour``."""
     if not pool:
         return []
     from fsmeta.data.io import image_to_unit, list_images, read_image
@@ -166,7 +171,7 @@ def _pool_images(cfg: Config, pool: str | Path | None, support: set[str], seed: 
     if cfg.finetune.holdout <= 0:
         raise FsmetaError("--pool moves the held-out bands' threshold: it needs finetune.holdout > 0")
     drawn = np.random.default_rng([seed, 104729]).permutation(len(files))[:cfg.eval.pool_images]
-    return [image_to_unit(read_image(files[int(k)]), where=str(files[int(k)])) for k in sorted(drawn)]
+    return [image_to_unit(read_image(files[int(k)]), where=str(files[int(k)]), colour=colour) for k in sorted(drawn)]
 
 
 def evaluate_checkpoint(weights: str | Path, cfg: Config, *, shots: int | None = None,

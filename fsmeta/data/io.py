@@ -8,8 +8,10 @@ never a decoder's traceback.
 Intensities (:func:`image_to_unit`): 8-bit images are divided by 255 and kept as
 uint8; any other depth (16-bit, 32-bit, float) is scaled by the image's own
 range, ``(x - min) / (max - min)``, to float32 in [0, 1], never clipped to 8 bits.
-Colour becomes grey by ITU-R 601 luminance (0.299 R + 0.587 G + 0.114 B); alpha
-is dropped.
+Colour becomes grey by ITU-R 601 luminance (0.299 R + 0.587 G + 0.114 B), or, for
+stained brightfield RGB, the haematoxylin stain alone (:mod:`fsmeta.data.colour`:
+``colour`` ``grey``, ``haematoxylin`` or ``auto``, decided per data set from its images);
+alpha is dropped.
 
 Masks (:func:`mask_to_binary`): binary or instance masks; foreground is every
 non-zero pixel (any non-zero colour channel of an RGB(A) mask), unless a
@@ -232,8 +234,17 @@ def _palette_is_grey(im) -> bool:
 # ---------------------------------------------------------------- conversion
 
 
-def to_grey(plane: np.ndarray) -> np.ndarray:
-    """(H, W) from grey, grey+alpha, RGB or RGBA; 8-bit stays uint8, other depths become float32."""
+def to_grey(plane: np.ndarray, colour: str = "grey", where: str = "image") -> np.ndarray:
+    """(H, W) from grey, grey+alpha, RGB or RGBA; 8-bit stays uint8, other depths become float32.
+
+    ``colour`` is the channel (:mod:`fsmeta.data.colour`): ``grey`` (luminance) or
+    ``haematoxylin`` (the haematoxylin stain of an RGB image alone; a grey image raises)."""
+    if colour != "grey":
+        from fsmeta.data.colour import haematoxylin_grey
+
+        if colour != "haematoxylin":
+            raise ValueError(f"colour must be 'grey' or 'haematoxylin' here, got {colour!r}")
+        return haematoxylin_grey(plane, where)
     if plane.ndim == 2:
         return plane
     if plane.shape[-1] == 2:  # grey + alpha
@@ -245,10 +256,10 @@ def to_grey(plane: np.ndarray) -> np.ndarray:
     return grey
 
 
-def image_to_unit(plane: np.ndarray, where: str = "image") -> np.ndarray:
+def image_to_unit(plane: np.ndarray, where: str = "image", colour: str = "grey") -> np.ndarray:
     """A grey image ready for a store: uint8 kept as is (read as x/255), any other depth
-    scaled by its own range to float32 in [0, 1]."""
-    grey = to_grey(plane)
+    scaled by its own range to float32 in [0, 1]; ``colour`` as :func:`to_grey`'s."""
+    grey = to_grey(plane, colour, where)
     if grey.dtype == np.uint8:
         return grey
     if grey.dtype == np.bool_:
@@ -379,7 +390,7 @@ class PairedPlane:
     source: str
 
 
-def _read_pair(image_path: Path, mask_path: Path) -> list[PairedPlane]:
+def _read_pair(image_path: Path, mask_path: Path, colour: str = "grey") -> list[PairedPlane]:
     planes = read_planes(image_path)
     mplanes = read_planes(mask_path)
     if len(planes) != len(mplanes):
@@ -399,7 +410,7 @@ def _read_pair(image_path: Path, mask_path: Path) -> list[PairedPlane]:
             log.warning("%s is foreground everywhere: the weighted BCE gives it weight 0 and nothing is "
                         "learned from it; check the mask (inverted?)", mask_path)
         ident = image_path.stem + (f"-p{k:03d}" if len(planes) > 1 else "")
-        out.append(PairedPlane(ident, image_to_unit(img, where), mask, f"{image_path}:{mask_path}" + (f"#{k}" if len(planes) > 1 else "")))
+        out.append(PairedPlane(ident, image_to_unit(img, where, colour), mask, f"{image_path}:{mask_path}" + (f"#{k}" if len(planes) > 1 else "")))
     return out
 
 
@@ -408,12 +419,30 @@ def scan_pairs(images_dir: str | Path, masks_dir: str | Path) -> list[tuple[Path
     return pair_by_name(list_images(images_dir, "image"), list_images(masks_dir, "mask"))
 
 
-def iter_folder_pairs(pairs: list[tuple[Path, Path]]) -> Iterator[PairedPlane]:
+def iter_folder_pairs(pairs: list[tuple[Path, Path]], colour: str = "grey") -> Iterator[PairedPlane]:
     for image_path, mask_path in pairs:
-        yield from _read_pair(image_path, mask_path)
+        yield from _read_pair(image_path, mask_path, colour)
 
 
-def check_folder_pairs(pairs: list[tuple[Path, Path]]) -> str:
+def folder_colour(colour: str, images: list[Path], where: str) -> tuple[str, str]:
+    """The channel of a folder's images: ``colour``, or for ``auto`` the decision of
+    :func:`fsmeta.data.colour.choose_colour` on an even sample of them (first page of each);
+    returns (channel, reason)."""
+    from fsmeta.data.colour import resolve_colour, sample_positions
+
+    def sample() -> list[np.ndarray]:
+        planes = []
+        for k in sample_positions(len(images)):
+            try:
+                planes.append(read_planes(images[k])[0])
+            except DataError:
+                continue  # an unreadable file is named by the full check that follows
+        return planes
+
+    return resolve_colour(colour, sample, where)
+
+
+def check_folder_pairs(pairs: list[tuple[Path, Path]], colour: str = "grey") -> str:
     """Read every pair once, collecting every unreadable or mismatched file into one error.
 
     Returns the store dtype the pairs need: "uint8" when every image is 8-bit, else "float32".
@@ -421,7 +450,7 @@ def check_folder_pairs(pairs: list[tuple[Path, Path]]) -> str:
     errors, dtype = [], "uint8"
     for image_path, mask_path in pairs:
         try:
-            for plane in _read_pair(image_path, mask_path):
+            for plane in _read_pair(image_path, mask_path, colour):
                 if plane.image.dtype != np.uint8:
                     dtype = "float32"
         except DataError as exc:
@@ -437,11 +466,13 @@ def _as_dtype(image: np.ndarray, dtype: str) -> np.ndarray:
     return image if str(image.dtype) == dtype else to_unit_float(image)
 
 
-def load_folder(images_dir: str | Path, masks_dir: str | Path, name: str = "support") -> ImageSet:
-    """A user's annotated folders as an in-memory :class:`ImageSet` (for fine-tuning without a store)."""
+def load_folder(images_dir: str | Path, masks_dir: str | Path, name: str = "support", colour: str = "auto") -> ImageSet:
+    """A user's annotated folders as an in-memory :class:`ImageSet` (for fine-tuning without a store);
+    its ``meta`` records the channel (``colour``, ``colour_reason``; ``auto`` decided from the images)."""
     pairs = scan_pairs(images_dir, masks_dir)
-    dtype = check_folder_pairs(pairs)
-    planes = list(iter_folder_pairs(pairs))
+    channel, reason = folder_colour(colour, [p for p, _ in pairs], str(images_dir))
+    dtype = check_folder_pairs(pairs, channel)
+    planes = list(iter_folder_pairs(pairs, channel))
     return ImageSet(
         name=name,
         ids=[p.id for p in planes],
@@ -449,29 +480,34 @@ def load_folder(images_dir: str | Path, masks_dir: str | Path, name: str = "supp
         masks=[p.mask for p in planes],
         splits=["train"] * len(planes),
         sources=[p.source for p in planes],
-        meta={"kind": "folder", "images_dir": str(images_dir), "masks_dir": str(masks_dir)},
+        meta={"kind": "folder", "images_dir": str(images_dir), "masks_dir": str(masks_dir), "colour": channel,
+              "colour_reason": reason},
     )
 
 
-def import_folder(root: str | Path, name: str, images_dir: str | Path, masks_dir: str | Path) -> Path:
+def import_folder(root: str | Path, name: str, images_dir: str | Path, masks_dir: str | Path,
+                  colour: str = "auto") -> Path:
     """Import a user's images and masks into the store ``root/name`` (kind "imported").
 
     Every file is checked before anything is written, so a bad folder leaves no
-    store behind and one error names every bad file.
+    store behind and one error names every bad file. ``colour`` is the channel colour
+    images become (:mod:`fsmeta.data.colour`; ``auto`` decides from the images); the
+    store records it.
     """
     from fsmeta.data import synth
 
     if name in synth.DOMAINS:
         raise DataError(f"{name!r} is the name of a synthetic domain; choose another name for imported data")
     pairs = scan_pairs(images_dir, masks_dir)
-    dtype = check_folder_pairs(pairs)
+    channel, reason = folder_colour(colour, [p for p, _ in pairs], str(images_dir))
+    dtype = check_folder_pairs(pairs, channel)
     records = (
         Record(id=p.id, image=_as_dtype(p.image, dtype), mask=p.mask, split="train", source=p.source)
-        for p in iter_folder_pairs(pairs)
+        for p in iter_folder_pairs(pairs, channel)
     )
     return write_store(
         root, name, records, kind="imported", image_dtype=dtype,
-        extra_meta={"provenance": {"images_dir": str(Path(images_dir).resolve()), "masks_dir": str(Path(masks_dir).resolve()),
+        extra_meta={"colour": channel, "colour_reason": reason, "provenance": {"images_dir": str(Path(images_dir).resolve()), "masks_dir": str(Path(masks_dir).resolve()),
                                    "files": len(pairs)}},
     )
 

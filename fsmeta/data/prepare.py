@@ -22,9 +22,13 @@ partial store.
            ``stack1/mitochondria/NN.png > 127`` (1024×1024).
 ``em``     EPFL hippocampus: the 165 slices of ``training.tif`` with
            ``training_groundtruth.tif`` (768×1024).
-``tnbc``   TNBC: 50 ``Slide_XX/XX_k.png`` (RGB or RGBA → grey, 512×512) with
+``tnbc``   TNBC: 50 ``Slide_XX/XX_k.png`` (RGB or RGBA → one channel, 512×512) with
            ``GT_XX/XX_k.png``.
 =========  ====================================================================
+
+RGB images become one channel as ``colour`` says (:mod:`fsmeta.data.colour`): by default
+``auto``, which makes TNBC's H&E the haematoxylin stain alone and leaves grey data sets as
+they are.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import numpy as np
 
 from fsmeta.atomic import sweep_stale
 from fsmeta.data.catalogue import PublicSet, public_layouts
+from fsmeta.data.colour import resolve_colour, sample_positions
 from fsmeta.data.io import check_pixels, mask_to_binary, pair_by_name, read_image, to_grey
 from fsmeta.data.store import Record, write_store
 from fsmeta.errors import DataError
@@ -244,7 +249,7 @@ def _rel(path: Path, base: Path) -> str:
         return str(path)
 
 
-def _load(item: Item, spec: PublicSet, base: Path, stacks: dict[Path, Any]) -> Record:
+def _load(item: Item, spec: PublicSet, base: Path, stacks: dict[Path, Any], colour: str = "grey") -> Record:
     if item.page is None:
         raw = read_image(item.image)
         raw_mask = read_image(item.mask)
@@ -262,7 +267,7 @@ def _load(item: Item, spec: PublicSet, base: Path, stacks: dict[Path, Any]) -> R
         raise DataError(f"{where_img} is {raw.shape[1]}×{raw.shape[0]}, expected {spec.shape[1]}×{spec.shape[0]} for {spec.title}")
     if raw_mask.shape[:2] != raw.shape[:2]:
         raise DataError(f"{where_mask} is {raw_mask.shape[1]}×{raw_mask.shape[0]} but {where_img} is {raw.shape[1]}×{raw.shape[0]}")
-    grey = to_grey(raw)
+    grey = to_grey(raw, colour, where_img)
     if spec.store_dtype == "float32":
         x = grey.astype(np.float64)
         lo, hi = float(x.min()), float(x.max())
@@ -279,7 +284,7 @@ def _load(item: Item, spec: PublicSet, base: Path, stacks: dict[Path, Any]) -> R
     return Record(id=item.id, image=image, mask=mask, split=item.split, source=src)
 
 
-def _records(items: list[Item], spec: PublicSet, base: Path, progress: bool) -> Iterator[Record]:
+def _records(items: list[Item], spec: PublicSet, base: Path, progress: bool, colour: str = "grey") -> Iterator[Record]:
     """Stream records, collecting bad pairs; raising at the end aborts the store write."""
     import tifffile
 
@@ -295,7 +300,7 @@ def _records(items: list[Item], spec: PublicSet, base: Path, progress: bool) -> 
                     if path not in stacks:
                         stacks[path] = tifffile.TiffFile(path)
             try:
-                rec = _load(item, spec, base, stacks)
+                rec = _load(item, spec, base, stacks, colour)
             except DataError as exc:
                 errors.append(str(exc))
             except Exception as exc:  # a decoder failing inside a page: still the user's file
@@ -544,6 +549,7 @@ def prepare(
     downloads: str | Path | None = None,
     spec: PublicSet | None = None,
     progress: bool = True,
+    colour: str = "auto",
 ) -> Path:
     """Prepare public data set ``name`` into ``root/name``; returns the store folder.
 
@@ -553,6 +559,9 @@ def prepare(
         download_files: fetch the public files first (resumable) into ``downloads``
             (default ``root/.downloads/name``), from ``mirror`` if given.
         spec: the expectations to check against (tests shrink counts and shapes).
+        colour: the channel colour images become (:mod:`fsmeta.data.colour`): ``grey``,
+            ``haematoxylin``, or ``auto`` (decided from an even sample of the images; the
+            store records the channel and why).
     """
     if name not in PUBLIC:
         raise DataError(f"unknown public data set {name!r}; choose from {', '.join(PUBLIC)}")
@@ -581,6 +590,7 @@ def prepare(
             raise
         where, items = READERS[name](unpacked, spec)
     verified = verify_members(spec, where, items)
+    channel, reason = resolve_colour(colour, lambda: _sample_planes(items), spec.title)
     provenance = {
         "dataset": spec.title,
         "verified_files": verified,
@@ -592,8 +602,27 @@ def prepare(
         "citation": spec.citation,
         "splits": {s: sum(1 for i in items if i.split == s) for s in sorted({i.split for i in items})},
     }
-    return write_store(root, name, _records(items, spec, Path(where), progress), kind="public",
-                       image_dtype=spec.store_dtype, extra_meta={"provenance": provenance})
+    return write_store(root, name, _records(items, spec, Path(where), progress, channel), kind="public",
+                       image_dtype=spec.store_dtype,
+                       extra_meta={"colour": channel, "colour_reason": reason, "provenance": provenance})
+
+
+def _sample_planes(items: list[Item]) -> list[np.ndarray]:
+    """An even sample of the images (stack slices read alone) for ``auto``'s colour decision."""
+    import tifffile
+
+    planes = []
+    for k in sample_positions(len(items)):
+        item = items[k]
+        try:
+            if item.page is None:
+                planes.append(read_image(item.image))
+            else:
+                with tifffile.TiffFile(item.image) as tif:
+                    planes.append(tif.pages[item.page].asarray())
+        except Exception:  # noqa: BLE001 - an unreadable file is named by the full read that follows
+            continue
+    return planes
 
 
 def shrunk(name: str, **changes: Any) -> PublicSet:

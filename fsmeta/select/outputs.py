@@ -47,16 +47,19 @@ class Target:
     files: list[Path] | None  # one per image for a folder target; None for a prepared data set
 
 
-def read_unlabelled_folder(folder: str | Path) -> Target:
+def read_unlabelled_folder(folder: str | Path, colour: str = "auto") -> Target:
     """Every TIFF/PNG image of ``folder`` (not recursive) as an unlabelled ImageSet.
 
     8-bit images stay uint8; other depths are scaled by their own range; colour
-    becomes grey (:mod:`fsmeta.data.io`). Masks are all zero: nothing is annotated yet.
+    becomes one channel as ``colour`` says (:mod:`fsmeta.data.colour`; ``auto`` decides
+    from the images, and the set's ``meta`` records it). Masks are all zero: nothing is
+    annotated yet.
     """
-    from fsmeta.data.io import image_to_unit, list_images, read_image
+    from fsmeta.data.io import folder_colour, image_to_unit, list_images, read_image
 
     files = list_images(folder, "image")
-    arrays = [image_to_unit(read_image(p), where=str(p)) for p in files]
+    channel, reason = folder_colour(colour, files, str(folder))
+    arrays = [image_to_unit(read_image(p), where=str(p), colour=channel) for p in files]
     ids = [check_name(p.stem, f"image name (from {p})") for p in files]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -68,6 +71,7 @@ def read_unlabelled_folder(folder: str | Path) -> Target:
         masks=[np.zeros(a.shape, np.uint8) for a in arrays],
         splits=["pool"] * len(files),
         sources=[str(p) for p in files],
+        meta={"kind": "folder", "colour": channel, "colour_reason": reason},
     )
     return Target(images, list(files))
 
@@ -75,7 +79,7 @@ def read_unlabelled_folder(folder: str | Path) -> Target:
 def load_target(name_or_dir: str, cfg: Config) -> Target:
     """A folder of images if ``name_or_dir`` is a folder, else a prepared data set by name."""
     if Path(name_or_dir).is_dir():
-        return read_unlabelled_folder(name_or_dir)
+        return read_unlabelled_folder(name_or_dir, cfg.data.colour)
     if any(sep in name_or_dir for sep in ("/", os.sep)):
         raise DataError(f"target folder {name_or_dir} does not exist")
     from fsmeta.data.registry import load_dataset
@@ -248,7 +252,8 @@ def select_for_annotation(
         model = pretext_finetune(model, tgt.images, cfg, seed, gamma=gamma, progress=progress)
         pretext = save_checkpoint(out / "pretext.safetensors", clone_state(model), describe_adapted(
             Kind.PRETEXT, meta, weights=str(weights), target=str(target), seed=seed,
-            gamma=resolve_gamma(cfg, tgt.images.name, gamma), config=cfg.to_dict()))
+            gamma=resolve_gamma(cfg, tgt.images.name, gamma), colour=str(tgt.images.meta.get("colour") or "grey"),
+            config=cfg.to_dict()))
     selection = select_support(model, tgt.images, range(len(tgt.images)), budget, method,
                                unit or cfg.select.unit, cfg, seed, gamma=gamma, run_pretext=False, progress=progress)
     foreground = predicted_foreground(model, tgt.images, selection, cfg.compute)

@@ -38,3 +38,11 @@ def test_real_data_prepares(shared_data, tmp_path, name, folder, count, shape, f
     assert s.meta["provenance"]["verified_files"] == (2 if name == "em" else 2 * count)
     assert s.foreground_fraction() == pytest.approx(fraction, abs=0.005)
     assert all(m.any() for m in s.masks)  # no annotated slice comes out empty
+    # colour "auto": TNBC's H&E becomes its haematoxylin stain, the grey EM sets stay grey
+    assert s.meta["colour"] == ("haematoxylin" if name == "tnbc" else "grey")
+    if name == "tnbc":
+        from fsmeta.data.colour import haematoxylin_grey
+        from fsmeta.data.io import read_image
+
+        first = shared_data / folder / "Slide_01" / "01_1.png"
+        assert np.array_equal(s.images[s.ids.index(next(i for i in s.ids if "01_1" in i))], haematoxylin_grey(read_image(first)))
