@@ -21,6 +21,8 @@ from fsmeta.data.catalogue import PUBLIC_NAMES  # noqa: E402
 from fsmeta.errors import FsmetaError  # noqa: E402
 
 
+from fsmeta.data.colour import COLOURS  # noqa: E402
+
 COLOUR_HELP = ("the one channel colour images become: grey (luminance), haematoxylin (the haematoxylin stain alone, "
                "for H&E-like stained brightfield), or auto: haematoxylin when most images are stained brightfield RGB, "
                "else grey; grey images stay grey (default: auto; the store records it; docs/user-guide.md)")
@@ -436,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     dst = p.add_argument_group("output")
     dst.add_argument("--data-root", metavar="DIR", help="where to write (default: $FSMETA_DATA or ./data)")
     dst.add_argument("--replace", action="store_true", help="overwrite an existing data set of that name (default: refuse)")
-    dst.add_argument("--colour", choices=["auto", "grey", "haematoxylin"], default="auto", help=COLOUR_HELP)
+    dst.add_argument("--colour", choices=COLOURS, default="auto", help=COLOUR_HELP)
     p.set_defaults(func=cmd_data_prepare)
     p = data.add_parser("import", help="import your own folders of images and masks as a data set")
     p.add_argument("name", metavar="NAME", help="the data set's name, then usable with --target/--sources")
@@ -447,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     dst = p.add_argument_group("output")
     dst.add_argument("--data-root", metavar="DIR", help="where to write (default: $FSMETA_DATA or ./data)")
     dst.add_argument("--replace", action="store_true", help="overwrite an existing data set of that name (default: refuse)")
-    dst.add_argument("--colour", choices=["auto", "grey", "haematoxylin"], default="auto", help=COLOUR_HELP)
+    dst.add_argument("--colour", choices=COLOURS, default="auto", help=COLOUR_HELP)
     p.set_defaults(func=cmd_data_import)
 
     p = sub.add_parser("meta-train", help="Reptile meta-training on the source data sets")
