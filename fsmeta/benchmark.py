@@ -40,6 +40,8 @@ from typing import Any
 
 
 from fsmeta.atomic import atomic_write_bytes
+from fsmeta.compute import compute_tags, describe_label
+from fsmeta.compute import describe as describe_compute
 from fsmeta.config import RUNTIME_KEYS, SELECT_COMMAND_KEYS, Config, changed_keys, config_from_dict
 from fsmeta.data.registry import load_dataset, resolve_sources
 from fsmeta.data.sampling import protocol_split
@@ -186,7 +188,27 @@ def _cell_job(cfg_dict: dict[str, Any], checkpoint: str, cell: dict[str, Any], o
     for i in test[:overlays]:
         prob = predict_probability(model, target.image(int(i)))
         drawn.append((target.ids[int(i)], error_overlay(prob >= metrics["threshold"], target.masks[int(i)])))
-    return {"metrics": metrics, "overlays": drawn, "span": [start, time.time()]}
+    return {"metrics": metrics, "overlays": drawn, "span": [start, time.time()],
+            "compute": describe_compute(default_device(), cfg.compute)}
+
+
+def study_compute(rows: list[dict[str, Any]]) -> str:
+    """How a study's cells computed, in one line (the parent run's ``fsmeta.compute`` tag): the one
+    path they share, or each path with its number of cells. A study resumed on another kind of
+    machine mixes paths (``auto`` is bf16 where the processor computes it natively, fp32 elsewhere);
+    its cells then differ by rounding as well as by what the grid varies, so that is logged as a
+    warning. Cells recorded before fsmeta recorded this count as ``unrecorded``."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        label = describe_label(r.get("compute") or {})
+        counts[label] = counts.get(label, 0) + 1
+    if len(counts) == 1:
+        return next(iter(counts))
+    text = "; ".join(f"{label}: {n} cells" for label, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    log.warning("the cells of this study did not all compute the same way (%s): bf16 and fp32 round differently, "
+                "so their scores differ within rounding beside what the grid varies (docs/results.md, 'Issue 14'); "
+                "compare cells computed alike, or pin the path with --set compute.amp=off|bf16", text)
+    return "mixed: " + text
 
 
 def _record_span(out: Path, key: str, kind: str, span: list[float], demand: dict[str, float]) -> None:
@@ -520,17 +542,20 @@ def run_benchmark(
             if "error" in result:
                 raise FsmetaError(result["error"])
             m = result["metrics"]
-            with tracker.run(c.name(), params=c.params(), parent_run_id=parent, tags={"fsmeta.kind": "cell"}) as run_id:
+            how = result["compute"]
+            with tracker.run(c.name(), params=c.params(), parent_run_id=parent,
+                             tags={"fsmeta.kind": "cell", **compute_tags(how)}) as run_id:
                 tracker.log_metrics(run_id, {"iou": m["miou"], **m})
             for image_id, rgb in result["overlays"]:
                 write_png(out / "overlays" / c.target / f"{c.arch}-{c.pretraining}-{c.selection}-K{c.shots}-{image_id}.png", rgb)
-            record = {**c.params(), **m, "run_id": run_id}
+            record = {**c.params(), **m, "compute": how, "run_id": run_id}
             atomic_write_bytes(cells_dir / f"{cell_key(c)}.json", (json.dumps(record, indent=2) + "\n").encode())
             if not isinstance(executor, _RayGraph):
                 _record_span(out, cell_key(c), "cell", result["span"], {"CPU": cfg.study.cell_cpus, "GPU": cfg.study.cell_gpus})
             bar.update(detail=f"{c.name()}: mIoU {m['miou']:.3f}")
 
         rows = [json.loads((cells_dir / f"{cell_key(c)}.json").read_text()) for c in cells]
+        tracker.set_tags(parent, {"fsmeta.compute": study_compute(rows)})
         rows = [{k: r[k] for k in RESULT_COLUMNS} for r in rows]
         paths = [*write_results(rows, out), *render_report(out, rows)]
         for path in paths:

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from fsmeta import __version__
 from fsmeta.atomic import atomic_write, atomic_write_bytes
+from fsmeta.compute import machine
 from fsmeta.config import Config
 from fsmeta.errors import FsmetaError
 from fsmeta.models import SegmentationModel, build_model
@@ -148,7 +149,7 @@ def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], meta: dict
         if key not in meta:
             raise ValueError(f"checkpoint metadata needs {key!r}")
     validate_state(state, path)
-    meta = {**meta, "fsmeta_version": __version__}
+    meta = {**meta, "fsmeta_version": __version__, "machine": machine()}
     text = json.dumps(meta, sort_keys=True, default=str)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: text}))

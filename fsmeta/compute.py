@@ -136,6 +136,67 @@ def forward_fn(model: SegmentationModel, compute: ComputeConfig | None = None) -
     return model.forward_with_latent
 
 
+def describe(device: torch.device, compute: ComputeConfig | None = None) -> dict[str, str]:
+    """How this process computes on ``device`` under ``compute``: what every result records
+    beside its scores, because ``auto`` resolves per machine (bf16 on one node, fp32 on the
+    next) and the two paths round differently — a cell is reproducible bit for bit on the
+    same kind of processor, and within rounding (docs/results.md, "Issue 14") across kinds.
+
+    Keys: ``precision`` (``bf16`` autocast or ``fp32``), ``channels_last`` (``on``/``off``;
+    inference folds batch norm whenever either is not the exact path), ``device`` (``cpu``
+    or the CUDA device's name), ``cpu_capability`` (torch's CPU kernel level: ``AVX512``,
+    ``AVX2``, …), ``native_bf16`` (``yes``/``no``), ``torch`` (its version)."""
+    return {
+        "precision": "bf16" if autocast_dtype(device, compute) is torch.bfloat16 else "fp32",
+        "channels_last": "on" if channels_last(device, compute) else "off",
+        **machine(device),
+    }
+
+
+def machine(device: torch.device | None = None) -> dict[str, str]:
+    """The hardware side of :func:`describe` (``device``, ``cpu_capability``, ``native_bf16``,
+    ``torch``) for ``device`` (default: :func:`default_device`); every checkpoint records it as
+    ``machine``, so that with the configuration it records, the path that made it is known."""
+    device = device or default_device()
+    return {
+        "device": _device_name(device),
+        "cpu_capability": _cpu_capability(),
+        "native_bf16": "yes" if _native_bf16(device) else "no",
+        "torch": torch.__version__,
+    }
+
+
+def describe_label(record: dict[str, str]) -> str:
+    """One line for a :func:`describe` record: ``bf16 + channels_last on cpu (AVX512)``."""
+    if not record:
+        return "unrecorded"
+    memory = " + channels_last" if record.get("channels_last") == "on" else ""
+    return f"{record.get('precision', '?')}{memory} on {record.get('device', '?')} ({record.get('cpu_capability', '?')})"
+
+
+def compute_tags(record: dict[str, str]) -> dict[str, str]:
+    """A :func:`describe` record as MLflow tags (``fsmeta.compute.precision``, …): how a benchmark
+    cell's or a Tune trial's run computed, to filter and compare runs by in the MLflow UI."""
+    return {f"fsmeta.compute.{k}": str(v) for k, v in record.items()}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        try:
+            return torch.cuda.get_device_name(device)
+        except (AssertionError, RuntimeError):  # no CUDA in this build or no device behind the name
+            return str(device)
+    return device.type
+
+
+@functools.cache
+def _cpu_capability() -> str:
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except AttributeError:  # a torch without the probe
+        return "unknown"
+
+
 def host_buffer(shape: Sequence[int], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """An uninitialised host tensor to assemble a batch in: page-locked when it is bound for CUDA,
     so :func:`to_device` copies it without an extra staging copy and without blocking."""
@@ -170,6 +231,7 @@ def host_values(values: Sequence[torch.Tensor]) -> list[float]:
 
 
 __all__ = [
-    "ComputeConfig", "autocast", "autocast_dtype", "channels_last", "cpu_has_native_bf16", "default_device", "forward_fn",
+    "ComputeConfig", "autocast", "autocast_dtype", "channels_last", "compute_tags", "cpu_has_native_bf16", "default_device", "describe",
+    "describe_label", "forward_fn", "machine",
     "host_buffer", "host_values", "inference_model", "prepare_model", "to_device",
 ]

@@ -9,6 +9,7 @@ from typing import Any
 from ray.tune import Callback
 
 from fsmeta.atomic import atomic_write_bytes
+from fsmeta.compute import compute_tags
 from fsmeta.tracking import Tracker
 from fsmeta.tuning.trial import METRIC
 
@@ -55,7 +56,11 @@ class TrialRuns(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         metrics = {k: float(v) for k, v in result.items()
                    if k.startswith(METRIC) or k in ("meta_loss", "sec_per_iter")}
-        self.tracker.log_metrics(self._run_id(trial), metrics, step=int(result.get("meta_iteration", 0)))
+        run_id = self._run_id(trial)
+        self.tracker.log_metrics(run_id, metrics, step=int(result.get("meta_iteration", 0)))
+        how = result.get("compute")
+        if isinstance(how, dict) and how:  # how the trial computed (fsmeta.compute.describe), as a cell run is tagged
+            self.tracker.set_tags(run_id, compute_tags(how))
 
     def _finished(self, trial) -> None:
         # Tune calls on_trial_complete/on_trial_error only for a trial that ran to its end, was

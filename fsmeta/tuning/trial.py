@@ -22,6 +22,7 @@ import numpy as np
 
 from fsmeta.checkpoint import Kind, describe_pretraining, load_checkpoint, save_checkpoint
 from fsmeta.compute import default_device
+from fsmeta.compute import describe as describe_compute
 from fsmeta.config import Config, config_from_dict
 from fsmeta.data.registry import load_dataset, resolve_sources
 from fsmeta.data.sampling import protocol_split
@@ -144,10 +145,11 @@ def _trainable(config: dict[str, Any], base: dict[str, Any], weights: str = "") 
     if weights:
         theta, _ = load_checkpoint(weights)
     names = resolve_sources(cfg)
+    how = describe_compute(default_device(), cfg.compute)  # the trial's MLflow run is tagged with it
 
     def report(metrics: dict[str, float], state: dict, iteration: int) -> None:
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(Path(folder) / "theta.safetensors", state, describe_pretraining(Kind.META, cfg, names, iteration=iteration))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+            tune.report({**metrics, "compute": how}, checkpoint=tune.Checkpoint.from_directory(folder))
 
     run_trial(cfg, report, theta, start, fixed=bool(weights))

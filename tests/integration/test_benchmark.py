@@ -1,6 +1,7 @@
 """The benchmark grid: resumable to the same table, Ray cells equal in-process cells,
 and a real MLflow server receiving one nested child run per cell."""
 
+import json
 import os
 import socket
 import subprocess
@@ -10,8 +11,11 @@ import urllib.request
 
 import numpy as np
 import pytest
+import torch
 
 from fsmeta import benchmark
+from fsmeta.compute import describe as describe_compute
+from fsmeta.compute import describe_label
 from fsmeta.errors import FsmetaError
 from fsmeta.tracking import Tracker
 
@@ -30,10 +34,13 @@ def _without_run_ids(rows):
     return [{k: v for k, v in r.items() if k != "run_id"} for r in rows]
 
 
-def test_interrupted_benchmark_resumes_to_the_same_table(tiny_config, tmp_path, monkeypatch):
+def test_interrupted_benchmark_resumes_to_the_same_table(tiny_config, tmp_path, monkeypatch, caplog):
     cfg = tiny_config(*GRID, "study.executor=local")
     full = benchmark.run_benchmark(cfg, tmp_path / "full", OFF, progress=False)
     assert len(full) == 2 * 2 * 2 * 2  # targets × pre-trainings × K × seeds
+    here = describe_compute(torch.device("cpu"), cfg.compute)  # every cell records how it computed
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "full" / "cells").glob("*.json"))]
+    assert len(records) == len(full) and all(r["compute"] == here for r in records)
     assert (tmp_path / "full" / "summary.csv").is_file() and (tmp_path / "full" / "fig3_fcrn.png").is_file()
     assert len(list((tmp_path / "full" / "overlays" / "synth-he").glob("*.png"))) == 2  # K=2, seed 0, 1 image per pre-training
 
@@ -57,9 +64,17 @@ def test_interrupted_benchmark_resumes_to_the_same_table(tiny_config, tmp_path, 
     with pytest.raises(FsmetaError, match="already holds a benchmark; pass --resume"):
         benchmark.run_benchmark(cfg, tmp_path / "resumed", OFF, progress=False)
     calls.clear()
-    resumed = benchmark.run_benchmark(cfg, tmp_path / "resumed", OFF, resume=True, progress=False)
+    # one recorded cell as if it had been computed on another kind of machine before the crash
+    other = sorted((tmp_path / "resumed" / "cells").glob("*.json"))[0]
+    record = json.loads(other.read_text())
+    record["compute"] = {**here, "precision": "bf16", "cpu_capability": "AVX512", "native_bf16": "yes"}
+    other.write_text(json.dumps(record))
+    with caplog.at_level("WARNING", logger="fsmeta.benchmark"):
+        resumed = benchmark.run_benchmark(cfg, tmp_path / "resumed", OFF, resume=True, progress=False)
     assert len(calls) == len(full) - 5  # recorded cells are never recomputed
     assert _without_run_ids(resumed) == _without_run_ids(full)
+    mixed = [r.getMessage() for r in caplog.records if "did not all compute the same way" in r.getMessage()]
+    assert mixed and f"{describe_label(here)}: 15 cells; bf16" in mixed[0] and "(AVX512): 1 cells" in mixed[0]
     with pytest.raises(FsmetaError, match="configuration differs in finetune.lr"):
         benchmark.run_benchmark(tiny_config(*GRID, "finetune.lr=0.5"), tmp_path / "resumed", OFF, resume=True, progress=False)
 
@@ -138,6 +153,10 @@ def test_benchmark_logs_one_child_run_per_cell_to_a_real_server(tiny_config, tmp
     assert all(r.info.status == "FINISHED" for r in runs)
     assert parent.data.tags["fsmeta.cells"] == "8" and parent.data.tags["fsmeta.grid.eval.seeds"] == "0,1"
     assert parent.data.tags["fsmeta.grid.study.pretrainings"] == "meta-bce,scratch"
+    here = describe_compute(torch.device("cpu"), cfg.compute)  # how the cells computed, filterable in the UI
+    assert all(r.data.tags["fsmeta.compute.precision"] == here["precision"]
+               and r.data.tags["fsmeta.compute.cpu_capability"] == here["cpu_capability"] for r in cells)
+    assert parent.data.tags["fsmeta.compute"] == describe_label(here)
 
     # a grid grown on --resume: the parent's params stay as logged (immutable), its grid tags follow
     grown = tiny_config(*GRID, "study.targets=[synth-he]", "study.executor=local", "tracking.enabled=true",

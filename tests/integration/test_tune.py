@@ -9,7 +9,9 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
+from fsmeta.compute import describe as describe_compute
 from fsmeta.config import ConfigError, load_config
 from fsmeta.data.registry import load_dataset
 from fsmeta.data.store import Record, write_store
@@ -158,6 +160,9 @@ def test_tiny_study_nests_one_run_per_trial_and_writes_best_yaml(tiny_config, tm
     (parent,) = [r for r in runs if r.data.tags.get("fsmeta.kind") == "tune"]
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(trials) == 4 and all(r.data.tags["fsmeta.kind"] == "trial" for r in trials)
+    here = describe_compute(torch.device("cpu"), cfg.compute)  # how each trial computed, as a cell run is tagged
+    assert all(r.data.tags["fsmeta.compute.precision"] == here["precision"]
+               and r.data.tags["fsmeta.compute.cpu_capability"] == here["cpu_capability"] for r in trials)
     assert all(r.info.status == "FINISHED" for r in runs)
     assert all(set(SPACE) <= set(r.data.params) for r in trials)
     # intermediate validation reports, one per evaluation, for ASHA and the MLflow charts

@@ -5,6 +5,7 @@ source actors share GPUs by the packing rule."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -318,3 +319,42 @@ def test_cuda_path_pins_and_trains_in_bf16_close_to_fp32():
     w32 = torch.cat([p.detach().flatten() for p in fp32.parameters()])
     w16 = torch.cat([p.detach().flatten() for p in fast.parameters()])
     assert float((w16 - w32).norm() / w32.norm()) <= BF16_WEIGHT_RTOL
+
+
+# ------------------------------------------------------------------ what a result records
+
+
+def test_describe_names_the_path_auto_resolves_to_on_each_kind_of_processor(monkeypatch):
+    """``auto`` is bf16 + channels_last where bf16 is native, fp32 + channels_last on another x86-64
+    CPU, the exact path elsewhere; a forced setting wins. The record says which, and on what."""
+    cases = [  # (native bf16, x86-64, amp, channels_last) → (precision, channels_last, native_bf16)
+        (True, True, "auto", "auto", "bf16", "on", "yes"),
+        (False, True, "auto", "auto", "fp32", "on", "no"),
+        (False, False, "auto", "auto", "fp32", "off", "no"),
+        (False, True, "bf16", "off", "bf16", "off", "no"),
+        (True, True, "off", "off", "fp32", "off", "yes"),
+    ]
+    for native, x86, amp, cl, precision, memory, bf16 in cases:
+        monkeypatch.setattr(compute_module, "cpu_has_native_bf16", lambda native=native: native)
+        monkeypatch.setattr(compute_module, "_x86_64", lambda x86=x86: x86)
+        record = compute_module.describe(CPU, ComputeConfig(amp=amp, channels_last=cl))
+        assert record == {"precision": precision, "channels_last": memory, "device": "cpu",
+                          "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": bf16,
+                          "torch": torch.__version__}, (native, x86, amp, cl)
+    label = compute_module.describe_label({"precision": "bf16", "channels_last": "on", "device": "cpu", "cpu_capability": "AVX512"})
+    assert label == "bf16 + channels_last on cpu (AVX512)"
+    assert compute_module.describe_label({"precision": "fp32", "channels_last": "off", "device": "NVIDIA H100",
+                                          "cpu_capability": "AVX2"}) == "fp32 on NVIDIA H100 (AVX2)"
+    assert compute_module.describe_label({}) == "unrecorded"
+    assert compute_module.compute_tags({"precision": "fp32", "device": "cpu"}) == {
+        "fsmeta.compute.precision": "fp32", "fsmeta.compute.device": "cpu"}
+
+
+def test_a_checkpoint_records_the_machine_that_wrote_it(tmp_path, x86_without_bf16):
+    from fsmeta.checkpoint import read_checkpoint_meta, save_checkpoint
+
+    path = save_checkpoint(tmp_path / "m.safetensors", clone_state(build_model("fcrn")), {"arch": "fcrn", "bn_affine": False})
+    expected = {"device": "cpu", "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": "no",
+                "torch": torch.__version__}
+    assert read_checkpoint_meta(path)["machine"] == expected
+    assert json.loads(path.with_suffix(".json").read_text())["machine"] == expected
