@@ -207,7 +207,7 @@ def study_compute(rows: list[dict[str, Any]]) -> str:
     text = "; ".join(f"{label}: {n} cells" for label, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     log.warning("the cells of this study did not all compute the same way (%s): bf16 and fp32 round differently, "
                 "so their scores differ within rounding beside what the grid varies (docs/results.md, 'Issue 14'); "
-                "compare cells computed alike, or pin the path with --set compute.amp=off|bf16", text)
+                "compare cells computed alike (each cell's 'compute' in OUT/cells/*.json)", text)
     return "mixed: " + text
 
 

@@ -232,6 +232,5 @@ def host_values(values: Sequence[torch.Tensor]) -> list[float]:
 
 __all__ = [
     "ComputeConfig", "autocast", "autocast_dtype", "channels_last", "compute_tags", "cpu_has_native_bf16", "default_device", "describe",
-    "describe_label", "forward_fn", "machine",
-    "host_buffer", "host_values", "inference_model", "prepare_model", "to_device",
+    "describe_label", "forward_fn", "host_buffer", "host_values", "inference_model", "machine", "prepare_model", "to_device",
 ]
