@@ -35,6 +35,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -198,10 +199,7 @@ def study_compute(rows: list[dict[str, Any]]) -> str:
     machine mixes paths (``auto`` is bf16 where the processor computes it natively, fp32 elsewhere);
     its cells then differ by rounding as well as by what the grid varies, so that is logged as a
     warning. Cells recorded before fsmeta recorded this count as ``unrecorded``."""
-    counts: dict[str, int] = {}
-    for r in rows:
-        label = describe_label(r.get("compute") or {})
-        counts[label] = counts.get(label, 0) + 1
+    counts = Counter(describe_label(r.get("compute") or {}) for r in rows)
     if len(counts) == 1:
         return next(iter(counts))
     text = "; ".join(f"{label}: {n} cells" for label, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
