@@ -268,7 +268,7 @@ class StudyConfig:
     """The grid of ``fsmeta benchmark``: targets × architectures × pre-trainings × selections × K × seeds."""
 
     targets: list[str] = field(default_factory=list)  # empty: data.target alone
-    datasets: list[str] = field(default_factory=list)  # the sources of target T are these minus T; empty: data.sources rule
+    datasets: list[str] = field(default_factory=list)  # the sources of target T are these minus T (all of them for a T not listed); empty: data.sources rule
     archs: list[str] = field(default_factory=lambda: ["fcrn"])
     pretrainings: list[str] = field(default_factory=lambda: ["meta-all", "transfer", "scratch"])
     selections: list[str] = field(default_factory=lambda: ["random"])

@@ -89,11 +89,15 @@ class Cell:
 
 
 def target_config(cfg: Config, target: str, arch: str, pretraining: str | None = None) -> Config:
-    """The configuration of one (target, arch, pre-training): the target left out of the sources."""
+    """The configuration of one (target, arch, pre-training): the target left out of the sources.
+
+    With ``study.datasets``, the sources are those data sets less the target; a target not among
+    them (e.g. a lab's own data set, imported, scored under a study's configuration such as
+    ``configs/real3.yaml`` with ``--set "study.targets=[mylab]"``) learns from all of them.
+    Whether every name is a known data set is checked by :func:`fsmeta.data.registry.resolve_sources`
+    and :func:`~fsmeta.data.registry.load_dataset` before a study starts."""
     data = dataclasses.replace(cfg.data, target=target)
     if cfg.study.datasets:
-        if target not in cfg.study.datasets:
-            raise FsmetaError(f"target {target!r} is not among study.datasets {cfg.study.datasets}")
         data = dataclasses.replace(data, sources=[d for d in cfg.study.datasets if d != target])
     elif target in cfg.data.sources:
         data = dataclasses.replace(data, sources=[d for d in cfg.data.sources if d != target])

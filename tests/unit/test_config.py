@@ -158,3 +158,21 @@ def test_changed_keys_is_the_one_resume_check():
     # only= compares just the settings that give a checkpoint its meaning (meta-training's resume)
     assert changed_keys(saved, load_config(ROOT / "configs" / "real3.yaml", ["finetune.lr=0.5"]).flat(), only=("meta", "data")) == []
     assert changed_keys(saved, load_config(ROOT / "configs" / "real3.yaml", ["data.crop_size=32"]).flat(), only=("meta", "data")) == ["data.crop_size"]
+
+
+def test_a_target_outside_study_datasets_learns_from_all_of_them_and_an_unknown_one_is_named(tmp_path):
+    from fsmeta.data.registry import resolve_sources
+    from fsmeta.errors import FsmetaError
+    from fsmeta.study import target_config
+
+    cfg = load_config(ROOT / "configs" / "real3.yaml", [f"data.root={tmp_path}"])
+    listed = cfg.study.datasets
+    assert target_config(cfg, "em", "fcrn").data.sources == [d for d in listed if d != "em"]
+    assert len(target_config(cfg, "em", "fcrn").data.sources) == len(listed) - 1
+    # a lab's own data set scored under the study's configuration: every listed data set is a source
+    assert target_config(cfg, "mylab", "fcrn").data.sources == listed
+    small = load_config(None, [f"data.root={tmp_path}", "study.datasets=[synth-fluo, synth-nuclei]"])
+    tcfg = target_config(small, "synth-he", "fcrn")
+    assert (tcfg.data.target, resolve_sources(tcfg)) == ("synth-he", ["synth-fluo", "synth-nuclei"])
+    with pytest.raises(FsmetaError, match="unknown target 'mylab'; known data sets: synth-fluo"):
+        resolve_sources(target_config(small, "mylab", "fcrn"))
