@@ -234,3 +234,19 @@ def test_resume_ignores_settings_a_benchmark_never_reads(tiny_config, tmp_path):
     benchmark._check_resume(state, tiny_config("select.method=typiclust"), tmp_path)
     with pytest.raises(FsmetaError, match="select.patch_size"):
         benchmark._check_resume(state, tiny_config("select.method=typiclust", "select.patch_size=48"), tmp_path)
+
+
+def test_a_target_outside_study_datasets_is_scored_with_every_listed_data_set_as_a_source(tiny_config, tmp_path):
+    # a lab's own data set under a study's configuration: --set "study.targets=[mylab]" alone
+    cfg = tiny_config("data.sources=[]", "study.datasets=[synth-fluo, synth-nuclei]", "study.targets=[synth-he]",
+                      "study.pretrainings=[transfer]", "eval.shots=[1]", "eval.seeds=[0]", "study.executor=local")
+    rows = benchmark.run_benchmark(cfg, tmp_path / "b", OFF, progress=False)
+    assert [(r["target"], r["pretraining"], r["shots"]) for r in rows] == [("synth-he", "transfer", 1)]
+    meta = json.loads((tmp_path / "b" / "pretrained" / "synth-he" / "fcrn" / "transfer" / "transfer.json").read_text())
+    assert (meta["target"], meta["sources"]) == ("synth-he", ["synth-fluo", "synth-nuclei"])
+    # a name that is no data set is refused before anything is written
+    bad = tiny_config("data.sources=[]", "study.datasets=[synth-fluo, synth-nuclei]", "study.targets=[mylab]",
+                      "study.pretrainings=[transfer]", "eval.shots=[1]", "eval.seeds=[0]", "study.executor=local")
+    with pytest.raises(FsmetaError, match="unknown target 'mylab'"):
+        benchmark.run_benchmark(bad, tmp_path / "bad", OFF, progress=False)
+    assert not (tmp_path / "bad").exists()
