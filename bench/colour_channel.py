@@ -78,6 +78,14 @@ def separability(name: str, source: Path) -> None:
               f"       {f.mean():7.1f}  {b.mean():7.1f}")
 
 
+def link_other_data_sets(root: Path, out: Path, name: str) -> None:
+    """Make ``out`` a data root holding every data set of ``root`` but ``name``, as symbolic links."""
+    out.mkdir(parents=True, exist_ok=True)
+    for d in sorted(root.iterdir()):
+        if d.is_dir() and d.name != name and not d.name.startswith(".") and not (out / d.name).exists():
+            os.symlink(d, out / d.name)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", help="a public RGB data set of fsmeta.data.prepare (e.g. tnbc)")
@@ -91,11 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         if not args.root:
             raise SystemExit("--out needs --root (the data root whose other data sets it links)")
-        out, root = Path(args.out), Path(args.root).resolve()
-        out.mkdir(parents=True, exist_ok=True)
-        for d in sorted(root.iterdir()):
-            if d.is_dir() and d.name != args.name and not d.name.startswith(".") and not (out / d.name).exists():
-                os.symlink(d, out / d.name)
+        out = Path(args.out)
+        link_other_data_sets(Path(args.root).resolve(), out, args.name)
         store = prepare_module.prepare(args.name, out, args.source, progress=False, colour="haematoxylin")
         print(f"{args.name} prepared from the haematoxylin channel: {store}")
 

@@ -167,8 +167,7 @@ def test_a_target_outside_study_datasets_learns_from_all_of_them_and_an_unknown_
 
     cfg = load_config(ROOT / "configs" / "real3.yaml", [f"data.root={tmp_path}"])
     listed = cfg.study.datasets
-    assert target_config(cfg, "em", "fcrn").data.sources == [d for d in listed if d != "em"]
-    assert len(target_config(cfg, "em", "fcrn").data.sources) == len(listed) - 1
+    assert target_config(cfg, "em", "fcrn").data.sources == [d for d in listed if d != "em"] and "em" in listed
     # a lab's own data set scored under the study's configuration: every listed data set is a source
     assert target_config(cfg, "mylab", "fcrn").data.sources == listed
     small = load_config(None, [f"data.root={tmp_path}", "study.datasets=[synth-fluo, synth-nuclei]"])
