@@ -20,7 +20,8 @@ import torch
 from fsmeta.atomic import atomic_write_bytes
 from fsmeta.checkpoint import model_from_checkpoint
 from fsmeta.config import Config, load_config
-from fsmeta.data.crops import CropIndex, build_crop_index
+from fsmeta.data.crops import CropIndex
+from fsmeta.data.io import support_crop_index
 from fsmeta.data.sampling import draw_support, protocol_split, held_out_images
 from fsmeta.data.store import ImageSet
 from fsmeta.errors import DataError, FsmetaError
@@ -232,11 +233,13 @@ def random_support(cfg: Config, target: ImageSet, pool: np.ndarray, cell: Cell) 
     """The 2020 protocol: K images drawn by the seed, all their crops at the fine-tune stride."""
     support = draw_support(pool, cell.shots, cell.seed, target=cell.target)
     try:
-        index = build_crop_index(target, cfg.finetune_crop_size(), cfg.data.stride(cell.target, "finetune"),
-                                 cfg.finetune_min_foreground(), subset=support)
+        index, note = support_crop_index(target, cfg.finetune_crop_size(), cfg.data.stride(cell.target, "finetune"),
+                                         cfg.finetune_min_foreground(), subset=support, cover=cfg.finetune.cover_edges)
     except DataError as exc:
         ids = ", ".join(target.ids[i] for i in support)
         raise DataError(f"{cell.name()}: support images [{ids}] give no crops: {exc}") from None
+    if note:
+        log.info("%s: %s", cell.name(), note)
     x, y = support_crops(target, index)
     windows = tuple((int(i), 0, 0, *target.masks[i].shape[:2]) for i in support)
     return Support(x, y, support, sum(int(target.masks[i].size) for i in support), support_holdout(cfg, target, index, cell.seed),
@@ -340,7 +343,7 @@ def run_cell(cfg: Config, target: ImageSet, checkpoint: Path, cell: Cell,
     metrics = {
         "miou": summary["miou"], "pooled_iou": summary["pooled_iou"], "f1": summary["f1"],
         "precision": summary["precision"], "recall": summary["recall"], "n_test": int(summary["n_images"]),
-        "support_crops": int(len(x)), "support_images": int(len(chosen.images)),
+        "support_crops": int(len(x)), "crop_size": int(x.shape[-1]), "support_images": int(len(chosen.images)),
         "annotated_pixels": chosen.pixels, "threshold": threshold, "min_size": min_size,
         "finetune_steps": cfg.finetune.budget(cell.shots),
         **annotation_composition(target, chosen.windows), "ranking_seconds": chosen.seconds,

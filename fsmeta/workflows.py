@@ -86,7 +86,8 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
     if support_images:
         folder = Path(support_images).resolve()
         images = load_folder(support_images, support_masks, colour=cfg.data.colour)
-        index, note = support_crop_index(images, cfg.finetune_crop_size(), cfg.data.stride("default", "finetune"), cfg.finetune_min_foreground())
+        index, note = support_crop_index(images, cfg.finetune_crop_size(), cfg.data.stride("default", "finetune"),
+                                         cfg.finetune_min_foreground(), cover=cfg.finetune.cover_edges)
         x, y = support_crops(images, index)
         holdout = support_holdout(cfg, images, index, seed)
         target, label, support_ids, crop_size = f"folder:{folder}", folder.name, list(images.ids), index.size
@@ -101,7 +102,7 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
         cell = Cell(cfg.data.target, meta["arch"], pretraining_name(meta), "random", shots, seed)
         chosen = random_support(cfg, images, pool_ids, cell)
         x, y, holdout = chosen.x, chosen.y, chosen.holdout
-        target, label, support_ids, crop_size = cfg.data.target, cfg.data.target, [images.ids[i] for i in chosen.images], cfg.finetune_crop_size()
+        target, label, support_ids, crop_size = cfg.data.target, cfg.data.target, [images.ids[i] for i in chosen.images], int(x.shape[-1])
         masks = window_masks(images, chosen.windows)
         unannotated = unannotated_images(cfg, images, pool_ids, test_ids, chosen.images, seed, cell.name())
     n_images = len(support_ids)

@@ -32,19 +32,50 @@ class CropIndex:
         return CropIndex(self.image[rows], self.y[rows], self.x[rows], self.size)
 
 
-def window_foreground(mask: np.ndarray, size: int, stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Foreground count of every grid window, via a summed-area table (no per-window loop).
+def grid_positions(extent: int, size: int, stride: int, cover: bool = False) -> np.ndarray:
+    """Window starts along one side: 0, stride, 2·stride, … while the window fits; with ``cover``,
+    also the window flush with the far edge when the grid stops short of it, so every pixel lies in
+    some window (a 360-px side cut into 128-px windows at stride 64 otherwise leaves its last 40 px out)."""
+    starts = np.arange(0, extent - size + 1, stride)
+    if cover and starts.size and starts[-1] != extent - size:
+        starts = np.append(starts, extent - size)
+    return starts
+
+
+def window_foreground(mask: np.ndarray, size: int, stride: int, cover: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Foreground count of every grid window (:func:`grid_positions`), via a summed-area table (no per-window loop).
 
     Returns (ys, xs, counts) with counts[i, j] for the window at (ys[i], xs[j]).
     """
     h, w = mask.shape
-    ys = np.arange(0, h - size + 1, stride)
-    xs = np.arange(0, w - size + 1, stride)
+    ys = grid_positions(h, size, stride, cover)
+    xs = grid_positions(w, size, stride, cover)
     sat = np.zeros((h + 1, w + 1), dtype=np.int64)
     sat[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
     y0, x0 = ys[:, None], xs[None, :]
     counts = sat[y0 + size, x0 + size] - sat[y0, x0 + size] - sat[y0 + size, x0] + sat[y0, x0]
     return ys, xs, counts
+
+
+def fitted_crop(images: ImageSet, size: int, min_foreground: int,
+                subset: list[int] | np.ndarray | None = None, what: str = "image") -> tuple[int, int, str]:
+    """The crop side and foreground threshold to cut the images in ``subset`` (default: all) with.
+
+    Images smaller than the crop are common in a lab's own data; then the crop shrinks to the
+    smallest image side (rounded down to a multiple of 8, the models' pooling stride, at least 8)
+    and ``min_foreground`` shrinks with the crop's area (a positive threshold stays at least 1).
+    The same rule serves ``fsmeta finetune`` on a user's folders, the benchmark's K-shot cells
+    and the pretext θ′, so a data set of small images is cut alike by all three.
+    Returns (size, min_foreground, a note for the user naming ``what`` or "").
+    """
+    rows = range(len(images)) if subset is None else [int(i) for i in subset]
+    smallest = min((min(images.masks[i].shape[:2]) for i in rows), default=size)
+    if smallest >= size:
+        return size, min_foreground, ""
+    shrunk = max(8, (smallest // 8) * 8)
+    minimum = max(1, int(round(min_foreground * (shrunk / size) ** 2))) if min_foreground > 0 else 0
+    return shrunk, minimum, (f"the smallest {what} side is {smallest} px, less than the {size}-px crop; "
+                             f"using {shrunk}×{shrunk} crops with at least {minimum} foreground pixels instead")
 
 
 def build_crop_index(
@@ -53,8 +84,10 @@ def build_crop_index(
     stride: int,
     min_foreground: int = 360,
     subset: list[int] | np.ndarray | None = None,
+    cover: bool = False,
 ) -> CropIndex:
-    """Index every valid crop of the images in ``subset`` (default: all).
+    """Index every valid crop of the images in ``subset`` (default: all); ``cover``: the grid
+    reaches every image's far edges (:func:`grid_positions`).
 
     Raises :class:`DataError` naming the data set when no crop survives, e.g.
     because every image is smaller than ``size`` or has too little foreground.
@@ -69,7 +102,7 @@ def build_crop_index(
         if mask.shape[0] < size or mask.shape[1] < size:
             too_small.append(images.ids[i])
             continue
-        ys, xs, counts = window_foreground(mask, size, stride)
+        ys, xs, counts = window_foreground(mask, size, stride, cover)
         keep_y, keep_x = np.nonzero(counts >= min_foreground)
         parts_i.append(np.full(keep_y.shape, i, dtype=np.int32))
         parts_y.append(ys[keep_y].astype(np.int32))

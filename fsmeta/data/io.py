@@ -512,26 +512,21 @@ def import_folder(root: str | Path, name: str, images_dir: str | Path, masks_dir
     )
 
 
-def support_crop_index(images: ImageSet, crop_size: int, stride: int, min_foreground: int):
-    """Training crops of a user's support images: ``crop_size`` windows at ``stride``.
+def support_crop_index(images: ImageSet, crop_size: int, stride: int, min_foreground: int,
+                       subset: list[int] | np.ndarray | None = None, cover: bool = False):
+    """Training crops of support images (those in ``subset``, default all): ``crop_size`` windows at ``stride``
+    (``cover``: and flush with the far edges, ``finetune.cover_edges``).
 
-    Images smaller than the crop are common in a lab's own data; then the crop
-    shrinks to the smallest image side (rounded down to a multiple of 8, the
-    models' pooling stride) and ``min_foreground`` shrinks with the crop's area.
+    Images smaller than the crop are common in a lab's own data; then the crop shrinks to the
+    smallest image side (:func:`fsmeta.data.crops.fitted_crop`).
     Returns (crop index, a note for the user or ""). Raises :class:`DataError`
     when no window has enough foreground.
     """
-    from fsmeta.data.crops import build_crop_index
+    from fsmeta.data.crops import build_crop_index, fitted_crop
 
-    smallest = min(min(m.shape) for m in images.masks)
-    size, minimum, note = crop_size, min_foreground, ""
-    if smallest < crop_size:
-        size = max(8, (smallest // 8) * 8)
-        minimum = max(1, int(round(min_foreground * (size / crop_size) ** 2)))
-        note = (f"the smallest support image side is {smallest} px, less than the {crop_size}-px crop; "
-                f"fine-tuning on {size}×{size} crops with at least {minimum} foreground pixels instead")
+    size, minimum, note = fitted_crop(images, crop_size, min_foreground, subset, what="support image")
     try:
-        return build_crop_index(images, size, stride, minimum), note
+        return build_crop_index(images, size, stride, minimum, subset=subset, cover=cover), note
     except DataError:
         raise DataError(
             f"no {size}×{size} window of the support images in {images.meta.get('images_dir', images.name)} has "

@@ -20,7 +20,7 @@ import numpy as np
 
 from fsmeta.compute import host_buffer
 from fsmeta.config import Config
-from fsmeta.data.crops import build_crop_index, gather
+from fsmeta.data.crops import build_crop_index, fitted_crop, gather
 from fsmeta.data.store import ImageSet
 from fsmeta.finetune import supervised_loss
 from fsmeta.models import SegmentationModel, make_bn_affine
@@ -83,11 +83,14 @@ def pretext_finetune(
     labelled = pseudo_labelled(images, cfg, indices, gamma)
     stride = sel.pretext_stride or cfg.data.stride(images.name, "finetune")
     # Every window counts: a window with no pseudo-foreground is still target texture to adapt to.
-    index = build_crop_index(labelled, cfg.data.crop_size, stride, min_foreground=0)
+    # images smaller than data.crop_size shrink the crop (fitted_crop), as fine-tuning's do
+    size, _, note = fitted_crop(labelled, cfg.data.crop_size, 0)
+    if note:
+        log.info("pretext on %s: %s", images.name, note)
+    index = build_crop_index(labelled, size, stride, min_foreground=0)
     log.info("pretext: %d pseudo-labelled crops of %s, %d epochs", len(index), images.name, sel.pretext_epochs)
     model.train()
     step = TrainingStep(model, lr=sel.pretext_lr, weight_decay=sel.pretext_weight_decay, compute=cfg.compute)
-    size = cfg.data.crop_size
     per_epoch = -(-len(index) // sel.pretext_batch_size)
     total = sel.pretext_epochs * per_epoch
     if sel.pretext_max_steps and total > sel.pretext_max_steps:

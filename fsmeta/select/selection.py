@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from fsmeta.config import Config
-from fsmeta.data.crops import CropIndex, build_crop_index, gather, normalise
+from fsmeta.data.crops import CropIndex, gather, normalise
+from fsmeta.data.io import support_crop_index
 from fsmeta.data.store import ImageSet, to_unit_float
 from fsmeta.errors import FsmetaError
 from fsmeta.models import SegmentationModel
@@ -344,9 +345,11 @@ def selection_index(images: ImageSet, selection: Selection, cfg: Config, min_for
     """The fine-tuning crops of an image-unit selection (see :func:`selection_crops`), as an index."""
     if selection.unit != "image":
         raise FsmetaError(f"selection_index: a {selection.unit!r}-unit selection has no crop grid; use selection_crops")
-    return build_crop_index(images, cfg.finetune_crop_size(), cfg.data.stride(images.name, "finetune"),
-                            cfg.finetune_min_foreground() if min_foreground is None else min_foreground,
-                            subset=selection.image_indices())
+    # images smaller than the crop shrink it, as for `fsmeta finetune` on a user's folders
+    index, _ = support_crop_index(images, cfg.finetune_crop_size(), cfg.data.stride(images.name, "finetune"),
+                                  cfg.finetune_min_foreground() if min_foreground is None else min_foreground,
+                                  subset=selection.image_indices(), cover=cfg.finetune.cover_edges)
+    return index
 
 
 def selection_crops(

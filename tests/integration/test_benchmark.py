@@ -250,3 +250,34 @@ def test_a_target_outside_study_datasets_is_scored_with_every_listed_data_set_as
     with pytest.raises(FsmetaError, match="unknown target 'mylab'"):
         benchmark.run_benchmark(bad, tmp_path / "bad", OFF, progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("protocol", ["2023", "2020"])
+def test_a_target_of_images_smaller_than_the_crops_is_scored(tiny_config, tmp_path, protocol):
+    # a lab's data set of 48×60 images under a study whose crops are 64 px (the pretext's data.crop_size
+    # and fine-tuning's): every step cuts 48-px crops, as `fsmeta finetune` does on such folders
+    from fsmeta.data.io import import_folder
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    yy, xx = np.ogrid[:48, :60]
+    for i in range(8):
+        mask = np.zeros((48, 60), np.uint8)
+        for y, x in rng.integers(6, 42, (4, 2)):
+            mask[(yy - y) ** 2 + (xx - x) ** 2 < 25] = 1
+        tifffile.imwrite(tmp_path / "img" / f"a{i}.tif", (rng.normal(60, 10, mask.shape) + 120 * mask).clip(0, 255).astype(np.uint8))
+        tifffile.imwrite(tmp_path / "msk" / f"a{i}.tif", mask * 255)
+    import_folder(tmp_path / "data", "mylab", tmp_path / "img", tmp_path / "msk")
+    # 2023: the pretext θ′, then random and typiclust supports; 2020: the seeded K-image draw
+    selections = ["random", "typiclust"] if protocol == "2023" else ["random"]
+    cfg = tiny_config("data.sources=[]", "study.datasets=[synth-fluo]", "study.targets=[mylab]", "study.pretrainings=[scratch]",
+                      f"eval.protocol={protocol}", "select.unit=image", "select.pretext_epochs=1",
+                      f"study.selections=[{', '.join(selections)}]", "finetune.holdout=0.2", "eval.shots=[1, 2]", "eval.seeds=[0]",
+                      "study.executor=local")
+    rows = benchmark.run_benchmark(cfg, tmp_path / "b", OFF, progress=False)
+    assert sorted((r["selection"], r["shots"]) for r in rows) == [(s, k) for s in selections for k in (1, 2)]
+    cells = [json.loads(f.read_text()) for f in (tmp_path / "b" / "cells").glob("*.json")]
+    assert len(cells) == len(rows) and {c["crop_size"] for c in cells} == {48}
+    assert benchmark.pretext_path(tmp_path / "b", "mylab", "fcrn", "scratch").is_file() == (protocol == "2023")

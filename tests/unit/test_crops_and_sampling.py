@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fsmeta.data.crops import build_crop_index, gather, window_foreground
+from fsmeta.data.crops import build_crop_index, fitted_crop, gather, grid_positions, window_foreground
 from fsmeta.data.sampling import draw_support, make_task, protocol_split, held_out_images
 from fsmeta.data.store import ImageSet
 from fsmeta.errors import DataError, FsmetaError
@@ -20,6 +20,41 @@ def test_window_foreground_counts_match_direct_sums():
     for a, y in enumerate(ys):
         for b, x in enumerate(xs):
             assert counts[a, b] == mask[y : y + 16, x : x + 16].sum()
+
+
+def test_a_covering_grid_adds_the_windows_flush_with_the_far_edges():
+    rng = np.random.default_rng(1)
+    mask = (rng.random((37, 50)) > 0.5).astype(np.uint8)
+    ys, xs, counts = window_foreground(mask, 16, 7, cover=True)
+    # 37 − 16 = 21 is on the grid already; 50 − 16 = 34 is not: the last window starts there
+    assert list(ys) == [0, 7, 14, 21] and list(xs) == [0, 7, 14, 21, 28, 34]
+    for a, y in enumerate(ys):
+        for b, x in enumerate(xs):
+            assert counts[a, b] == mask[y : y + 16, x : x + 16].sum()
+    assert list(grid_positions(360, 128, 64, cover=True)) == [0, 64, 128, 192, 232]
+    assert list(grid_positions(512, 128, 64, cover=True)) == list(grid_positions(512, 128, 64)) == [0, 64, 128, 192, 256, 320, 384]
+    assert list(grid_positions(100, 128, 64, cover=True)) == []  # the window does not fit at all
+    s = _set([np.zeros((37, 50), np.uint8)], [mask])
+    plain = build_crop_index(s, 16, 7, min_foreground=0)
+    covered = build_crop_index(s, 16, 7, min_foreground=0, cover=True)
+    assert (len(plain), len(covered)) == (4 * 5, 4 * 6)
+    seen = np.zeros(mask.shape, bool)
+    for y, x in zip(covered.y, covered.x):
+        seen[y : y + 16, x : x + 16] = True
+    assert seen.all()  # every pixel lies in some window
+
+
+def test_fitted_crop_shrinks_to_the_smallest_image_of_the_subset():
+    masks = [np.zeros((48, 60), np.uint8), np.zeros((200, 90), np.uint8), np.zeros((130, 140), np.uint8)]
+    s = _set([m.copy() for m in masks], masks)
+    # 48 px is the smallest side; 48 is a multiple of 8; 22 foreground pixels of a 64² crop → 22·(48/64)² = 12.375
+    assert fitted_crop(s, 64, 22) == (48, 12, "the smallest image side is 48 px, less than the 64-px crop; "
+                                                "using 48×48 crops with at least 12 foreground pixels instead")
+    # only the subset counts: 90 → 88; a zero threshold (the pretext) stays zero
+    assert fitted_crop(s, 128, 88, subset=[1, 2])[:2] == (88, 42)  # 88·(88/128)² = 41.59 → 42
+    assert fitted_crop(s, 128, 0, subset=[1])[:2] == (88, 0)
+    assert fitted_crop(s, 128, 88, subset=[2]) == (128, 88, "")
+    assert fitted_crop(s, 64, 1)[1] == 1  # a positive threshold never rounds to 0
 
 
 def test_crops_are_inside_the_image_and_filtered_by_foreground():
