@@ -10,9 +10,15 @@ Two transforms of each image ``x`` (its store values read as [0, 1]), written as
   per-image normalisation of Cellpose (1, 99) and StarDist (1, 99.8). It undoes any ``--scale``
   (a scaled image stretches to the same values), so its cells answer whether fsmeta should
   normalise every image this way.
+* ``--invert``: ``1 − x`` — dark objects on light become bright objects on dark, a fluorescence-like
+  target from real annotated images (the pseudo-labels' polarity, ``select.polarity``).
+
+``--name NEW`` writes the result as data set NEW of kind ``imported`` (a lab's own data set: no
+catalogue entry, so fsmeta reads its polarity off the images) and links NAME in too.
 
     python bench/intensity.py tnbc --root data --out /tmp/dim --scale 0.25
     python bench/intensity.py tnbc --root data --out /tmp/stretch --stretch 1 99.8
+    python bench/intensity.py tnbc --root data --out /tmp/inv --invert --name tnbcinv
     python bench/ablate.py --config configs/real3.yaml --data-root /tmp/dim --set threads=1 --target tnbc \\
         --shots 5 --seeds 0 1 2 --checkpoint runs/real3-v8/pretrained/tnbc/fcrn/meta-all/meta.safetensors --variant "dim="
 
@@ -40,8 +46,10 @@ def unit(image: np.ndarray) -> np.ndarray:
     return x / np.float32(255.0) if image.dtype == np.uint8 else x
 
 
-def transform(image: np.ndarray, scale: float | None, stretch: tuple[float, float] | None) -> np.ndarray:
+def transform(image: np.ndarray, scale: float | None, stretch: tuple[float, float] | None, invert: bool = False) -> np.ndarray:
     x = unit(image)
+    if invert:
+        return (np.float32(1.0) - x).astype(np.float32)
     if scale is not None:
         return (x * np.float32(scale)).astype(np.float32)
     lo, hi = np.percentile(x, stretch)
@@ -65,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--scale", type=float, help="multiply every image by this factor (0 < F ≤ 1)")
     how.add_argument("--stretch", type=float, nargs=2, metavar=("LO", "HI"), help="per-image percentiles mapped to 0 and 1")
+    how.add_argument("--invert", action="store_true", help="1 − x: bright objects on a dark background")
+    p.add_argument("--name", dest="new_name", help="write the result as this data set, of kind imported (default: NAME itself)")
     args = p.parse_args(argv)
     if args.scale is not None and not 0.0 < args.scale <= 1.0:
         raise SystemExit(f"--scale must lie in (0, 1], got {args.scale}")
@@ -74,15 +84,17 @@ def main(argv: list[str] | None = None) -> None:
     meta = read_meta(root, args.name)
     if meta is None:
         raise SystemExit(f"no prepared data set {args.name!r} under {root}")
-    link_other_data_sets(root, out, args.name)
+    name = args.new_name or args.name
+    link_other_data_sets(root, out, args.name if name == args.name else "")
     s = open_store(root, args.name)
-    records = (Record(s.ids[i], transform(s.images[i], args.scale, args.stretch), np.asarray(s.masks[i]), s.splits[i], s.sources[i])
-               for i in range(len(s)))
+    records = (Record(s.ids[i], transform(s.images[i], args.scale, args.stretch, args.invert), np.asarray(s.masks[i]), s.splits[i],
+                      s.sources[i]) for i in range(len(s)))
     extra = {k: meta[k] for k in ("colour", "colour_reason", "provenance") if k in meta}
-    extra["intensity"] = {"scale": args.scale} if args.scale is not None else {"stretch_percentiles": list(args.stretch)}
-    write_store(out, args.name, records, kind=meta["kind"], image_dtype="float32", extra_meta=extra)
+    extra["intensity"] = ({"invert": True, "from": args.name} if args.invert else {"scale": args.scale} if args.scale is not None
+                          else {"stretch_percentiles": list(args.stretch)})
+    write_store(out, name, records, kind=meta["kind"] if name == args.name else "imported", image_dtype="float32", extra_meta=extra)
     print(spans(root, args.name))
-    print(spans(out, args.name))
+    print(spans(out, name))
 
 
 if __name__ == "__main__":

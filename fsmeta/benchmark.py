@@ -152,15 +152,19 @@ def pretrain_pretext(cfg: Config, target: str, arch: str, pretraining: str, out:
         from fsmeta.checkpoint import Kind, describe_adapted, model_from_checkpoint, save_checkpoint
         from fsmeta.models import clone_state
         from fsmeta.select import pretext_finetune
+        from fsmeta.select.pretext import resolve_polarity
 
         apply_threads(tcfg)  # the same torch threads wherever θ′ is trained: in the driver or in a Ray task
         model, meta = model_from_checkpoint(final)
         model.to(default_device())
+        images = load_dataset(target, tcfg)
+        polarity, _ = resolve_polarity(tcfg, images)
         with tracker.run(f"pretext/{target}/{arch}/{pretraining}", parent_run_id=parent,
-                         params={"target": target, "arch": arch, "pretraining": pretraining, "epochs": cfg.select.pretext_epochs},
+                         params={"target": target, "arch": arch, "pretraining": pretraining, "epochs": cfg.select.pretext_epochs,
+                                 "polarity": polarity},
                          tags={"fsmeta.kind": "pretext"}) as run_id:
-            pretext_finetune(model, load_dataset(target, tcfg), tcfg, seed=cfg.seed)
-            save_checkpoint(pretext, clone_state(model), describe_adapted(Kind.PRETEXT, meta))
+            pretext_finetune(model, images, tcfg, seed=cfg.seed)
+            save_checkpoint(pretext, clone_state(model), describe_adapted(Kind.PRETEXT, meta, polarity=polarity))
             tracker.log_artifact(run_id, pretext, "checkpoints")
     return pretext
 

@@ -234,7 +234,7 @@ def select_for_annotation(
     """
     from fsmeta.checkpoint import Kind, describe_adapted, model_from_checkpoint, save_checkpoint
     from fsmeta.models import clone_state
-    from fsmeta.select.pretext import pretext_finetune, resolve_gamma
+    from fsmeta.select.pretext import pretext_finetune, resolve_gamma, resolve_polarity
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -252,7 +252,8 @@ def select_for_annotation(
         model = pretext_finetune(model, tgt.images, cfg, seed, gamma=gamma, progress=progress)
         pretext = save_checkpoint(out / "pretext.safetensors", clone_state(model), describe_adapted(
             Kind.PRETEXT, meta, weights=str(weights), target=str(target), seed=seed,
-            gamma=resolve_gamma(cfg, tgt.images.name, gamma), colour=str(tgt.images.meta.get("colour") or "grey"),
+            gamma=resolve_gamma(cfg, tgt.images.name, gamma), polarity=resolve_polarity(cfg, tgt.images)[0],
+            colour=str(tgt.images.meta.get("colour") or "grey"),
             config=cfg.to_dict()))
     selection = select_support(model, tgt.images, range(len(tgt.images)), budget, method,
                                unit or cfg.select.unit, cfg, seed, gamma=gamma, run_pretext=False, progress=progress)

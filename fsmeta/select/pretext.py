@@ -19,13 +19,14 @@ from typing import Iterable
 import numpy as np
 
 from fsmeta.compute import host_buffer
-from fsmeta.config import Config
+from fsmeta.config import Config, SelectConfig
+from fsmeta.data.colour import sample_positions
 from fsmeta.data.crops import build_crop_index, fitted_crop, gather
 from fsmeta.data.store import ImageSet
 from fsmeta.finetune import supervised_loss
 from fsmeta.models import SegmentationModel, make_bn_affine
 from fsmeta.progress import Progress
-from fsmeta.select.pseudo import pseudo_label
+from fsmeta.select.pseudo import choose_polarity, pseudo_label
 from fsmeta.step import TrainingStep
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,30 @@ def resolve_gamma(cfg: Config, name: str, gamma: float | str | None = None) -> f
     return "auto" if cfg.select.auto_gamma else float(cfg.select.lookup("gamma", name))
 
 
+# Data sets whose images are a lab's own: without a polarity entry of their own, it is read off the images.
+LAB_KINDS = ("folder", "imported")
+
+
+def resolve_polarity(cfg: Config, images: ImageSet, indices: Iterable[int] | None = None) -> tuple[str, str]:
+    """The polarity of ``images``' pseudo-labels and why: an entry for the data set's name in
+    ``select.polarity`` (configured or built in: b5, b39, the fluorescent synthetic domains) wins;
+    a lab's images (a folder, an imported data set) without one are read (:func:`choose_polarity`
+    on up to 16 evenly spaced images of ``indices``); any other data set takes the table's ``default``
+    (dark, the papers' convention for TNBC, EM and ssTEM)."""
+    name = images.name
+    if name in cfg.select.polarity or name in SelectConfig().polarity:
+        return str(cfg.select.lookup("polarity", name)), f"select.polarity entry for {name}"
+    if images.meta.get("kind") in LAB_KINDS:
+        rows = list(range(len(images))) if indices is None else [int(i) for i in indices]
+        chosen, reason = choose_polarity([images.image(rows[k]) for k in sample_positions(len(rows))], name)
+        log.info("pseudo-labels: polarity %s (%s)", chosen, reason)
+        return chosen, reason
+    return str(cfg.select.lookup("polarity", name)), "select.polarity default"
+
+
 def pseudo_labelled(images: ImageSet, cfg: Config, indices: Iterable[int] | None = None, gamma: float | str | None = None) -> ImageSet:
-    """A copy of ``images`` whose masks are pseudo-labels (the true masks are not read).
+    """A copy of ``images`` whose masks are pseudo-labels (the true masks are not read); its ``meta``
+    records the polarity used and why (``polarity``, ``polarity_reason``: :func:`resolve_polarity`).
 
     ``gamma`` overrides the configuration: a number, or ``"auto"``; None takes
     ``select.auto_gamma`` / ``select.gamma[data set]``.
@@ -48,11 +71,12 @@ def pseudo_labelled(images: ImageSet, cfg: Config, indices: Iterable[int] | None
     sel = cfg.select
     name = images.name  # the per-data-set tables (γ, polarity) are looked up by it
     gamma = resolve_gamma(cfg, name, gamma)
-    polarity = str(sel.lookup("polarity", name))
+    polarity, reason = resolve_polarity(cfg, images, indices)
     rows = list(range(len(images))) if indices is None else [int(i) for i in indices]
     masks = [pseudo_label(images.image(i), gamma, polarity=polarity, method=sel.pseudo) for i in rows]
     sub = images.subset(rows)
-    return ImageSet(sub.name, sub.ids, sub.images, masks, sub.splits, sub.sources, {**sub.meta, "pseudo_labels": True})
+    return ImageSet(sub.name, sub.ids, sub.images, masks, sub.splits, sub.sources,
+                    {**sub.meta, "pseudo_labels": True, "polarity": polarity, "polarity_reason": reason})
 
 
 def pretext_finetune(

@@ -26,6 +26,15 @@ from fsmeta.errors import FsmetaError
 
 POLARITIES = ("dark", "bright")
 PSEUDO_METHODS = ("threshold", "kmeans")
+# A lab's own images (a folder, or a data set imported from one) have no polarity entry: it is read
+# off their intensity histograms. Sparse bright objects on a dark background (fluorescence) give a
+# long bright tail, a skewness above 1 — "highly skewed" by the usual rule of thumb (Bulmer,
+# Principles of Statistics, 1979) — in the median sampled image; anything else stays "dark", the
+# papers' convention. Measured (median over 16 images): TNBC −2.0, EM −0.15, ssTEM −0.35,
+# synth-em −0.91, synth-he −1.36, synth-phase +0.54 (all dark); synth-fluo +1.98,
+# synth-nuclei +2.62 (bright); TNBC with its intensities inverted +2.0.
+BRIGHT_SKEW = 1.0
+_SKEW_PIXELS = 1 << 18  # pixels read per image (a strided subsample of larger images)
 
 
 def _oriented(image: np.ndarray, polarity: str) -> np.ndarray:
@@ -139,3 +148,28 @@ def pseudo_label(
             raise FsmetaError(f"gamma={gamma} must lie in [0, 1] (it is a value of the equalised image)")
         fg = equalise(_oriented(x, polarity)) <= np.float32(gamma)
     return (dilate_2x2(fg) if dilate else fg).astype(np.uint8)
+
+
+def skewness(image: np.ndarray) -> float | None:
+    """Sample skewness (the mean cubed z-score) of an image's intensities, on a strided subsample
+    of at most ~2¹⁸ pixels; None for a constant image."""
+    x = np.asarray(image)
+    step = max(1, int(np.ceil(np.sqrt(x.shape[0] * x.shape[1] / _SKEW_PIXELS))))
+    v = x[::step, ::step].astype(np.float64).ravel()
+    sd = float(v.std())
+    if sd == 0.0 or not np.isfinite(sd):
+        return None
+    return float(np.mean(((v - v.mean()) / sd) ** 3))
+
+
+def choose_polarity(images: list[np.ndarray], where: str) -> tuple[str, str]:
+    """``"bright"`` when the median skewness of ``images`` (a sample of one data set, [0, 1]) exceeds
+    :data:`BRIGHT_SKEW`, else ``"dark"``; returns (polarity, reason)."""
+    skews = [k for k in (skewness(im) for im in images) if k is not None]
+    if not skews:
+        return "dark", f"{where}: no image with contrast to read a polarity from; dark, the default"
+    median = float(np.median(skews))
+    chosen = "bright" if median > BRIGHT_SKEW else "dark"
+    return chosen, (f"{where}: median intensity skewness {median:+.2f} over {len(skews)} sampled image(s) "
+                    f"({'above' if chosen == 'bright' else 'not above'} {BRIGHT_SKEW:g}: "
+                    f"{'bright objects on a dark background' if chosen == 'bright' else 'dark objects on a lighter background'})")

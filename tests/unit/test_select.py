@@ -84,6 +84,46 @@ def test_bright_objects_need_bright_polarity():
     np.testing.assert_array_equal(pseudo_label(img, 0.99, polarity="dark", dilate=False), (~disc).astype(np.uint8))
 
 
+def test_skewness_by_hand_and_the_polarity_it_chooses():
+    from fsmeta.select.pseudo import choose_polarity, skewness
+
+    # [0, 0, 0, 3]: mean 0.75, sd √1.6875; z = −1/√3 (×3) and √3; mean z³ = (3·(−1/√3)³ + √3³)/4 = 2/√3
+    assert skewness(np.array([[0.0, 0.0], [0.0, 3.0]])) == pytest.approx(2 / np.sqrt(3))
+    assert skewness(np.full((4, 4), 0.3)) is None
+    bright = [disc_image(inside=0.9, outside=0.1, radius=r)[0] for r in (6, 8, 9)]  # discs cover 5–11 % of the image
+    polarity, reason = choose_polarity(bright, "mylab")
+    assert polarity == "bright" and "median intensity skewness +" in reason and "3 sampled" in reason
+    assert choose_polarity([1 - b for b in bright], "mylab")[0] == "dark"  # the same images as dark objects on light
+    # the median decides: one bright-tailed image among three dark-tailed ones does not flip it
+    assert choose_polarity([bright[0], *(1 - b for b in bright)], "mylab")[0] == "dark"
+    assert choose_polarity([np.full((8, 8), 0.5)], "mylab") == ("dark", "mylab: no image with contrast to read a polarity from; dark, the default")
+
+
+def test_a_labs_data_set_without_an_entry_gets_the_polarity_of_its_images(tiny_config):
+    from fsmeta.select.pretext import resolve_polarity
+
+    bright = [disc_image(inside=0.9, outside=0.1, radius=r)[0] for r in (6, 8, 9)]
+    def image_set(name, kind, images):
+        n = len(images)
+        return ImageSet(name, [f"i{k}" for k in range(n)], images, [np.zeros(im.shape, np.uint8) for im in images],
+                        ["train"] * n, [""] * n, {"kind": kind})
+
+    cfg = tiny_config()
+    assert resolve_polarity(cfg, image_set("mylab", "imported", bright))[0] == "bright"
+    assert resolve_polarity(cfg, image_set("pool", "folder", [1 - b for b in bright]))[0] == "dark"
+    # a prepared or synthetic data set without an entry keeps the table's default, whatever its images show
+    assert resolve_polarity(cfg, image_set("tnbc", "public", bright)) == ("dark", "select.polarity default")
+    # an entry for the name wins: built in (b5) or configured
+    assert resolve_polarity(cfg, image_set("b5", "imported", [1 - b for b in bright]))[0] == "bright"
+    pinned = tiny_config("select.polarity={mylab: dark}")
+    assert resolve_polarity(pinned, image_set("mylab", "imported", bright)) == ("dark", "select.polarity entry for mylab")
+    # the pseudo-labels follow it: the discs, not the background, are foreground
+    labelled = pseudo_labelled(image_set("mylab", "imported", bright), cfg, gamma=0.2)
+    assert labelled.meta["polarity"] == "bright"
+    for im, m in zip(bright, labelled.masks):
+        assert m[24, 24] == 1 and m[0, 0] == 0
+
+
 def test_kmeans_takes_the_darker_cluster():
     rng = np.random.default_rng(0)
     img, disc = disc_image()
