@@ -13,7 +13,10 @@ held-out bands chose; then one line per split. ``--phases`` adds, per split, whe
 seconds went: choosing the support, fine-tuning (with the bands' evaluations), the decision rule
 (the bands' TTA threshold and the pool's) and the test evaluation. Run it alone on the machine:
 the cell uses the configuration's ``threads`` (``--set threads=1`` times a cell as the benchmark
-runs two at once on 2 cores, ``study.cell_cpus=1``).
+runs two at once on 2 cores, ``study.cell_cpus=1``). ``--pretext DIR``: each variant first trains
+its own θ′ from ``--checkpoint`` on the target's pseudo-labels, as ``fsmeta benchmark`` does
+(``select.*`` of the variant: γ, polarity, epochs), kept as ``DIR/NAME.safetensors`` (an existing
+file is reused), and its cells start from it — for levers that act through the pretext.
 
     python bench/ablate.py --config configs/real3.yaml --data-root ../data \\
         --checkpoint runs/real3/pretrained/em/fcrn/meta-all/pretext.safetensors --target em --shots 5 --seeds 0 \\
@@ -85,6 +88,29 @@ def phase_clock(seconds: dict[str, float]):
             setattr(study, n, fn)
 
 
+def variant_pretext(cfg, target, checkpoint: Path, out: Path) -> Path:
+    """θ′ of ``checkpoint`` on ``target`` under ``cfg``, the steps of :func:`fsmeta.benchmark.pretrain_pretext`
+    (seed ``cfg.seed``, every target image's pixels); an existing ``out`` is reused."""
+    from fsmeta.checkpoint import Kind, describe_adapted, model_from_checkpoint, read_checkpoint_meta, save_checkpoint
+    from fsmeta.evaluate import default_device
+    from fsmeta.models import clone_state
+    from fsmeta.select import pretext_finetune
+    from fsmeta.select.pretext import resolve_polarity
+
+    if out.is_file():
+        print(f"θ′ {out} (reused; pseudo-labels of polarity {read_checkpoint_meta(out).get('polarity', '?')})", flush=True)
+        return out
+    polarity, reason = resolve_polarity(cfg, target)
+    t0 = time.perf_counter()
+    model, meta = model_from_checkpoint(checkpoint)
+    model.to(default_device())
+    pretext_finetune(model, target, cfg, seed=cfg.seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out, clone_state(model), describe_adapted(Kind.PRETEXT, meta, polarity=polarity))
+    print(f"θ′ {out}: polarity {polarity} ({reason}), {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="the run configuration, e.g. configs/real3.yaml")
@@ -99,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                    "beside the checkpoint, as the benchmark does")
     p.add_argument("--variant", action="append", default=[], help="NAME=KEY=VALUE;KEY=VALUE (repeatable; default: the base alone)")
     p.add_argument("--phases", action="store_true", help="print, per split, the seconds of each phase of the cell")
+    p.add_argument("--pretext", metavar="DIR", help="train each variant's θ′ from --checkpoint into DIR/NAME.safetensors first "
+                   "(reused when there) and start its cells from it")
     args = p.parse_args(argv)
 
     variants = [parse_variant(v) for v in (args.variant or ["base="])]
@@ -110,13 +138,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = target_config(cfg, args.target, cfg.arch)
         apply_threads(cfg)
         target = load_dataset(args.target, cfg)
+        checkpoint = Path(args.checkpoint)
+        if args.pretext:
+            checkpoint = variant_pretext(cfg, target, checkpoint, Path(args.pretext) / f"{name}.safetensors")
         for k in args.shots:
             rows, seconds, phases = [], [], []
             for s in args.seeds:
                 t0 = time.perf_counter()
                 cell = Cell(args.target, cfg.arch, args.pretraining, args.selection, k, s)
                 with phase_clock({}) as spent:
-                    metrics, _, _ = run_cell(cfg, target, Path(args.checkpoint), cell, cache_rankings=True)
+                    metrics, _, _ = run_cell(cfg, target, checkpoint, cell, cache_rankings=True)
                 seconds.append(time.perf_counter() - t0)
                 rows.append(metrics)
                 phases.append(spent)
