@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -201,6 +202,17 @@ def _set_level_candidates(model: SegmentationModel, images: ImageSet, pool: np.n
     return [dataclasses.replace(windows[k], score=float(n - pos)) for pos, k in enumerate(order)]
 
 
+def mean_of_uniforms_cdf(mean: float, n: int) -> float:
+    """P(the mean of n independent U(0, 1) draws ≤ ``mean``): the Irwin–Hall CDF at n·mean, exact up to
+    n = 20, beyond that the normal approximation (variance 1/(12n)). Maps a per-image mean of ``random``
+    patch scores to a U(0, 1) draw whatever the image's patch count."""
+    x = min(max(n * mean, 0.0), float(n))
+    if n <= 20:
+        total = sum((-1) ** k * math.comb(n, k) * (x - k) ** n for k in range(int(math.floor(x)) + 1))
+        return min(max(total / math.factorial(n), 0.0), 1.0)
+    return 0.5 * math.erfc(-(mean - 0.5) * math.sqrt(6.0 * n))
+
+
 def score_image(model: SegmentationModel, images: ImageSet, i: int, method: str, cfg: Config, seed: int,
                 whole: bool = False) -> list[Item]:
     """Score the grid windows of image ``i`` (or the whole image as one item)."""
@@ -321,6 +333,7 @@ def select_support(
     if method in SET_METHODS:
         (items if unit == "patch" else per_image).extend(_set_level_candidates(model, images, pool, budget, unit, method, cfg, seed, whole, bar))
         pool = pool[:0]  # nothing left to score one by one
+    counts: list[int] = []  # patches behind each per-image mean
     for i in pool:
         scored = score_image(model, images, int(i), method, cfg, seed, whole=whole)
         bar.update()
@@ -329,6 +342,12 @@ def select_support(
         elif scored:  # an image left without candidate patches (candidate_min_foreground) is not a candidate
             img_h, img_w = images.images[int(i)].shape[:2]
             per_image.append(Item(int(i), 0, 0, img_h, img_w, float(np.mean([it.score for it in scored]))))
+            counts.append(len(scored))
+    if method == "random" and unit == "image" and len(set(counts)) > 1:
+        # The mean of n uniform draws spreads less the more patches an image has, so ranking raw means
+        # would put the smallest images first: their CDF is uniform whatever n, a fair draw of images of
+        # any size. (Equal counts, as on TNBC, EM and ssTEM: the means already rank uniformly; kept.)
+        per_image = [dataclasses.replace(it, score=mean_of_uniforms_cdf(it.score, n)) for it, n in zip(per_image, counts)]
     candidates = items if unit == "patch" else per_image
     if unit == "image" and budget > len(candidates):
         raise FsmetaError(f"a budget of {budget} image(s) is larger than the {len(candidates)} image(s) of {images.name} "

@@ -249,6 +249,31 @@ def test_random_scores_are_seeded_per_image():
     assert not np.array_equal(a, c)
 
 
+def test_a_random_image_draw_does_not_favour_images_with_fewer_patches(cfg):
+    from fsmeta.select.selection import mean_of_uniforms_cdf, score_image
+
+    # Irwin–Hall by hand: n = 1 is the identity; n = 2 at mean 0.25 (x = 0.5) is x²/2 = 0.125; symmetric about 0.5
+    assert mean_of_uniforms_cdf(0.3, 1) == pytest.approx(0.3)
+    assert mean_of_uniforms_cdf(0.25, 2) == pytest.approx(0.125)
+    assert mean_of_uniforms_cdf(0.5, 7) == pytest.approx(0.5) and mean_of_uniforms_cdf(0.5, 64) == pytest.approx(0.5)
+    assert mean_of_uniforms_cdf(0.55, 20) == pytest.approx(1 - mean_of_uniforms_cdf(0.45, 20))
+    rng = np.random.default_rng(0)
+    small = [rng.random((16, 16)).astype(np.float32) for _ in range(10)]  # one 16² patch each
+    large = [rng.random((64, 64)).astype(np.float32) for _ in range(10)]  # sixteen each
+    mixed = ImageSet("mixed", [f"i{k}" for k in range(20)], small + large, [np.zeros(a.shape, np.uint8) for a in small + large],
+                     ["train"] * 20, [""] * 20)
+    picks = [select_support(Pixelwise(), mixed, range(20), 1, "random", "image", cfg, seed=s, run_pretext=False).selected[0].image
+             for s in range(200)]
+    # ranking raw means, a one-patch image (spread ±0.5) beat the sixteen-patch ones (±0.07) nearly every time
+    assert 0.4 < np.mean([p < 10 for p in picks]) < 0.6
+    # images of one size rank by their raw means, as before (TNBC, EM and ssTEM draws unchanged)
+    same = ImageSet("same", [f"i{k}" for k in range(10)], large, [np.zeros(a.shape, np.uint8) for a in large], ["train"] * 10, [""] * 10)
+    sel = select_support(Pixelwise(), same, range(10), 3, "random", "image", cfg, seed=4, run_pretext=False)
+    means = {i: np.mean([it.score for it in score_image(Pixelwise(), same, i, "random", cfg, 4)]) for i in range(10)}
+    assert [it.image for it in sel.ranking] == sorted(means, key=lambda i: -means[i])
+    assert [it.score for it in sel.ranking] == [means[it.image] for it in sel.ranking]
+
+
 def test_unknown_method_and_unit(cfg):
     images = two_images()
     with pytest.raises(FsmetaError, match="unknown selection method 'coreset'"):
