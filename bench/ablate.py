@@ -89,12 +89,10 @@ def phase_clock(seconds: dict[str, float]):
 
 
 def variant_pretext(cfg, target, checkpoint: Path, out: Path) -> Path:
-    """θ′ of ``checkpoint`` on ``target`` under ``cfg``, the steps of :func:`fsmeta.benchmark.pretrain_pretext`
-    (seed ``cfg.seed``, every target image's pixels); an existing ``out`` is reused."""
-    from fsmeta.checkpoint import Kind, describe_adapted, model_from_checkpoint, read_checkpoint_meta, save_checkpoint
-    from fsmeta.evaluate import default_device
-    from fsmeta.models import clone_state
-    from fsmeta.select import pretext_finetune
+    """θ′ of ``checkpoint`` on ``target`` under ``cfg``, as ``fsmeta benchmark`` trains it
+    (:func:`fsmeta.benchmark.train_pretext`, seed ``cfg.seed``); an existing ``out`` is reused."""
+    from fsmeta.benchmark import train_pretext
+    from fsmeta.checkpoint import read_checkpoint_meta
     from fsmeta.select.pretext import resolve_polarity
 
     if out.is_file():
@@ -102,11 +100,8 @@ def variant_pretext(cfg, target, checkpoint: Path, out: Path) -> Path:
         return out
     polarity, reason = resolve_polarity(cfg, target)
     t0 = time.perf_counter()
-    model, meta = model_from_checkpoint(checkpoint)
-    model.to(default_device())
-    pretext_finetune(model, target, cfg, seed=cfg.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out, clone_state(model), describe_adapted(Kind.PRETEXT, meta, polarity=polarity))
+    train_pretext(cfg, target, checkpoint, out, cfg.seed, polarity)
     print(f"θ′ {out}: polarity {polarity} ({reason}), {time.perf_counter() - t0:.0f} s", flush=True)
     return out
 

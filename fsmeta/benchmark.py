@@ -46,6 +46,7 @@ from fsmeta.compute import describe as describe_compute
 from fsmeta.config import RUNTIME_KEYS, SELECT_COMMAND_KEYS, Config, changed_keys, config_from_dict
 from fsmeta.data.registry import load_dataset, resolve_sources
 from fsmeta.data.sampling import protocol_split
+from fsmeta.data.store import ImageSet
 from fsmeta.errors import FsmetaError
 from fsmeta.evaluate import default_device, predict_probability
 from fsmeta.graph import Graph, Unit, capacity, check_fits, pretraining_kind, unit_bundles
@@ -149,24 +150,31 @@ def pretrain_pretext(cfg: Config, target: str, arch: str, pretraining: str, out:
     final = pretrained_path(out, target, arch, pretraining)
     pretext = pretext_path(out, target, arch, pretraining)
     if not pretext.is_file():
-        from fsmeta.checkpoint import Kind, describe_adapted, model_from_checkpoint, save_checkpoint
-        from fsmeta.models import clone_state
-        from fsmeta.select import pretext_finetune
         from fsmeta.select.pretext import resolve_polarity
 
         apply_threads(tcfg)  # the same torch threads wherever θ′ is trained: in the driver or in a Ray task
-        model, meta = model_from_checkpoint(final)
-        model.to(default_device())
         images = load_dataset(target, tcfg)
         polarity, _ = resolve_polarity(tcfg, images)
         with tracker.run(f"pretext/{target}/{arch}/{pretraining}", parent_run_id=parent,
                          params={"target": target, "arch": arch, "pretraining": pretraining, "epochs": cfg.select.pretext_epochs,
                                  "polarity": polarity},
                          tags={"fsmeta.kind": "pretext"}) as run_id:
-            pretext_finetune(model, images, tcfg, seed=cfg.seed)
-            save_checkpoint(pretext, clone_state(model), describe_adapted(Kind.PRETEXT, meta, polarity=polarity))
+            train_pretext(tcfg, images, final, pretext, cfg.seed, polarity)
             tracker.log_artifact(run_id, pretext, "checkpoints")
     return pretext
+
+
+def train_pretext(cfg: Config, images: ImageSet, base: Path, out: Path, seed: int, polarity: str) -> Path:
+    """θ′: the checkpoint ``base`` fine-tuned on the pseudo-labels of ``images`` (``polarity``, as
+    :func:`fsmeta.select.pretext.resolve_polarity` reads it, is recorded), saved to ``out``."""
+    from fsmeta.checkpoint import Kind, describe_adapted, model_from_checkpoint, save_checkpoint
+    from fsmeta.models import clone_state
+    from fsmeta.select import pretext_finetune
+
+    model, meta = model_from_checkpoint(base)
+    model.to(default_device())
+    pretext_finetune(model, images, cfg, seed=seed)
+    return save_checkpoint(out, clone_state(model), describe_adapted(Kind.PRETEXT, meta, polarity=polarity))
 
 
 def pretrain(cfg: Config, target: str, arch: str, pretraining: str, out: Path, tracker: Tracker, parent: str, progress: bool = True) -> Path:

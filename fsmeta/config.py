@@ -390,6 +390,12 @@ class Config:
         ratio = self.finetune_crop_size() / self.data.crop_size
         return int(round(self.data.min_foreground * ratio * ratio))
 
+    def finetune_grid(self, dataset: str) -> dict[str, Any]:
+        """How ``dataset``'s support images are cut into fine-tuning crops: the keyword arguments
+        ``crop_size``, ``stride``, ``min_foreground`` and ``cover`` of :func:`fsmeta.data.io.support_crop_index`."""
+        return {"crop_size": self.finetune_crop_size(), "stride": self.data.stride(dataset, "finetune"),
+                "min_foreground": self.finetune_min_foreground(), "cover": self.finetune.cover_edges}
+
     def validate(self) -> "Config":
         check_ranges(self)
         checks = [

@@ -233,8 +233,7 @@ def random_support(cfg: Config, target: ImageSet, pool: np.ndarray, cell: Cell) 
     """The 2020 protocol: K images drawn by the seed, all their crops at the fine-tune stride."""
     support = draw_support(pool, cell.shots, cell.seed, target=cell.target)
     try:
-        index, note = support_crop_index(target, cfg.finetune_crop_size(), cfg.data.stride(cell.target, "finetune"),
-                                         cfg.finetune_min_foreground(), subset=support, cover=cfg.finetune.cover_edges)
+        index, note = support_crop_index(target, **cfg.finetune_grid(cell.target), subset=support)
     except DataError as exc:
         ids = ", ".join(target.ids[i] for i in support)
         raise DataError(f"{cell.name()}: support images [{ids}] give no crops: {exc}") from None

@@ -86,8 +86,7 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
     if support_images:
         folder = Path(support_images).resolve()
         images = load_folder(support_images, support_masks, colour=cfg.data.colour)
-        index, note = support_crop_index(images, cfg.finetune_crop_size(), cfg.data.stride("default", "finetune"),
-                                         cfg.finetune_min_foreground(), cover=cfg.finetune.cover_edges)
+        index, note = support_crop_index(images, **cfg.finetune_grid("default"))
         x, y = support_crops(images, index)
         holdout = support_holdout(cfg, images, index, seed)
         target, label, support_ids, crop_size = f"folder:{folder}", folder.name, list(images.ids), index.size

@@ -55,9 +55,7 @@ def resolve_polarity(cfg: Config, images: ImageSet, indices: Iterable[int] | Non
         return str(cfg.select.lookup("polarity", name)), f"select.polarity entry for {name}"
     if images.meta.get("kind") in LAB_KINDS:
         rows = list(range(len(images))) if indices is None else [int(i) for i in indices]
-        chosen, reason = choose_polarity([images.image(rows[k]) for k in sample_positions(len(rows))], name)
-        log.info("pseudo-labels: polarity %s (%s)", chosen, reason)
-        return chosen, reason
+        return choose_polarity([images.image(rows[k]) for k in sample_positions(len(rows))], name)
     return str(cfg.select.lookup("polarity", name)), "select.polarity default"
 
 
@@ -71,8 +69,9 @@ def pseudo_labelled(images: ImageSet, cfg: Config, indices: Iterable[int] | None
     sel = cfg.select
     name = images.name  # the per-data-set tables (γ, polarity) are looked up by it
     gamma = resolve_gamma(cfg, name, gamma)
-    polarity, reason = resolve_polarity(cfg, images, indices)
     rows = list(range(len(images))) if indices is None else [int(i) for i in indices]
+    polarity, reason = resolve_polarity(cfg, images, rows)
+    log.info("pseudo-labels of %s: polarity %s (%s)", name, polarity, reason)
     masks = [pseudo_label(images.image(i), gamma, polarity=polarity, method=sel.pseudo) for i in rows]
     sub = images.subset(rows)
     return ImageSet(sub.name, sub.ids, sub.images, masks, sub.splits, sub.sources,

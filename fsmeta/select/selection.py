@@ -365,9 +365,10 @@ def selection_index(images: ImageSet, selection: Selection, cfg: Config, min_for
     if selection.unit != "image":
         raise FsmetaError(f"selection_index: a {selection.unit!r}-unit selection has no crop grid; use selection_crops")
     # images smaller than the crop shrink it, as for `fsmeta finetune` on a user's folders
-    index, _ = support_crop_index(images, cfg.finetune_crop_size(), cfg.data.stride(images.name, "finetune"),
-                                  cfg.finetune_min_foreground() if min_foreground is None else min_foreground,
-                                  subset=selection.image_indices(), cover=cfg.finetune.cover_edges)
+    grid = cfg.finetune_grid(images.name)
+    if min_foreground is not None:
+        grid["min_foreground"] = min_foreground
+    index, _ = support_crop_index(images, **grid, subset=selection.image_indices())
     return index
 
 
