@@ -288,13 +288,13 @@ class ImageResult:
 
 
 def list_inputs(path: str | Path) -> list[Path]:
-    """The images to segment: one file or OME-Zarr folder, or every TIFF/PNG and ``*.zarr`` of a folder."""
+    """The images to segment: one file or OME-Zarr folder, or every TIFF, PNG, JPEG or BMP and ``*.zarr`` of a folder."""
     path = Path(path)
     if path.is_dir() and path.suffix.lower() == ".zarr":  # an OME-Zarr image is a folder
         return [path]
     if path.is_file():
         if path.suffix.lower() not in IMAGE_SUFFIXES:
-            raise FsmetaError(f"{path} is not a TIFF or PNG image (fsmeta reads {', '.join(IMAGE_SUFFIXES)})")
+            raise FsmetaError(f"{path} is not a TIFF, PNG, JPEG or BMP image (fsmeta reads {', '.join(IMAGE_SUFFIXES)})")
         return [path]
     if not path.exists():
         raise FsmetaError(f"input {path} does not exist")

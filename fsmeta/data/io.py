@@ -1,7 +1,7 @@
 """Reading microscopy images and masks from files, pairing them by name, importing a user's folders.
 
-Formats: TIFF (``.tif``/``.tiff``, single page or a multi-page stack) and PNG;
-8- or 16-bit (or float TIFF), grey, grey+alpha, RGB or RGBA. Every reader raises
+Formats: TIFF (``.tif``/``.tiff``, single page or a multi-page stack), PNG, JPEG
+(``.jpg``/``.jpeg``) and BMP; 8- or 16-bit (or float TIFF), grey, grey+alpha, RGB or RGBA. Every reader raises
 :class:`~fsmeta.errors.DataError` naming the file and what is wrong with it,
 never a decoder's traceback.
 
@@ -15,7 +15,9 @@ alpha is dropped.
 
 Masks (:func:`mask_to_binary`): binary or instance masks; foreground is every
 non-zero pixel (any non-zero colour channel of an RGB(A) mask), unless a
-preparer asks for the ``"half"`` rule (an 8-bit value above 127).
+preparer asks for the ``"half"`` rule (an 8-bit value above 127). A JPEG mask is lossy
+(its edges carry compression noise), so its foreground is above half its commonest
+non-zero value (:func:`mask_rule`), with a warning: that reads a binary mask, not instance labels.
 
 Pairing (:func:`pair_by_name`): a mask belongs to the image with the same file
 stem, ignoring letter case and the extension; a mask stem may also end in one of
@@ -40,7 +42,12 @@ from fsmeta.errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+# Read through Pillow, with the name the user knows the format by (for error messages).
+_PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP"}
+# Lossy formats: a mask saved in one carries compression noise around every edge (a 0/255 mask
+# comes back with values 1–40 beside its objects), so "any non-zero value" would grow every object.
+LOSSY_SUFFIXES = (".jpg", ".jpeg")
 # Tried in this order after an exact stem match fails; the separator may be "_", "-", "." or " ".
 MASK_SUFFIXES = ("mask", "masks", "label", "labels", "labelled", "gt", "groundtruth", "ground_truth", "seg", "annotation")
 _MASK_SUFFIX_RE = re.compile(r"[_\-. ](?:" + "|".join(MASK_SUFFIXES) + r")$", re.IGNORECASE)
@@ -103,10 +110,10 @@ def read_planes(path: str | Path) -> list[np.ndarray]:
     suffix = path.suffix.lower()
     if suffix in (".tif", ".tiff"):
         planes = _read_tiff(path)
-    elif suffix == ".png":
-        planes = [_read_png(path)]
+    elif suffix in _PIL_FORMATS:
+        planes = [_read_pil(path, _PIL_FORMATS[suffix])]
     else:
-        raise DataError(f"{path} is not a TIFF or PNG image (fsmeta reads {', '.join(IMAGE_SUFFIXES)})")
+        raise DataError(f"{path} is not a TIFF, PNG, JPEG or BMP image (fsmeta reads {', '.join(IMAGE_SUFFIXES)})")
     for plane in planes:
         h, w = plane.shape[:2]
         if h < MIN_SIDE or w < MIN_SIDE:
@@ -185,7 +192,8 @@ def _check_tiff_size(path: Path, tif) -> None:
             raise DataError(f"{path} is truncated: its image data ends at byte {end} but the file has {size} bytes")
 
 
-def _read_png(path: Path) -> np.ndarray:
+def _read_pil(path: Path, kind: str = "PNG") -> np.ndarray:
+    """A PNG, JPEG or BMP file (``kind``: the format its suffix names, for the error message)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -217,7 +225,7 @@ def _read_png(path: Path) -> np.ndarray:
     except DataError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{path} is not a readable PNG (corrupt or truncated): {exc}") from None
+        raise DataError(f"{path} is not a readable {kind} (corrupt or truncated): {exc}") from None
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
     if arr.dtype == np.int32 and arr.size and arr.min() >= 0 and arr.max() < 65536:
@@ -279,26 +287,38 @@ def mask_to_binary(plane: np.ndarray, rule: str = "nonzero") -> np.ndarray:
 
     Args:
         plane: grey (H, W), grey+alpha, or RGB(A) colour-coded instances (alpha ignored).
-        rule: ``"nonzero"`` (foreground = any non-zero value) or ``"half"``
-            (foreground = above half the 8-bit range, > 127, for masks with stray low values).
+        rule: ``"nonzero"`` (foreground = any non-zero value), ``"half"``
+            (foreground = above half the 8-bit range, > 127, for masks with stray low values) or
+            ``"lossy"`` (foreground = above half the mask's commonest non-zero value: a binary mask
+            saved as JPEG, 0/255 or 0/1, whose edges carry compression noise but whose objects'
+            insides keep their value).
     """
+    if rule not in ("nonzero", "half", "lossy"):
+        raise ValueError(f"unknown mask rule {rule!r}")
     if plane.ndim == 3:
         channels = plane[..., :1] if plane.shape[-1] == 2 else plane[..., :3]
-        fg = (channels != 0).any(axis=-1) if rule == "nonzero" else (channels > 127).any(axis=-1)
-    elif rule == "nonzero":
+        plane = (channels != 0).any(axis=-1) if rule == "nonzero" else channels.max(axis=-1)
+    if rule == "nonzero":
         fg = plane != 0
     elif rule == "half":
         fg = plane > 127
     else:
-        raise ValueError(f"unknown mask rule {rule!r}")
+        values, counts = np.unique(plane[plane > 0], return_counts=True)
+        fg = plane > values[np.argmax(counts)] / 2 if values.size else np.zeros(plane.shape, bool)
     return fg.astype(np.uint8)
+
+
+def mask_rule(path: str | Path) -> str:
+    """How a user's mask file becomes binary: any non-zero value, except in a lossy (JPEG) file,
+    where it is above half the mask's commonest non-zero value (:func:`mask_to_binary`)."""
+    return "lossy" if Path(path).suffix.lower() in LOSSY_SUFFIXES else "nonzero"
 
 
 # ---------------------------------------------------------------- listing and pairing
 
 
 def list_images(folder: str | Path, what: str = "image") -> list[Path]:
-    """The TIFF/PNG files of a folder (not recursive), sorted by name.
+    """The image files (:data:`IMAGE_SUFFIXES`) of a folder (not recursive), sorted by name.
 
     Hidden files and operating-system clutter are ignored; any other file is an
     error naming it, as is an empty folder.
@@ -315,7 +335,7 @@ def list_images(folder: str | Path, what: str = "image") -> list[Path]:
         (files if p.suffix.lower() in IMAGE_SUFFIXES else others).append(p)
     if others:
         raise DataError(
-            f"{what} folder {folder} holds file(s) that are not TIFF or PNG images: {_names(p.name for p in others)} "
+            f"{what} folder {folder} holds file(s) that are not TIFF, PNG, JPEG or BMP images: {_names(p.name for p in others)} "
             f"(fsmeta reads {', '.join(IMAGE_SUFFIXES)}; move other files out)"
         )
     if not files:
@@ -403,7 +423,7 @@ def _read_pair(image_path: Path, mask_path: Path, colour: str = "grey") -> list[
                 f"{mask_path}{f' page {k}' if len(planes) > 1 else ''} is {m.shape[1]}×{m.shape[0]} "
                 f"but {where} is {img.shape[1]}×{img.shape[0]}"
             )
-        mask = mask_to_binary(m)
+        mask = mask_to_binary(m, mask_rule(mask_path))
         if not mask.any():
             log.warning("%s has no foreground pixels; its weighted BCE uses w = 1", mask_path)
         elif mask.all():
@@ -416,7 +436,13 @@ def _read_pair(image_path: Path, mask_path: Path, colour: str = "grey") -> list[
 
 def scan_pairs(images_dir: str | Path, masks_dir: str | Path) -> list[tuple[Path, Path]]:
     """List and pair a user's folders; raises naming every unpaired file."""
-    return pair_by_name(list_images(images_dir, "image"), list_images(masks_dir, "mask"))
+    pairs = pair_by_name(list_images(images_dir, "image"), list_images(masks_dir, "mask"))
+    lossy = [m for _, m in pairs if m.suffix.lower() in LOSSY_SUFFIXES]
+    if lossy:
+        log.warning("%d of %d mask(s) in %s are JPEG (lossy; e.g. %s): foreground is read as above half of each "
+                    "mask's commonest non-zero value, which suits a binary mask but not instance labels; save masks as PNG or "
+                    "TIFF to keep them exact", len(lossy), len(pairs), masks_dir, lossy[0].name)
+    return pairs
 
 
 def iter_folder_pairs(pairs: list[tuple[Path, Path]], colour: str = "grey") -> Iterator[PairedPlane]:

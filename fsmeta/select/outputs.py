@@ -11,7 +11,7 @@ Writes, under the output folder, each atomically (a temporary name, then a renam
 ``pretext.safetensors`` the pretext model θ′ the ranking came from (not for ``random``), the
                       paper's starting point for fine-tuning on the annotations
 
-A target is a prepared data set (by name) or a folder of unlabelled TIFF/PNG images.
+A target is a prepared data set (by name) or a folder of unlabelled TIFF, PNG, JPEG or BMP images.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class Target:
 
 
 def read_unlabelled_folder(folder: str | Path, colour: str = "auto") -> Target:
-    """Every TIFF/PNG image of ``folder`` (not recursive) as an unlabelled ImageSet.
+    """Every image file of ``folder`` (not recursive) as an unlabelled ImageSet.
 
     8-bit images stay uint8; other depths are scaled by their own range; colour
     becomes one channel as ``colour`` says (:mod:`fsmeta.data.colour`; ``auto`` decides

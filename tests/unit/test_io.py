@@ -63,6 +63,56 @@ def test_png_grey_16bit_rgb_rgba_and_1bit(tmp_path):
     assert set(np.unique(bit)) == {0, 255} and mask_to_binary(bit, "half").sum() == 25
 
 
+def test_jpeg_and_bmp_images(tmp_path):
+    rng = np.random.default_rng(3)
+    grey = rng.integers(0, 256, (20, 30), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    assert np.array_equal(read_image(_png(tmp_path / "g.bmp", grey)), grey)  # lossless
+    assert np.array_equal(read_image(_png(tmp_path / "c.BMP", rgb)), rgb)
+    smooth = np.tile(np.linspace(20, 230, 30).astype(np.uint8), (20, 1))
+    got = read_image(_png(tmp_path / "s.jpg", smooth))
+    assert got.shape == (20, 30) and got.dtype == np.uint8
+    assert np.abs(got.astype(int) - smooth).max() <= 8  # lossy, but the same picture
+    assert read_image(_png(tmp_path / "c.jpeg", rgb)).shape == (20, 30, 3)
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"garbage" * 20)
+    with pytest.raises(DataError, match=r"bad.jpg is not a readable JPEG \(corrupt or truncated\)"):
+        read_image(tmp_path / "bad.jpg")
+    full = (tmp_path / "c.jpeg").read_bytes()
+    (tmp_path / "cut.jpeg").write_bytes(full[: len(full) // 2])
+    with pytest.raises(DataError, match=r"cut.jpeg is not a readable JPEG \(corrupt or truncated\)"):
+        read_image(tmp_path / "cut.jpeg")
+
+
+def test_lossy_mask_rule_by_hand():
+    # commonest non-zero value 255: foreground above 127.5 (compression noise 1-3 and 127 is background)
+    plane = np.array([[0, 1, 2], [255, 255, 128], [127, 3, 255]], np.uint8)
+    assert mask_to_binary(plane, "lossy").tolist() == [[0, 0, 0], [1, 1, 1], [0, 0, 1]]
+    assert mask_to_binary(plane).sum() == 8  # "any non-zero" grows every object by its noise
+    # a 0/1 mask: commonest non-zero value 1, foreground above 0.5
+    assert mask_to_binary(np.array([[1, 1, 1], [2, 0, 0]], np.uint8), "lossy").sum() == 4
+    assert mask_to_binary(np.zeros((4, 4), np.uint8), "lossy").sum() == 0
+    rgb = np.zeros((2, 2, 3), np.uint8)
+    rgb[0, :, 1], rgb[1, 1] = 255, (0, 0, 40)  # one channel at full value; a pixel of noise
+    assert mask_to_binary(rgb, "lossy").tolist() == [[1, 1], [0, 0]]
+
+
+def test_jpeg_masks_import_as_the_binary_mask_they_were(tmp_path, caplog):
+    yy, xx = np.mgrid[:48, :64]
+    truth = (((yy - 20) ** 2 + (xx - 30) ** 2) < 12 ** 2) | ((yy > 35) & (xx > 45))
+    rng = np.random.default_rng(4)
+    for i in range(2):
+        _png(tmp_path / "images" / f"w{i}.jpg", rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+        (tmp_path / "masks").mkdir(exist_ok=True)
+        Image.fromarray((truth * 255).astype(np.uint8)).save(tmp_path / "masks" / f"w{i}_mask.jpg", quality=90)
+    noisy = read_image(tmp_path / "masks" / "w0_mask.jpg")
+    assert mask_to_binary(noisy).sum() > truth.sum()  # the compression noise around every edge
+    with caplog.at_level(logging.WARNING):
+        import_folder(tmp_path / "data", "jpegs", tmp_path / "images", tmp_path / "masks")
+    assert "2 of 2 mask(s) in" in caplog.text and "are JPEG (lossy; e.g. w0_mask.jpg)" in caplog.text
+    s = open_store(tmp_path / "data", "jpegs")
+    assert s.ids == ["w0", "w1"] and all(np.array_equal(m, truth) for m in s.masks)
+
+
 def test_tiff_8_16_bit_rgb_and_stack(tmp_path):
     rng = np.random.default_rng(2)
     a8 = rng.integers(0, 256, (20, 30), dtype=np.uint8)
@@ -184,14 +234,14 @@ def test_non_image_file(tmp_path):
     images, masks = _pair_folders(tmp_path)
     (images / "notes.txt").write_text("stain: DAPI")
     (images / ".DS_Store").write_bytes(b"\x00")  # hidden clutter is ignored
-    with pytest.raises(DataError, match=r"holds file\(s\) that are not TIFF or PNG images: notes.txt"):
+    with pytest.raises(DataError, match=r"holds file\(s\) that are not TIFF, PNG, JPEG or BMP images: notes.txt"):
         import_folder(tmp_path / "data", "mine", images, masks)
 
 
 def test_empty_folder(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()
-    with pytest.raises(DataError, match=r"image folder .*images is empty: no .tif, .tiff, .png files"):
+    with pytest.raises(DataError, match=r"image folder .*images is empty: no .tif, .tiff, .png, .jpg, .jpeg, .bmp files"):
         import_folder(tmp_path / "data", "mine", tmp_path / "images", tmp_path / "masks")
 
 
