@@ -1,7 +1,8 @@
 """Reading microscopy images and masks from files, pairing them by name, importing a user's folders.
 
 Formats: TIFF (``.tif``/``.tiff``, single page or a multi-page stack), PNG, JPEG
-(``.jpg``/``.jpeg``) and BMP; 8- or 16-bit (or float TIFF), grey, grey+alpha, RGB or RGBA. Every reader raises
+(``.jpg``/``.jpeg``) and BMP; 8- or 16-bit (or float TIFF), grey, grey+alpha, RGB or RGBA
+(a TIFF's ImageJ/OME channel axis of 2–4 channels is read as those samples). Every reader raises
 :class:`~fsmeta.errors.DataError` naming the file and what is wrong with it,
 never a decoder's traceback.
 
@@ -152,6 +153,15 @@ def _read_tiff(path: Path) -> list[np.ndarray]:
     axes = "".join(axes[i] for i in keep)
     if "Y" not in axes or "X" not in axes:
         raise DataError(f"{path} has axes {axes!r} without both Y and X; not a 2-D image")
+    if "C" in axes and "S" not in axes:
+        # An ImageJ or OME channel axis is read as colour samples, as the streamed reader
+        # (fsmeta.large) reads it: 2 channels as grey + alpha (the first), 3 or 4 as RGB(A), so a
+        # channel axis is never mistaken for a stack of pages that its mask would then lack.
+        n = data.shape[axes.index("C")]
+        if n > 4:
+            raise DataError(f"{path} has {n} channels (axes {axes!r}); fsmeta reads grey, 2-channel, RGB or RGBA "
+                            "images: save the channel to segment as its own image")
+        axes = axes.replace("C", "S")
     if "S" in axes:  # colour samples: move them last
         data = np.moveaxis(data, axes.index("S"), -1)
         axes = axes.replace("S", "") + "S"

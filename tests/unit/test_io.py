@@ -128,6 +128,32 @@ def test_tiff_8_16_bit_rgb_and_stack(tmp_path):
         read_image(tmp_path / "s.tif")
 
 
+def test_tiff_channel_axis_is_read_as_colour_samples_as_the_streamed_reader_does(tmp_path):
+    from fsmeta.large import open_lazy
+
+    rng = np.random.default_rng(5)
+    two = rng.integers(0, 65536, (2, 20, 30), dtype=np.uint16)  # nuclei + cytoplasm, ImageJ CYX
+    path = _tif(tmp_path / "two.tif", two, imagej=True, metadata={"axes": "CYX"})
+    got = read_image(path)  # one image with two samples, not a stack of two pages
+    assert got.shape == (20, 30, 2) and np.array_equal(got[..., 1], two[1])
+    lazy = open_lazy(path)
+    try:
+        assert np.array_equal(lazy.read(0, 20, 0, 30), got)
+    finally:
+        lazy.close()
+    assert np.array_equal(image_to_unit(got), image_to_unit(two[0]))  # grey + alpha: the first channel
+    three = rng.integers(0, 256, (3, 20, 30), dtype=np.uint8)
+    got = read_image(_tif(tmp_path / "three.ome.tif", three, ome=True, metadata={"axes": "CYX"}))
+    assert np.array_equal(got, np.moveaxis(three, 0, -1))
+    # a mask of the 2-channel image pairs with it (no "1 page(s) but 2" from a channel axis)
+    _tif(tmp_path / "images" / "a.tif", two, imagej=True, metadata={"axes": "CYX"})
+    _png(tmp_path / "masks" / "a.png", (two[0] > 30000).astype(np.uint8))
+    assert load_folder(tmp_path / "images", tmp_path / "masks").images[0].shape == (20, 30)
+    five = rng.integers(0, 256, (5, 20, 30), dtype=np.uint8)
+    with pytest.raises(DataError, match=r"five.tif has 5 channels \(axes 'CYX'\); fsmeta reads grey, 2-channel, RGB or RGBA"):
+        read_image(_tif(tmp_path / "five.tif", five, imagej=True, metadata={"axes": "CYX"}))
+
+
 def test_16bit_is_scaled_by_its_own_range_never_clipped():
     raw = np.array([[1000, 2000], [3000, 5000]], np.uint16).repeat(8, 0).repeat(8, 1)
     unit = image_to_unit(raw)
