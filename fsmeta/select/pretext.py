@@ -110,7 +110,8 @@ def pretext_finetune(
     size, _, note = fitted_crop(labelled, cfg.data.crop_size, 0)
     if note:
         log.info("pretext on %s: %s", images.name, note)
-    index = build_crop_index(labelled, size, stride, min_foreground=0)
+    # finetune.cover_edges: the windows flush with the far edges too, so no strip of the target is left out
+    index = build_crop_index(labelled, size, stride, min_foreground=0, cover=cfg.finetune.cover_edges)
     log.info("pretext: %d pseudo-labelled crops of %s, %d epochs", len(index), images.name, sel.pretext_epochs)
     model.train()
     step = TrainingStep(model, lr=sel.pretext_lr, weight_decay=sel.pretext_weight_decay, compute=cfg.compute)

@@ -538,6 +538,28 @@ def test_pretext_max_steps_cuts_the_epochs_short(tiny_config):
     assert not torch.equal(capped.head.weight, full.head.weight)
 
 
+def test_pretext_grid_reaches_the_far_edges_with_cover_edges(tiny_config):
+    # 100-px images, 64-px crops at stride 64: the grid alone takes one window an image and leaves a
+    # 36-px strip on two sides; finetune.cover_edges adds the windows flush with the far edges (4 an image)
+    rng = np.random.default_rng(0)
+    images = ImageSet("lab", ["a", "b"], [rng.random((100, 100), dtype=np.float32) for _ in range(2)],
+                      [np.zeros((100, 100), np.uint8)] * 2, ["train"] * 2, ["x"] * 2, meta={"kind": "imported"})
+    torch.manual_seed(0)
+    base = build_model("fcrn")
+
+    def batches(cover):
+        cfg = tiny_config("select.pretext_epochs=1", "select.pretext_batch_size=64", "select.pretext_stride=64",
+                          f"finetune.cover_edges={cover}")
+        model, seen = copy.deepcopy(base), []
+        original = model.forward_with_latent
+        model.forward_with_latent = lambda t: (seen.append(tuple(t.shape)), original(t))[1]
+        pretext_finetune(model, images, cfg, seed=0)
+        return seen
+
+    assert batches("false") == [(2, 1, 64, 64)]
+    assert batches("true") == [(8, 1, 64, 64)]
+
+
 # ---------------------------------------------------------------- configuration
 
 
