@@ -17,6 +17,7 @@ from fsmeta.data.crops import CropIndex, build_crop_index, gather
 from fsmeta.data.registry import load_dataset, resolve_sources
 from fsmeta.data.sampling import TaskSpec
 from fsmeta.data.store import ImageSet
+from fsmeta.errors import DataError
 from fsmeta.meta.reptile import TaskBatch
 
 
@@ -38,7 +39,14 @@ def load_sources(cfg: Config, names: list[str] | None = None) -> list[SourceData
     out = []
     for name in names:
         images = load_dataset(name, cfg)
-        crops = build_crop_index(images, cfg.data.crop_size, cfg.data.stride(name, "source"), cfg.data.min_foreground)
+        try:
+            crops = build_crop_index(images, cfg.data.crop_size, cfg.data.stride(name, "source"), cfg.data.min_foreground)
+        except DataError as exc:
+            # Every source's crops share one size (a transfer batch mixes sources; distillation compares
+            # latents across them), so a source of small images cannot shrink its crop as a target does.
+            raise DataError(f"{exc}; as a source of target {cfg.data.target} it needs {cfg.data.crop_size}×"
+                            f"{cfg.data.crop_size} windows with {cfg.data.min_foreground} foreground pixels: leave it out "
+                            f"of the sources (study.datasets / data.sources) or lower data.crop_size") from None
         out.append(SourceData(name, images, crops))
     return out
 

@@ -104,6 +104,26 @@ def test_no_crops_is_a_clear_error():
         build_crop_index(s, 16, 2, 0)
 
 
+def test_a_source_of_images_smaller_than_the_crop_names_the_way_out(tmp_path, tiny_config):
+    from PIL import Image
+
+    from fsmeta.data.io import import_folder
+    from fsmeta.meta.sources import load_sources
+
+    rng = np.random.default_rng(0)
+    for d in ("images", "masks"):
+        (tmp_path / d).mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (40, 48), dtype=np.uint8)).save(tmp_path / "images" / f"t{i}.png")
+        Image.fromarray(np.full((40, 48), 255, np.uint8)).save(tmp_path / "masks" / f"t{i}.png")
+    cfg = tiny_config("data.sources=[tiles]", "data.target=synth-em")
+    import_folder(cfg.data.root, "tiles", tmp_path / "images", tmp_path / "masks")
+    with pytest.raises(DataError, match=r"tiles: no training crops \(2 image\(s\) smaller than 64×64\); as a source of "
+                                        r"target synth-em it needs 64×64 windows .* leave it out of the sources "
+                                        r"\(study.datasets / data.sources\) or lower data.crop_size"):
+        load_sources(cfg)
+
+
 def test_support_draws_are_seeded_nested_and_bounded():
     pool = np.arange(10, 30)
     a = draw_support(pool, 5, seed=3)
