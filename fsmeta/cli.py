@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("import", help="import your own folders of images and masks as a data set")
     p.add_argument("name", metavar="NAME", help="the data set's name, then usable with --target/--sources")
     src = p.add_argument_group("input")
-    src.add_argument("--images", required=True, metavar="DIR", help="folder of images: .tif/.tiff/.png, 8/16-bit, grey or RGB (required)")
+    src.add_argument("--images", required=True, metavar="DIR", help="folder of images: .tif/.tiff/.png/.jpg/.jpeg/.bmp, 8/16-bit, grey or RGB (required)")
     src.add_argument("--masks", required=True, metavar="DIR",
                      help="folder of binary or instance masks named like the images, optionally ending _mask/_label/_gt (required)")
     dst = p.add_argument_group("output")
@@ -517,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weights", required=True, metavar="W", help="a .safetensors checkpoint or an MLflow URI such as runs:/<run id>/<path> (required)")
     g.add_argument("--tracking-uri", metavar="URI", help="MLflow server for runs:/ URIs (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     g = p.add_argument_group("input and output")
-    g.add_argument("--input", required=True, metavar="DIR_OR_FILE", help="an image or a folder of .tif/.tiff/.png images (required)")
+    g.add_argument("--input", required=True, metavar="DIR_OR_FILE", help="an image or a folder of .tif/.tiff/.png/.jpg/.jpeg/.bmp images (required)")
     g.add_argument("--output", required=True, metavar="DIR", help="where masks/, labels/, overlays/ and counts.csv go (required)")
     g = p.add_argument_group("tiling")
     g.add_argument("--tile", type=int, default=512, metavar="PX", help="tile side in pixels (default: 512)")
@@ -562,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("input")
     g.add_argument("--weights", required=True, metavar="CKPT", help="pre-trained checkpoint (.safetensors) (required)")
     g.add_argument("--target", dest="select_target", required=True, metavar="NAME_OR_DIR",
-                   help="a prepared data set, or a folder of unlabelled .tif/.tiff/.png images (required)")
+                   help="a prepared data set, or a folder of unlabelled .tif/.tiff/.png/.jpg/.jpeg/.bmp images (required)")
     g.add_argument("--data-root", metavar="DIR", help="prepared data sets (default: $FSMETA_DATA or ./data)")
     g = p.add_argument_group("selection")
     g.add_argument("--budget", type=int, required=True, metavar="N", help="how many images or patches to select (required)")
