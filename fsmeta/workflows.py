@@ -160,12 +160,14 @@ def finetune_checkpoint(weights: str | Path, cfg: Config, out: str | Path, track
 def _pool_images(cfg: Config, pool: str | Path | None, support: set[str], seed: int, colour: str = "grey") -> list[np.ndarray]:
     """The unannotated images of the folder ``pool`` that ``eval.pool_threshold`` reads: a draw of
     ``eval.pool_images`` by ``seed`` (as a benchmark cell draws them) among its images not named as
-    a support image; only those are read (none without a folder), as the support's channel ``colour``."""
+    a support image or named as a mask; only those are read (none without a folder), as the support's
+    channel ``colour``."""
     if not pool:
         return []
-    from fsmeta.data.io import image_to_unit, list_images, read_image
+    from fsmeta.data.io import image_to_unit, is_mask_name, list_images, read_image
 
-    files = [f for f in list_images(pool, "--pool") if f.stem not in support]
+    # a folder of images and masks together (Cellpose's layout) gives its images only
+    files = [f for f in list_images(pool, "--pool") if f.stem not in support and not is_mask_name(f)]
     if not files:
         raise FsmetaError(f"--pool {pool}: every image there is a support image; give images that are not annotated")
     if cfg.finetune.holdout <= 0:

@@ -22,7 +22,9 @@ non-zero value (:func:`mask_rule`), with a warning: that reads a binary mask, no
 
 Pairing (:func:`pair_by_name`): a mask belongs to the image with the same file
 stem, ignoring letter case and the extension; a mask stem may also end in one of
-:data:`MASK_SUFFIXES` (``cell01_mask.png`` pairs with ``cell01.tif``). Every
+:data:`MASK_SUFFIXES` (``cell01_mask.png`` pairs with ``cell01.tif``), and an image
+stem in one of :data:`IMAGE_NAME_SUFFIXES` (``000_img.png`` with ``000_masks.png``, the
+layout of Cellpose's training folders, where images and masks may share one folder). Every
 image needs exactly one mask and every mask one image.
 """
 
@@ -52,6 +54,10 @@ LOSSY_SUFFIXES = (".jpg", ".jpeg")
 # Tried in this order after an exact stem match fails; the separator may be "_", "-", "." or " ".
 MASK_SUFFIXES = ("mask", "masks", "label", "labels", "labelled", "gt", "groundtruth", "ground_truth", "seg", "annotation")
 _MASK_SUFFIX_RE = re.compile(r"[_\-. ](?:" + "|".join(MASK_SUFFIXES) + r")$", re.IGNORECASE)
+# An image stem may end in one of these (Cellpose's training folders hold 000_img.png beside
+# 000_masks.png); it is tried only when no image has the mask's name exactly.
+IMAGE_NAME_SUFFIXES = ("img", "image", "raw")
+_IMAGE_SUFFIX_RE = re.compile(r"[_\-. ](?:" + "|".join(IMAGE_NAME_SUFFIXES) + r")$", re.IGNORECASE)
 # Files an operating system leaves in folders; never data.
 _SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
 MIN_SIDE = 8  # the smallest image side fsmeta accepts: one cell of the models' 8× pooling
@@ -373,16 +379,27 @@ def pair_by_name(images: list[Path], masks: list[Path]) -> list[tuple[Path, Path
     without an image, and every ambiguous name.
     """
     by_key: dict[str, Path] = {}
+    by_short: dict[str, list[Path]] = {}  # images by their stem without an image suffix (000_img → 000)
     clashes = []
     for p in images:
         k = _key(p.stem)
         if k in by_key:
             clashes.append(f"{by_key[k].name} and {p.name}")
         by_key[k] = p
+        short = _IMAGE_SUFFIX_RE.sub("", p.stem)
+        if short and short != p.stem:
+            by_short.setdefault(_key(short), []).append(p)
     paired: dict[Path, Path] = {}
     orphans = []
     for m in masks:
-        hit = next((by_key[k] for k in mask_keys(m.stem) if k in by_key), None)
+        keys = mask_keys(m.stem)
+        hit = next((by_key[k] for k in keys if k in by_key), None)
+        if hit is None:
+            found = next((by_short[k] for k in keys if k in by_short), [])
+            if len(found) > 1:
+                clashes.append(f"{' and '.join(p.name for p in found)} (both images of {m.name})")
+                continue
+            hit = found[0] if found else None
         if hit is None:
             orphans.append(m)
         elif hit in paired:
@@ -402,7 +419,8 @@ def pair_by_name(images: list[Path], masks: list[Path]) -> list[tuple[Path, Path
         folder_m = masks[0].parent if masks else "?"
         raise DataError(
             f"images in {folder_i} and masks in {folder_m} do not pair by name; " + "; ".join(problems)
-            + f". A mask pairs with the image of the same name, optionally ending in _{'/_'.join(MASK_SUFFIXES[:5])}/…"
+            + f". A mask pairs with the image of the same name, optionally ending in _{'/_'.join(MASK_SUFFIXES[:5])}/… "
+            f"(and the image's name may end in _{'/_'.join(IMAGE_NAME_SUFFIXES)})"
         )
     return [(p, paired[p]) for p in images]
 
@@ -444,9 +462,29 @@ def _read_pair(image_path: Path, mask_path: Path, colour: str = "grey") -> list[
     return out
 
 
+def is_mask_name(path: str | Path) -> bool:
+    """Whether a file's stem ends in one of :data:`MASK_SUFFIXES` (``cell01_mask``, ``000_masks``)."""
+    return bool(_MASK_SUFFIX_RE.search(Path(path).stem))
+
+
 def scan_pairs(images_dir: str | Path, masks_dir: str | Path) -> list[tuple[Path, Path]]:
-    """List and pair a user's folders; raises naming every unpaired file."""
-    pairs = pair_by_name(list_images(images_dir, "image"), list_images(masks_dir, "mask"))
+    """List and pair a user's folders; raises naming every unpaired file.
+
+    ``images_dir`` and ``masks_dir`` may be one folder (Cellpose's layout: ``000_img.png`` beside
+    ``000_masks.png``): then the files named as masks (:func:`is_mask_name`) are the masks and the
+    others the images."""
+    if Path(images_dir).resolve() == Path(masks_dir).resolve():
+        files = list_images(images_dir, "image")
+        images, masks = [p for p in files if not is_mask_name(p)], [p for p in files if is_mask_name(p)]
+        if not masks:
+            raise DataError(f"{images_dir} is given as both the image and the mask folder but no file in it is named "
+                            f"as a mask (ending in _{'/_'.join(MASK_SUFFIXES[:5])}/…)")
+        if not images:
+            raise DataError(f"{images_dir} is given as both the image and the mask folder but every file in it is "
+                            "named as a mask")
+    else:
+        images, masks = list_images(images_dir, "image"), list_images(masks_dir, "mask")
+    pairs = pair_by_name(images, masks)
     lossy = [m for _, m in pairs if m.suffix.lower() in LOSSY_SUFFIXES]
     if lossy:
         log.warning("%d of %d mask(s) in %s are JPEG (lossy; e.g. %s): foreground is read as above half of each "

@@ -183,6 +183,41 @@ def test_pairing_by_name_with_mask_suffixes_and_case(tmp_path):
     assert pairs == {"A1.tif": "a1_mask.png", "b_2.png": "B_2_Label.tif", "c3.tif": "c3.png", "cell_gt.tif": "cell_gt.png"}
 
 
+def test_image_name_suffixes_pair_as_cellpose_names_them(tmp_path):
+    imgs = [tmp_path / n for n in ("000_img.png", "001_IMG.tif", "b.png", "b_img.png", "c_raw.tif")]
+    masks = [tmp_path / n for n in ("000_masks.png", "001_masks.png", "b_mask.png", "b_img_mask.png", "c.png")]
+    pairs = dict((i.name, m.name) for i, m in pair_by_name(imgs, masks))
+    # an exact name wins (b_mask.png is b.png's, not b_img.png's); the image suffix is tried only after it
+    assert pairs == {"000_img.png": "000_masks.png", "001_IMG.tif": "001_masks.png", "b.png": "b_mask.png",
+                     "b_img.png": "b_img_mask.png", "c_raw.tif": "c.png"}
+    with pytest.raises(DataError, match=r"ambiguous names: a_img.png and a_raw.png \(both images of a_mask.png\)"):
+        pair_by_name([tmp_path / "a_img.png", tmp_path / "a_raw.png"], [tmp_path / "a_mask.png"])
+
+
+def test_one_folder_of_images_and_masks_imports_as_cellpose_lays_it_out(tmp_path):
+    rng = np.random.default_rng(6)
+    folder = tmp_path / "train"
+    truth = {}
+    for i in range(3):
+        img = rng.integers(0, 256, (24, 32), dtype=np.uint8)
+        labels = np.zeros((24, 32), np.uint16)
+        labels[2 + i : 9 + i, 3:10], labels[12:20, 15 + i : 25] = 1, 2  # two instances
+        _png(folder / f"{i:03d}_img.png", img)
+        _tif(folder / f"{i:03d}_masks.tif", labels)
+        truth[f"{i:03d}_img"] = (labels > 0).astype(np.uint8)
+    import_folder(tmp_path / "data", "cp", folder, folder)
+    s = open_store(tmp_path / "data", "cp")
+    assert s.ids == ["000_img", "001_img", "002_img"]
+    assert all(np.array_equal(m, truth[i]) for i, m in zip(s.ids, s.masks))
+    _png(folder / "003_img.png", np.zeros((24, 32), np.uint8))  # an image without its mask is named
+    with pytest.raises(DataError, match=r"1 image\(s\) without a mask: 003_img.png"):
+        import_folder(tmp_path / "data", "cp2", folder, folder)
+    lone = tmp_path / "lone"
+    _png(lone / "a.png", np.zeros((24, 32), np.uint8))
+    with pytest.raises(DataError, match=r"given as both the image and the mask folder but no file in it is named as a mask"):
+        load_folder(lone, lone)
+
+
 def test_unpaired_files_are_each_named(tmp_path):
     imgs = [tmp_path / "images" / n for n in ("a.png", "b.png", "c.png")]
     masks = [tmp_path / "masks" / n for n in ("a.png", "x_mask.png")]
@@ -312,3 +347,18 @@ def test_small_support_images_shrink_the_crop(tmp_path):
     index, note = support_crop_index(s, 32, 8, 10)
     assert index.size == 32 and note == ""
     assert list_images(images) == sorted(images.iterdir())
+
+
+def test_a_pool_folder_of_images_and_masks_gives_its_unannotated_images_only(tmp_path):
+    from fsmeta.config import load_config
+    from fsmeta.workflows import _pool_images
+
+    rng = np.random.default_rng(7)
+    pictures = {n: rng.integers(0, 256, (16, 16), dtype=np.uint8) for n in ("a_img", "b", "c")}
+    for n, img in pictures.items():
+        _png(tmp_path / "pool" / f"{n}.png", img)
+    _png(tmp_path / "pool" / "a_masks.png", np.full((16, 16), 255, np.uint8))
+    _png(tmp_path / "pool" / "c_mask.png", np.full((16, 16), 255, np.uint8))
+    got = _pool_images(load_config(None, ["finetune.holdout=0.2"]), tmp_path / "pool", {"a_img"}, seed=0)
+    # a_img is a support image, the two masks are masks: b and c remain, in name order
+    assert len(got) == 2 and all(np.array_equal(g, pictures[n]) for g, n in zip(got, ("b", "c")))  # 8-bit kept as is
