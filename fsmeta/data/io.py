@@ -159,6 +159,7 @@ def _read_tiff(path: Path) -> list[np.ndarray]:
     axes = "".join(axes[i] for i in keep)
     if "Y" not in axes or "X" not in axes:
         raise DataError(f"{path} has axes {axes!r} without both Y and X; not a 2-D image")
+    stored = axes  # as the file names them, for messages
     if "C" in axes and "S" not in axes:
         # An ImageJ or OME channel axis is read as colour samples, as the streamed reader
         # (fsmeta.large) reads it: 2 channels as grey + alpha (the first), 3 or 4 as RGB(A), so a
@@ -173,7 +174,7 @@ def _read_tiff(path: Path) -> list[np.ndarray]:
         axes = axes.replace("S", "") + "S"
     stack_axes = [a for a in axes if a not in "YXS"]
     if len(stack_axes) > 1:
-        raise DataError(f"{path} has {len(stack_axes) + 2}-D data (axes {axes}); fsmeta reads 2-D images or one stack of pages")
+        raise DataError(f"{path} has {data.ndim}-D data (axes {stored}); fsmeta reads 2-D images or one stack of pages")
     if stack_axes:
         data = np.moveaxis(data, axes.index(stack_axes[0]), 0)
         planes = [np.ascontiguousarray(p) for p in data]
