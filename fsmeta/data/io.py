@@ -486,7 +486,7 @@ def scan_pairs(images_dir: str | Path, masks_dir: str | Path) -> list[tuple[Path
     else:
         images, masks = list_images(images_dir, "image"), list_images(masks_dir, "mask")
     pairs = pair_by_name(images, masks)
-    lossy = [m for _, m in pairs if m.suffix.lower() in LOSSY_SUFFIXES]
+    lossy = [m for _, m in pairs if mask_rule(m) == "lossy"]
     if lossy:
         log.warning("%d of %d mask(s) in %s are JPEG (lossy; e.g. %s): foreground is read as above half of each "
                     "mask's commonest non-zero value, which suits a binary mask but not instance labels; save masks as PNG or "
