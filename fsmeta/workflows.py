@@ -166,8 +166,8 @@ def _pool_images(cfg: Config, pool: str | Path | None, support: set[str], seed: 
         return []
     from fsmeta.data.io import image_to_unit, is_mask_name, list_images, read_image
 
-    # a folder of images and masks together (Cellpose's layout) gives its images only
-    files = [f for f in list_images(pool, "--pool") if f.stem not in support and not is_mask_name(f)]
+    # a folder of images and masks together (Cellpose's layout, or Fiji's ROI sets beside the images) gives its images only
+    files = [f for f in list_images(pool, "--pool", annotations=True) if f.stem not in support and not is_mask_name(f)]
     if not files:
         raise FsmetaError(f"--pool {pool}: every image there is a support image; give images that are not annotated")
     if cfg.finetune.holdout <= 0:

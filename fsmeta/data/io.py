@@ -20,6 +20,10 @@ preparer asks for the ``"half"`` rule (an 8-bit value above 127). A JPEG mask is
 (its edges carry compression noise), so its foreground is above half its commonest
 non-zero value (:func:`mask_rule`), with a warning: that reads a binary mask, not instance labels.
 
+Annotations drawn in Fiji or QuPath are masks too: a mask folder may hold ImageJ ROI sets
+(``.zip``/``.roi``) and GeoJSON files (``.geojson``/``.json``), filled at the paired image's
+size (:func:`fsmeta.rois.read_annotation`).
+
 Pairing (:func:`pair_by_name`): a mask belongs to the image with the same file
 stem, ignoring letter case and the extension; a mask stem may also end in one of
 :data:`MASK_SUFFIXES` (``cell01_mask.png`` pairs with ``cell01.tif``), and an image
@@ -52,7 +56,8 @@ _PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP"}
 # comes back with values 1–40 beside its objects), so "any non-zero value" would grow every object.
 LOSSY_SUFFIXES = (".jpg", ".jpeg")
 # Tried in this order after an exact stem match fails; the separator may be "_", "-", "." or " ".
-MASK_SUFFIXES = ("mask", "masks", "label", "labels", "labelled", "gt", "groundtruth", "ground_truth", "seg", "annotation")
+MASK_SUFFIXES = ("mask", "masks", "label", "labels", "labelled", "gt", "groundtruth", "ground_truth", "seg", "annotation",
+                 "roiset", "rois")
 _MASK_SUFFIX_RE = re.compile(r"[_\-. ](?:" + "|".join(MASK_SUFFIXES) + r")$", re.IGNORECASE)
 # An image stem may end in one of these (Cellpose's training folders hold 000_img.png beside
 # 000_masks.png); it is tried only when no image has the mask's name exactly.
@@ -327,19 +332,25 @@ def mask_to_binary(plane: np.ndarray, rule: str = "nonzero") -> np.ndarray:
 
 def mask_rule(path: str | Path) -> str:
     """How a user's mask file becomes binary: any non-zero value, except in a lossy (JPEG) file,
-    where it is above half the mask's commonest non-zero value (:func:`mask_to_binary`)."""
+    where it is above half the mask's commonest non-zero value (:func:`mask_to_binary`). (An
+    annotation file is filled as 0/1, so "nonzero".)"""
     return "lossy" if Path(path).suffix.lower() in LOSSY_SUFFIXES else "nonzero"
 
 
 # ---------------------------------------------------------------- listing and pairing
 
 
-def list_images(folder: str | Path, what: str = "image") -> list[Path]:
-    """The image files (:data:`IMAGE_SUFFIXES`) of a folder (not recursive), sorted by name.
+def list_images(folder: str | Path, what: str = "image", annotations: bool = False) -> list[Path]:
+    """The image files (:data:`IMAGE_SUFFIXES`) of a folder (not recursive), sorted by name; with
+    ``annotations``, also its ImageJ ROI sets and GeoJSON files (:data:`fsmeta.rois.ANNOTATION_SUFFIXES`).
 
     Hidden files and operating-system clutter are ignored; any other file is an
     error naming it, as is an empty folder.
     """
+    from fsmeta.rois import ANNOTATION_SUFFIXES
+
+    accepted = IMAGE_SUFFIXES + (ANNOTATION_SUFFIXES if annotations else ())
+    kinds = "TIFF, PNG, JPEG or BMP images" + (", ImageJ ROI sets or GeoJSON files" if annotations else "")
     folder = Path(folder)
     if not folder.exists():
         raise DataError(f"{what} folder {folder} does not exist")
@@ -349,14 +360,14 @@ def list_images(folder: str | Path, what: str = "image") -> list[Path]:
     for p in sorted(folder.iterdir()):
         if p.name.startswith(".") or p.name.lower() in _SYSTEM_FILES or p.is_dir():
             continue
-        (files if p.suffix.lower() in IMAGE_SUFFIXES else others).append(p)
+        (files if p.suffix.lower() in accepted else others).append(p)
     if others:
         raise DataError(
-            f"{what} folder {folder} holds file(s) that are not TIFF, PNG, JPEG or BMP images: {_names(p.name for p in others)} "
-            f"(fsmeta reads {', '.join(IMAGE_SUFFIXES)}; move other files out)"
+            f"{what} folder {folder} holds file(s) that are not {kinds}: {_names(p.name for p in others)} "
+            f"(fsmeta reads {', '.join(accepted)}; move other files out)"
         )
     if not files:
-        raise DataError(f"{what} folder {folder} is empty: no {', '.join(IMAGE_SUFFIXES)} files")
+        raise DataError(f"{what} folder {folder} is empty: no {', '.join(accepted)} files")
     return files
 
 
@@ -415,6 +426,9 @@ def pair_by_name(images: list[Path], masks: list[Path]) -> list[tuple[Path, Path
         problems.append(f"{len(lonely)} image(s) without a mask: {_names(p.name for p in lonely)}")
     if orphans:
         problems.append(f"{len(orphans)} mask(s) without an image: {_names(m.name for m in orphans)}")
+        if any(m.stem.lower() == "roiset" for m in orphans):
+            problems.append("RoiSet.zip is Fiji's default name for a ROI set: rename it after its image (cell01.tif → "
+                            "cell01.zip or cell01_RoiSet.zip)")
     if problems:
         folder_i = images[0].parent if images else "?"
         folder_m = masks[0].parent if masks else "?"
@@ -440,8 +454,16 @@ class PairedPlane:
 
 
 def _read_pair(image_path: Path, mask_path: Path, colour: str = "grey") -> list[PairedPlane]:
+    from fsmeta.rois import is_annotation, read_annotation
+
     planes = read_planes(image_path)
-    mplanes = read_planes(mask_path)
+    if is_annotation(mask_path):
+        h, w = planes[0].shape[:2]
+        if any(p.shape[:2] != (h, w) for p in planes):
+            raise DataError(f"{image_path}'s pages differ in size, so the outlines of {mask_path} cannot be placed")
+        mplanes = read_annotation(mask_path, h, w, len(planes), image=str(image_path))
+    else:
+        mplanes = read_planes(mask_path)
     if len(planes) != len(mplanes):
         raise DataError(f"{mask_path} has {len(mplanes)} page(s) but {image_path} has {len(planes)}")
     out = []
@@ -464,18 +486,22 @@ def _read_pair(image_path: Path, mask_path: Path, colour: str = "grey") -> list[
 
 
 def is_mask_name(path: str | Path) -> bool:
-    """Whether a file's stem ends in one of :data:`MASK_SUFFIXES` (``cell01_mask``, ``000_masks``)."""
-    return bool(_MASK_SUFFIX_RE.search(Path(path).stem))
+    """Whether a file is named as a mask: its stem ends in one of :data:`MASK_SUFFIXES` (``cell01_mask``,
+    ``000_masks``), or it is an annotation file (an ImageJ ROI set or GeoJSON, :data:`fsmeta.rois.ANNOTATION_SUFFIXES`)."""
+    from fsmeta.rois import is_annotation
+
+    return bool(_MASK_SUFFIX_RE.search(Path(path).stem)) or is_annotation(path)
 
 
 def scan_pairs(images_dir: str | Path, masks_dir: str | Path) -> list[tuple[Path, Path]]:
     """List and pair a user's folders; raises naming every unpaired file.
 
     ``images_dir`` and ``masks_dir`` may be one folder (Cellpose's layout: ``000_img.png`` beside
-    ``000_masks.png``): then the files named as masks (:func:`is_mask_name`) are the masks and the
-    others the images."""
+    ``000_masks.png``; or Fiji's ``cell01.tif`` beside ``cell01.zip``): then the files named as masks
+    (:func:`is_mask_name`) are the masks and the others the images. A mask may be an ImageJ ROI set or a
+    GeoJSON file (:func:`fsmeta.rois.read_annotation`)."""
     if Path(images_dir).resolve() == Path(masks_dir).resolve():
-        files = list_images(images_dir, "image")
+        files = list_images(images_dir, "image", annotations=True)
         images, masks = [p for p in files if not is_mask_name(p)], [p for p in files if is_mask_name(p)]
         if not masks:
             raise DataError(f"{images_dir} is given as both the image and the mask folder but no file in it is named "
@@ -484,7 +510,7 @@ def scan_pairs(images_dir: str | Path, masks_dir: str | Path) -> list[tuple[Path
             raise DataError(f"{images_dir} is given as both the image and the mask folder but every file in it is "
                             "named as a mask")
     else:
-        images, masks = list_images(images_dir, "image"), list_images(masks_dir, "mask")
+        images, masks = list_images(images_dir, "image"), list_images(masks_dir, "mask", annotations=True)
     pairs = pair_by_name(images, masks)
     lossy = [m for _, m in pairs if mask_rule(m) == "lossy"]
     if lossy:
