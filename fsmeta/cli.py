@@ -446,8 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--images", required=True, metavar="DIR", help="folder of images: .tif/.tiff/.png/.jpg/.jpeg/.bmp, 8/16-bit, grey or RGB (required)")
     src.add_argument("--masks", required=True, metavar="DIR",
                      help="folder of binary or instance masks named like the images, optionally ending _mask/_label/_gt, or of the outlines "
-                     "drawn in Fiji (ROI sets, .zip/.roi) or QuPath (.geojson); may be the image folder itself, as in Cellpose's "
-                     "000_img.png + 000_masks.png (required)")
+                     "drawn in Fiji (ROI sets, .zip/.roi) or QuPath (.geojson), or Cellpose's _seg.npy; may be the image folder itself, "
+                     "as in Cellpose's 000_img.png + 000_masks.png (required)")
     dst = p.add_argument_group("output")
     dst.add_argument("--data-root", metavar="DIR", help="where to write (default: $FSMETA_DATA or ./data)")
     dst.add_argument("--replace", action="store_true", help="overwrite an existing data set of that name (default: refuse)")

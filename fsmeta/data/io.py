@@ -22,7 +22,8 @@ non-zero value (:func:`mask_rule`), with a warning: that reads a binary mask, no
 
 Annotations drawn in Fiji or QuPath are masks too: a mask folder may hold ImageJ ROI sets
 (``.zip``/``.roi``) and GeoJSON files (``.geojson``/``.json``), filled at the paired image's
-size (:func:`fsmeta.rois.read_annotation`).
+size (:func:`fsmeta.rois.read_annotation`), and NumPy ``.npy`` masks, Cellpose's ``_seg.npy``
+included (:func:`read_npy_mask`: its ``masks`` entry, unpickled with NumPy's classes only).
 
 Pairing (:func:`pair_by_name`): a mask belongs to the image with the same file
 stem, ignoring letter case and the extension; a mask stem may also end in one of
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import warnings
 from dataclasses import dataclass
@@ -56,8 +58,12 @@ _PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP"}
 # comes back with values 1–40 beside its objects), so "any non-zero value" would grow every object.
 LOSSY_SUFFIXES = (".jpg", ".jpeg")
 # Tried in this order after an exact stem match fails; the separator may be "_", "-", "." or " ".
+# "cp_masks" is Cellpose's save_masks suffix (img_cp_masks.png); "rois" its ImageJ export (img_rois.zip).
 MASK_SUFFIXES = ("mask", "masks", "label", "labels", "labelled", "gt", "groundtruth", "ground_truth", "seg", "annotation",
-                 "roiset", "rois")
+                 "roiset", "rois", "cp_masks")
+# Mask files that are not images: NumPy arrays (Cellpose's GUI saves img_seg.npy); ImageJ ROI sets and GeoJSON
+# are :data:`fsmeta.rois.ANNOTATION_SUFFIXES`.
+NPY_SUFFIX = ".npy"
 _MASK_SUFFIX_RE = re.compile(r"[_\-. ](?:" + "|".join(MASK_SUFFIXES) + r")$", re.IGNORECASE)
 # An image stem may end in one of these (Cellpose's training folders hold 000_img.png beside
 # 000_masks.png); it is tried only when no image has the mask's name exactly.
@@ -337,6 +343,66 @@ def mask_rule(path: str | Path) -> str:
     return "lossy" if Path(path).suffix.lower() in LOSSY_SUFFIXES else "nonzero"
 
 
+# The classes a Cellpose _seg.npy (a pickled dict of arrays, lists, strings and numbers) needs: NumPy's array
+# and scalar reconstructors, nothing that runs code. Any other class in the pickle is refused.
+_NUMPY_PICKLE_NAMES = {
+    (module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray") for name in ("_reconstruct", "scalar")
+} | {("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"), ("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):  # noqa: D102 - pickle's hook
+        if (module, name) in _NUMPY_PICKLE_NAMES:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def read_npy_mask(path: str | Path) -> list[np.ndarray]:
+    """The mask planes of a NumPy ``.npy`` file: a 2-D array (one plane) or 3-D (one per page) of integers or
+    booleans, or a Cellpose ``_seg.npy`` (a pickled dict), whose ``masks`` entry is used.
+
+    The pickle of a ``_seg.npy`` is read with NumPy's array classes only, so a file cannot run code;
+    a class outside them is a :class:`DataError` naming it and the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist or is not a file")
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise DataError(f"{path} is a .npy file of format version {version[0]}.{version[1]}, which fsmeta does not read")
+            if dtype.hasobject:
+                try:
+                    data = _NumpyOnlyUnpickler(f).load()
+                except pickle.UnpicklingError as exc:
+                    raise DataError(f"{path} holds a Python object of class {exc} that fsmeta does not load (it reads "
+                                    "NumPy arrays only, so a file cannot run code); save the masks as PNG or TIFF") from None
+                content = data.item() if isinstance(data, np.ndarray) and data.shape == () else data
+                if not isinstance(content, dict) or "masks" not in content:
+                    raise DataError(f"{path} holds pickled objects but no Cellpose 'masks' entry; fsmeta reads a .npy "
+                                    "of a mask array or a Cellpose _seg.npy")
+                array = np.asarray(content["masks"])
+            else:
+                f.seek(0)
+                check_pixels(path, *(tuple(shape[-1:-3:-1]) if len(shape) >= 2 else (0, 0)),
+                             pages=int(np.prod(shape[:-2])) if len(shape) > 2 else 1)
+                array = np.load(f, allow_pickle=False)
+    except DataError:
+        raise
+    except Exception as exc:  # a damaged header or truncated data: numpy raises ValueError/EOFError/...
+        raise DataError(f"{path} is not a readable .npy file ({exc})") from None
+    if array.dtype.kind not in "biu" or array.ndim not in (2, 3):
+        raise DataError(f"{path} holds a {array.dtype} array of shape {array.shape}; a mask is a 2-D array (or 3-D, one "
+                        "plane per page) of integer labels or booleans")
+    check_pixels(path, array.shape[-1], array.shape[-2], array.shape[0] if array.ndim == 3 else 1)
+    return list(array) if array.ndim == 3 else [array]
+
+
 # ---------------------------------------------------------------- listing and pairing
 
 
@@ -349,8 +415,8 @@ def list_images(folder: str | Path, what: str = "image", annotations: bool = Fal
     """
     from fsmeta.rois import ANNOTATION_SUFFIXES
 
-    accepted = IMAGE_SUFFIXES + (ANNOTATION_SUFFIXES if annotations else ())
-    kinds = "TIFF, PNG, JPEG or BMP images" + (", ImageJ ROI sets or GeoJSON files" if annotations else "")
+    accepted = IMAGE_SUFFIXES + ((NPY_SUFFIX,) + ANNOTATION_SUFFIXES if annotations else ())
+    kinds = "TIFF, PNG, JPEG or BMP images" + (", NumPy masks, ImageJ ROI sets or GeoJSON files" if annotations else "")
     folder = Path(folder)
     if not folder.exists():
         raise DataError(f"{what} folder {folder} does not exist")
@@ -462,6 +528,8 @@ def _read_pair(image_path: Path, mask_path: Path, colour: str = "grey") -> list[
         if any(p.shape[:2] != (h, w) for p in planes):
             raise DataError(f"{image_path}'s pages differ in size, so the outlines of {mask_path} cannot be placed")
         mplanes = read_annotation(mask_path, h, w, len(planes), image=str(image_path))
+    elif mask_path.suffix.lower() == NPY_SUFFIX:
+        mplanes = read_npy_mask(mask_path)
     else:
         mplanes = read_planes(mask_path)
     if len(planes) != len(mplanes):
@@ -487,10 +555,11 @@ def _read_pair(image_path: Path, mask_path: Path, colour: str = "grey") -> list[
 
 def is_mask_name(path: str | Path) -> bool:
     """Whether a file is named as a mask: its stem ends in one of :data:`MASK_SUFFIXES` (``cell01_mask``,
-    ``000_masks``), or it is an annotation file (an ImageJ ROI set or GeoJSON, :data:`fsmeta.rois.ANNOTATION_SUFFIXES`)."""
+    ``000_masks``), or it is a NumPy mask or an annotation file (an ImageJ ROI set or GeoJSON,
+    :data:`fsmeta.rois.ANNOTATION_SUFFIXES`)."""
     from fsmeta.rois import is_annotation
 
-    return bool(_MASK_SUFFIX_RE.search(Path(path).stem)) or is_annotation(path)
+    return bool(_MASK_SUFFIX_RE.search(Path(path).stem)) or is_annotation(path) or Path(path).suffix.lower() == NPY_SUFFIX
 
 
 def scan_pairs(images_dir: str | Path, masks_dir: str | Path) -> list[tuple[Path, Path]]:

@@ -1,5 +1,5 @@
-"""Annotations drawn in Fiji (ImageJ ROI sets) or QuPath (GeoJSON) as masks: the fill rule by hand,
-fsmeta's own ROI output read back exactly, every ROI kind, stacks, and the error for each bad file."""
+"""Annotations drawn in Fiji (ImageJ ROI sets), QuPath (GeoJSON) or Cellpose (_seg.npy) as masks: the fill
+rule by hand, fsmeta's own ROI output read back exactly, every ROI kind, stacks, and the error for each bad file."""
 
 import json
 import zipfile
@@ -13,7 +13,7 @@ from PIL import Image
 from roifile import ROI_TYPE, ImagejRoi
 from scipy import ndimage
 
-from fsmeta.data.io import import_folder, load_folder
+from fsmeta.data.io import import_folder, load_folder, read_npy_mask
 from fsmeta.data.store import open_store
 from fsmeta.errors import DataError
 from fsmeta.predict import PredictSettings, predict_files
@@ -256,6 +256,73 @@ def test_a_mask_folder_of_annotations_and_images_together(tmp_path):
     support = load_folder(images, masks)
     assert [int(m.sum()) for m in support.masks] == [9, 16, 4]
     (masks / "notes.txt").write_text("x")
-    with pytest.raises(DataError, match=r"holds file\(s\) that are not TIFF, PNG, JPEG or BMP images, ImageJ ROI sets "
-                                        r"or GeoJSON files: notes.txt"):
+    with pytest.raises(DataError, match=r"holds file\(s\) that are not TIFF, PNG, JPEG or BMP images, NumPy masks, "
+                                        r"ImageJ ROI sets or GeoJSON files: notes.txt"):
         load_folder(images, masks)
+
+
+# ---------------------------------------------------------------- Cellpose's files
+
+
+def _cellpose_seg(path, masks):
+    """A _seg.npy as Cellpose's io.masks_flows_to_seg and GUI write it: a pickled dict of arrays, lists, strings
+    and NumPy scalars (the keys of Cellpose 3/4)."""
+    np.save(path, {
+        "outlines": np.zeros_like(masks), "masks": masks, "chan_choose": [0, 0], "ismanual": np.zeros(int(masks.max()), bool),
+        "filename": str(path).replace("_seg.npy", ".png"), "flows": [np.zeros((1, *masks.shape[-2:], 3), np.uint8), [],
+                                                                   np.zeros((3, *masks.shape[-2:]), np.float32)],
+        "diameter": np.nan, "est_diam": np.float64(17.5), "colors": np.zeros((3, 3), np.int64), "zdraw": [],
+        "normalize_params": {"lowhigh": None, "percentile": [1.0, 99.0]}, "model_path": 0,
+    })
+
+
+def test_cellpose_folders_as_they_are(tmp_path):
+    """Cellpose's GUI folder (000_img.png + 000_img_seg.npy) and its save_masks output (001_cp_masks.png)."""
+    gui = tmp_path / "gui"
+    labels = np.zeros((16, 20), np.uint16)
+    labels[2:6, 3:9], labels[9:14, 10:18] = 1, 2
+    _png(gui / "000_img.png", np.full((16, 20), 90, np.uint8))
+    _cellpose_seg(gui / "000_img_seg.npy", labels)
+    support = load_folder(gui, gui)
+    assert support.ids == ["000_img"] and np.array_equal(support.masks[0], (labels > 0).astype(np.uint8))
+    saved = tmp_path / "saved"
+    _png(saved / "images" / "001.png", np.full((16, 20), 90, np.uint8))
+    _png(saved / "masks" / "001_cp_masks.png", labels.astype(np.uint8))
+    assert np.array_equal(load_folder(saved / "images", saved / "masks").masks[0], (labels > 0).astype(np.uint8))
+
+
+def test_plain_npy_masks_and_a_stack(tmp_path):
+    stack = np.zeros((2, 10, 12), np.int32)
+    stack[0, 1:3, 1:3], stack[1, 5:9, 5:9] = 7, 1
+    np.save(tmp_path / "s.npy", stack)
+    planes = read_npy_mask(tmp_path / "s.npy")
+    assert len(planes) == 2 and [int((p > 0).sum()) for p in planes] == [4, 16]
+    np.save(tmp_path / "f.npy", stack.astype(np.float32))
+    with pytest.raises(DataError, match=r"f.npy holds a float32 array of shape \(2, 10, 12\); a mask is a 2-D array"):
+        read_npy_mask(tmp_path / "f.npy")
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "s.npy").read_bytes()[:140])
+    with pytest.raises(DataError, match=r"cut.npy is not a readable .npy file"):
+        read_npy_mask(tmp_path / "cut.npy")
+    np.save(tmp_path / "d.npy", {"outlines": stack})
+    with pytest.raises(DataError, match=r"d.npy holds pickled objects but no Cellpose 'masks' entry"):
+        read_npy_mask(tmp_path / "d.npy")
+
+
+class _Payload:
+    """Unpickled by pickle.load, this would run a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_seg_npy_cannot_run_code(tmp_path):
+    marker = tmp_path / "pwned"
+    np.save(tmp_path / "evil_seg.npy", {"masks": np.ones((8, 8), np.uint16), "x": _Payload(marker)})
+    with pytest.raises(DataError, match=r"evil_seg.npy holds a Python object of class (posix|os|nt).system that fsmeta does not load"):
+        read_npy_mask(tmp_path / "evil_seg.npy")
+    assert not marker.exists()
