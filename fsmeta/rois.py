@@ -341,10 +341,68 @@ def _imagej_shapes(path: Path) -> Iterator[_Shape]:
         if not roi.composite and kind == "OVAL":
             yield _Shape(label, [], box=(float(roi.left), float(roi.top), float(roi.right), float(roi.bottom)), page=page)
             continue
-        rings = [np.asarray(c, np.float64) for c in roi.coordinates(multi=True) if len(c)]
+        if roi.composite:
+            rings = _path_rings(np.asarray(roi.multi_coordinates, np.float64), path, label)
+        else:
+            rings = [np.asarray(roi.coordinates(), np.float64)]
+        rings = [r for r in rings if len(r)]
         if not rings:
             raise DataError(f"{path}: {label} has no coordinates")
         yield _Shape(label, rings, page=page)
+
+
+_CURVE_SEGMENTS = 16  # straight pieces per Bézier segment of a composite ROI: within 0.1 px for a 40-px cell
+
+
+def _path_rings(ops: np.ndarray, path: Path, label: str) -> list[np.ndarray]:
+    """The rings of a composite (shape) ROI's path, as Java's PathIterator wrote it: MOVETO (0, x, y),
+    LINETO (1, x, y), QUADTO (2, 2 points), CUBICTO (3, 3 points), CLOSE (4), in image coordinates; curves
+    (a composite of ovals) are flattened into :data:`_CURVE_SEGMENTS` pieces each."""
+    values = ops.tolist()
+    rings: list[np.ndarray] = []
+    points: list[tuple[float, float]] = []
+    start = (0.0, 0.0)
+    t = np.linspace(0, 1, _CURVE_SEGMENTS + 1)[1:, None]
+    n = 0
+    try:
+        while n < len(values):
+            op = int(values[n])
+            if op == 0:
+                if len(points) > 2:
+                    rings.append(np.array(points))
+                start = (values[n + 1], values[n + 2])
+                points = [start]
+                n += 3
+            elif op in (1, 2, 3):
+                if not points:
+                    points = [start]  # after a CLOSE a segment starts at the subpath's first point
+                k = op  # points a LINETO, QUADTO, CUBICTO carries
+                segment = values[n + 1:n + 1 + 2 * k]
+                if len(segment) != 2 * k:
+                    raise IndexError
+                ctrl = np.array(segment, np.float64).reshape(k, 2)
+                p0 = np.array(points[-1])
+                if op == 1:
+                    points.append(tuple(ctrl[0]))
+                elif op == 2:
+                    curve = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * ctrl[0] + t**2 * ctrl[1]
+                    points.extend(map(tuple, curve))
+                else:
+                    curve = (1 - t) ** 3 * p0 + 3 * (1 - t) ** 2 * t * ctrl[0] + 3 * (1 - t) * t**2 * ctrl[1] + t**3 * ctrl[2]
+                    points.extend(map(tuple, curve))
+                n += 1 + 2 * k
+            elif op == 4:
+                if len(points) > 2:
+                    rings.append(np.array(points))
+                points = []
+                n += 1
+            else:
+                raise DataError(f"{path}: {label} is a composite ROI with an unknown path command {op}")
+    except IndexError:
+        raise DataError(f"{path}: {label} is a composite ROI whose path ends in the middle of a segment") from None
+    if len(points) > 2:
+        rings.append(np.array(points))
+    return rings
 
 
 def _roi_members(path: Path) -> Iterator[tuple[str, bytes]]:

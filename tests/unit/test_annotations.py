@@ -89,6 +89,30 @@ def test_rectangle_oval_polygon_and_composite_rois(tmp_path):
     assert read_annotation(tmp_path / "one.roi", 16, 16)[0].sum() == 12
 
 
+def test_a_composite_of_ovals_drawn_with_curves(tmp_path):
+    """Fiji's composite of an oval is a path of cubic Bézier segments (Java's Ellipse2D): a disc of radius 6
+    at (8, 8) with a 4×4 square cut out, filled as the true disc less the square."""
+    k = 0.5522847498 * 6
+    cx = cy = 8.0
+    path = [0, cx + 6, cy,
+            3, cx + 6, cy + k, cx + k, cy + 6, cx, cy + 6,
+            3, cx - k, cy + 6, cx - 6, cy + k, cx - 6, cy,
+            3, cx - 6, cy - k, cx - k, cy - 6, cx, cy - 6,
+            3, cx + k, cy - 6, cx + 6, cy - k, cx + 6, cy, 4,
+            0, 6, 6, 1, 10, 6, 1, 10, 10, 1, 6, 10, 4]
+    roi = _rect("disc less a square", 2, 2, 14, 14)
+    roi.multi_coordinates, roi.shape_roi_size = np.array(path, np.float32), len(path)
+    roifile.roiwrite(tmp_path / "c.roi", roi)
+    expected = fill_shapes([_Shape("disc", [], box=(2, 2, 14, 14))], 16, 16)
+    expected[6:10, 6:10] = 0
+    assert np.array_equal(read_annotation(tmp_path / "c.roi", 16, 16)[0], expected)
+    roi.multi_coordinates = np.array(path[:-6], np.float32)  # cut inside a LINETO
+    roi.shape_roi_size = len(path) - 6
+    roifile.roiwrite(tmp_path / "cut.roi", roi)
+    with pytest.raises(DataError, match=r"cut.roi: ROI 'disc less a square' is a composite ROI whose path ends in the middle"):
+        read_annotation(tmp_path / "cut.roi", 16, 16)
+
+
 def test_a_stacks_rois_go_to_their_pages(tmp_path):
     rois = [_polygon("a", [[1, 1], [5, 1], [5, 5], [1, 5]], position=0), _polygon("b", [[8, 8], [10, 8], [10, 10], [8, 10]], position=1),
             _polygon("c", [[0, 0], [2, 0], [2, 2], [0, 2]], position=1)]
