@@ -30,6 +30,7 @@ saved, goes back to ``fsmeta finetune --support-masks`` as it is.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import zipfile
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ import numpy as np
 
 from fsmeta.atomic import atomic_write, atomic_write_bytes
 from fsmeta.errors import DataError, FsmetaError
+
+log = logging.getLogger(__name__)
 
 ROI_FORMATS = ("imagej", "geojson")
 # Annotation files a mask folder may hold instead of mask images (read by :func:`read_annotation`).
@@ -184,6 +187,13 @@ class _Shape:
     box: tuple[float, float, float, float] | None = None
     page: int | None = None
 
+    def area(self) -> float:
+        """The area inside (px²): the ellipse's, or the rings' even-odd area (largest ring less the others)."""
+        if self.box is not None:
+            return math.pi * (self.box[2] - self.box[0]) * (self.box[3] - self.box[1]) / 4
+        areas = sorted((_shoelace(r[:, ::-1]) for r in self.rings if len(r) > 2), reverse=True)
+        return areas[0] - sum(areas[1:]) if areas else 0.0
+
     def bounds(self) -> tuple[float, float, float, float]:
         if self.box is not None:
             return self.box
@@ -239,6 +249,10 @@ def read_annotation(path: str | Path, height: int, width: int, pages: int = 1, i
                             "with slices, then add the ROIs again on their slices)")
         elif page >= pages:
             raise DataError(f"{path}: {shape.name} is on stack position {page + 1}, but {image} has {pages} pages")
+        if shape.area() > 0.5 * height * width:
+            log.warning("%s: %s outlines %.0f%% of %s; fsmeta fills every outline as cells, so a region drawn around "
+                        "the cells (a QuPath parent annotation, say) makes that whole region foreground", path, shape.name,
+                        100 * shape.area() / (height * width), image)
         by_page[page].append(shape)
     return [fill_shapes(page_shapes, height, width) for page_shapes in by_page]
 
@@ -312,6 +326,8 @@ def _ellipse_spans(box: tuple[float, float, float, float], height: int) -> tuple
 
 
 _AREA_TYPES = {"POLYGON", "RECT", "OVAL", "FREEHAND", "TRACED"}
+# QuPath's built-in classes for what is not an object: a region to analyse, a region to ignore.
+_QUPATH_NOT_CELLS = {"Region*", "Ignore*"}
 _NOT_AREA = {"LINE": "a straight line", "FREELINE": "a freehand line", "POLYLINE": "a segmented line",
              "ANGLE": "an angle", "POINT": "a point selection", "NOROI": "an empty ROI"}
 
@@ -459,6 +475,11 @@ def _geojson_shapes(path: Path) -> Iterator[_Shape]:
         label = f"feature {k}" + (f" ({name!s})" if name else "")
         if feature.get("geometry") is None:
             continue  # GeoJSON allows a feature without a geometry: it outlines nothing
+        cls = props.get("classification")
+        cls = cls.get("name") if isinstance(cls, dict) else cls
+        if isinstance(cls, str) and cls in _QUPATH_NOT_CELLS:
+            log.info("%s: %s is classified %s, which QuPath keeps for regions, not objects; skipped", path, label, cls)
+            continue
         for rings in _geometry_polygons(feature["geometry"], path, label):
             yield _Shape(label, rings)
 

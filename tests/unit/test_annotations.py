@@ -152,6 +152,23 @@ def test_geojson_polygons_holes_multipolygons_and_quPaths_bare_list(tmp_path):
         assert mask.sum() == 32 + 4 + 1 and not mask[2:4, 2:4].any() and mask[8:10, 8:10].all() and mask[0, 8] == 1
 
 
+def test_quPaths_region_classes_are_skipped_and_a_region_sized_outline_warns(tmp_path, caplog):
+    def feature(ring, cls=None):
+        props = {"objectType": "annotation", **({"classification": {"name": cls}} if cls else {})}
+        return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": props}
+
+    everything = [[0, 0], [20, 0], [20, 20], [0, 20], [0, 0]]
+    cell = [[2, 2], [5, 2], [5, 5], [2, 5], [2, 2]]
+    (tmp_path / "a.geojson").write_text(json.dumps([feature(everything, "Region*"), feature(cell, "Tumor"),
+                                                     feature(everything, "Ignore*")]))
+    assert read_annotation(tmp_path / "a.geojson", 20, 20)[0].sum() == 9
+    (tmp_path / "b.geojson").write_text(json.dumps([feature(everything), feature(cell)]))
+    with caplog.at_level("WARNING"):
+        assert read_annotation(tmp_path / "b.geojson", 20, 20, image="b.png")[0].sum() == 400
+    assert "b.geojson: feature 0 outlines 100% of b.png; fsmeta fills every outline as cells" in caplog.text
+    assert "feature 1" not in caplog.text
+
+
 @pytest.mark.parametrize("content, message", [
     ('{"type": "FeatureCollection", "features": [', r"bad.geojson is not valid JSON \(line 1, column 44: Expecting value\)"),
     ('{"type": "Topology"}', r"bad.geojson is JSON but not GeoJSON"),
