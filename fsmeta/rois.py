@@ -245,8 +245,8 @@ def read_annotation(path: str | Path, height: int, width: int, pages: int = 1, i
             page = 0
         elif page is None:
             raise DataError(f"{path}: {shape.name} has no stack position, and {image} has {pages} pages, so which page "
-                            "it outlines is unknown (in Fiji: ROI Manager › More › Options › Associate \"Show All\" ROIs "
-                            "with slices, then add the ROIs again on their slices)")
+                            "it outlines is unknown (in Fiji, add each ROI to the ROI Manager while its slice is shown, "
+                            "so that it records the slice; or give one image per page)")
         elif page >= pages:
             raise DataError(f"{path}: {shape.name} is on stack position {page + 1}, but {image} has {pages} pages")
         if shape.area() > 0.5 * height * width:
