@@ -408,7 +408,8 @@ def read_npy_mask(path: str | Path) -> list[np.ndarray]:
 
 def list_images(folder: str | Path, what: str = "image", annotations: bool = False) -> list[Path]:
     """The image files (:data:`IMAGE_SUFFIXES`) of a folder (not recursive), sorted by name; with
-    ``annotations``, also its ImageJ ROI sets and GeoJSON files (:data:`fsmeta.rois.ANNOTATION_SUFFIXES`).
+    ``annotations`` (a folder of masks), also its NumPy masks (``.npy``), ImageJ ROI sets and GeoJSON files
+    (:data:`fsmeta.rois.ANNOTATION_SUFFIXES`).
 
     Hidden files and operating-system clutter are ignored; any other file is an
     error naming it, as is an empty folder.
