@@ -22,7 +22,7 @@ non-zero value (:func:`mask_rule`), with a warning: that reads a binary mask, no
 
 Annotations drawn in Fiji or QuPath are masks too: a mask folder may hold ImageJ ROI sets
 (``.zip``/``.roi``) and GeoJSON files (``.geojson``/``.json``), filled at the paired image's
-size (:func:`fsmeta.rois.read_annotation`), and NumPy ``.npy`` masks, Cellpose's ``_seg.npy``
+size (:func:`fsmeta.data.annotations.read_annotation`), and NumPy ``.npy`` masks, Cellpose's ``_seg.npy``
 included (:func:`read_npy_mask`: its ``masks`` entry, unpickled with NumPy's classes only).
 
 Pairing (:func:`pair_by_name`): a mask belongs to the image with the same file
@@ -62,7 +62,7 @@ LOSSY_SUFFIXES = (".jpg", ".jpeg")
 MASK_SUFFIXES = ("mask", "masks", "label", "labels", "labelled", "gt", "groundtruth", "ground_truth", "seg", "annotation",
                  "roiset", "rois", "cp_masks")
 # Mask files that are not images: NumPy arrays (Cellpose's GUI saves img_seg.npy); ImageJ ROI sets and GeoJSON
-# are :data:`fsmeta.rois.ANNOTATION_SUFFIXES`.
+# are :data:`fsmeta.data.annotations.ANNOTATION_SUFFIXES`.
 NPY_SUFFIX = ".npy"
 _MASK_SUFFIX_RE = re.compile(r"[_\-. ](?:" + "|".join(MASK_SUFFIXES) + r")$", re.IGNORECASE)
 # An image stem may end in one of these (Cellpose's training folders hold 000_img.png beside
@@ -409,12 +409,12 @@ def read_npy_mask(path: str | Path) -> list[np.ndarray]:
 def list_images(folder: str | Path, what: str = "image", annotations: bool = False) -> list[Path]:
     """The image files (:data:`IMAGE_SUFFIXES`) of a folder (not recursive), sorted by name; with
     ``annotations`` (a folder of masks), also its NumPy masks (``.npy``), ImageJ ROI sets and GeoJSON files
-    (:data:`fsmeta.rois.ANNOTATION_SUFFIXES`).
+    (:data:`fsmeta.data.annotations.ANNOTATION_SUFFIXES`).
 
     Hidden files and operating-system clutter are ignored; any other file is an
     error naming it, as is an empty folder.
     """
-    from fsmeta.rois import ANNOTATION_SUFFIXES
+    from fsmeta.data.annotations import ANNOTATION_SUFFIXES
 
     accepted = IMAGE_SUFFIXES + ((NPY_SUFFIX,) + ANNOTATION_SUFFIXES if annotations else ())
     kinds = "TIFF, PNG, JPEG or BMP images" + (", NumPy masks, ImageJ ROI sets or GeoJSON files" if annotations else "")
@@ -521,7 +521,7 @@ class PairedPlane:
 
 
 def _read_pair(image_path: Path, mask_path: Path, colour: str = "grey") -> list[PairedPlane]:
-    from fsmeta.rois import is_annotation, read_annotation
+    from fsmeta.data.annotations import is_annotation, read_annotation
 
     planes = read_planes(image_path)
     if is_annotation(mask_path):
@@ -557,8 +557,8 @@ def _read_pair(image_path: Path, mask_path: Path, colour: str = "grey") -> list[
 def is_mask_name(path: str | Path) -> bool:
     """Whether a file is named as a mask: its stem ends in one of :data:`MASK_SUFFIXES` (``cell01_mask``,
     ``000_masks``), or it is a NumPy mask or an annotation file (an ImageJ ROI set or GeoJSON,
-    :data:`fsmeta.rois.ANNOTATION_SUFFIXES`)."""
-    from fsmeta.rois import is_annotation
+    :data:`fsmeta.data.annotations.ANNOTATION_SUFFIXES`)."""
+    from fsmeta.data.annotations import is_annotation
 
     return bool(_MASK_SUFFIX_RE.search(Path(path).stem)) or is_annotation(path) or Path(path).suffix.lower() == NPY_SUFFIX
 
@@ -569,7 +569,7 @@ def scan_pairs(images_dir: str | Path, masks_dir: str | Path) -> list[tuple[Path
     ``images_dir`` and ``masks_dir`` may be one folder (Cellpose's layout: ``000_img.png`` beside
     ``000_masks.png``; or Fiji's ``cell01.tif`` beside ``cell01.zip``): then the files named as masks
     (:func:`is_mask_name`) are the masks and the others the images. A mask may be an ImageJ ROI set or a
-    GeoJSON file (:func:`fsmeta.rois.read_annotation`)."""
+    GeoJSON file (:func:`fsmeta.data.annotations.read_annotation`)."""
     if Path(images_dir).resolve() == Path(masks_dir).resolve():
         files = list_images(images_dir, "image", annotations=True)
         images, masks = [p for p in files if not is_mask_name(p)], [p for p in files if is_mask_name(p)]

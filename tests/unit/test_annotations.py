@@ -17,7 +17,8 @@ from fsmeta.data.io import import_folder, load_folder, read_npy_mask
 from fsmeta.data.store import open_store
 from fsmeta.errors import DataError
 from fsmeta.predict import PredictSettings, predict_files
-from fsmeta.rois import _Shape, fill_shapes, read_annotation, write_rois
+from fsmeta.data.annotations import _Shape, fill_shapes, read_annotation
+from fsmeta.rois import write_rois
 
 
 def _rect(name, left, top, right, bottom, **kw):

@@ -1,0 +1,374 @@
+"""Annotations drawn in Fiji, QuPath or other tools as masks: ImageJ ROI sets and GeoJSON outlines
+filled at their image's size.
+
+A lab's annotations drawn in Fiji or QuPath are masks as they stand, so a folder of masks may hold
+``.zip``/``.roi`` ROI sets and ``.geojson``/``.json`` files (:data:`ANNOTATION_SUFFIXES`) instead of
+mask images (:mod:`fsmeta.data.io` pairs them). Every area outline is filled at the paired image's
+size; a pixel is foreground when its centre lies inside an outline (ImageJ's own rule; the
+top-left rule decides a centre exactly on an edge), holes of composite ROIs and GeoJSON interior
+rings stay background, and the union of the outlines is the mask. So a ROI set that ``fsmeta
+predict --rois`` wrote (:mod:`fsmeta.rois`), corrected in Fiji and saved, goes back to ``fsmeta
+finetune --support-masks`` as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from fsmeta.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# Annotation files a mask folder may hold instead of mask images (read by :func:`read_annotation`).
+IMAGEJ_SUFFIXES = (".zip", ".roi")
+GEOJSON_SUFFIXES = (".geojson", ".json")
+ANNOTATION_SUFFIXES = IMAGEJ_SUFFIXES + GEOJSON_SUFFIXES
+_MAX_ROI_BYTES = 64 * 2**20  # one ROI of a set; a larger member is not an outline a person drew
+_MAX_JSON_BYTES = 512 * 2**20
+
+
+def _shoelace(rc: np.ndarray) -> float:
+    y, x = rc[:, 0], rc[:, 1]
+    return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2.0
+
+
+@dataclass
+class _Shape:
+    """One outline to fill: ``rings`` filled even-odd together (a hole is a ring inside another), or an
+    ellipse inscribed in ``box`` (x0, y0, x1, y1); ``page`` 0-based, or None where the file gives none."""
+
+    name: str
+    rings: list[np.ndarray]
+    box: tuple[float, float, float, float] | None = None
+    page: int | None = None
+
+    def area(self) -> float:
+        """The area inside (px²): the ellipse's, or the rings' even-odd area (largest ring less the others)."""
+        if self.box is not None:
+            return math.pi * (self.box[2] - self.box[0]) * (self.box[3] - self.box[1]) / 4
+        areas = sorted((_shoelace(r[:, ::-1]) for r in self.rings if len(r) > 2), reverse=True)
+        return areas[0] - sum(areas[1:]) if areas else 0.0
+
+    def bounds(self) -> tuple[float, float, float, float]:
+        if self.box is not None:
+            return self.box
+        xy = np.concatenate(self.rings)
+        return float(xy[:, 0].min()), float(xy[:, 1].min()), float(xy[:, 0].max()), float(xy[:, 1].max())
+
+
+def is_annotation(path: str | Path) -> bool:
+    """Whether a file is an ImageJ ROI set or a GeoJSON file by its suffix (:data:`ANNOTATION_SUFFIXES`)."""
+    return Path(path).suffix.lower() in ANNOTATION_SUFFIXES
+
+
+def read_annotation(path: str | Path, height: int, width: int, pages: int = 1, image: str = "the image") -> list[np.ndarray]:
+    """The binary masks (one (H, W) uint8 {0, 1} per page) that an annotation file outlines.
+
+    ``path`` is an ImageJ ROI set (``.zip``) or single ROI (``.roi``), or a GeoJSON file
+    (``.geojson``/``.json``: a FeatureCollection, a list of Features as QuPath 0.2 writes,
+    a Feature or a bare geometry). Area outlines only: polygon, freehand, traced,
+    rectangle, oval and composite ROIs; GeoJSON Polygon and MultiPolygon (and
+    GeometryCollections of them). For an image of several pages every ROI must carry its
+    stack position (Fiji's ROI Manager does when the ROI is added on that slice); a GeoJSON
+    file outlines one plane. Raises :class:`DataError` naming the file (and the ROI or
+    feature) for an unreadable file, a line or point outline, a page the image lacks, or
+    an outline lying wholly outside the ``width``×``height`` ``image`` (the set of another image).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist or is not a file")
+    suffix = path.suffix.lower()
+    if suffix in IMAGEJ_SUFFIXES:
+        shapes = list(_imagej_shapes(path))
+    elif suffix in GEOJSON_SUFFIXES:
+        if pages > 1:
+            raise DataError(f"{path} is GeoJSON, which outlines one plane, but {image} has {pages} pages; give an "
+                            "ImageJ ROI set whose ROIs carry their stack positions, or one image per page")
+        shapes = list(_geojson_shapes(path))
+    else:
+        raise DataError(f"{path} is not an annotation file fsmeta reads ({', '.join(ANNOTATION_SUFFIXES)})")
+    by_page: list[list[_Shape]] = [[] for _ in range(pages)]
+    for shape in shapes:
+        x0, y0, x1, y1 = shape.bounds()
+        if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+            raise DataError(f"{path}: {shape.name} lies wholly outside {image} ({width}×{height}; the outline spans "
+                            f"x {x0:g}–{x1:g}, y {y0:g}–{y1:g}); are these the outlines of another image?")
+        page = shape.page
+        if pages == 1:
+            if page not in (None, 0):
+                raise DataError(f"{path}: {shape.name} is on stack position {page + 1}, but {image} is a single image")
+            page = 0
+        elif page is None:
+            raise DataError(f"{path}: {shape.name} has no stack position, and {image} has {pages} pages, so which page "
+                            "it outlines is unknown (in Fiji, add each ROI to the ROI Manager while its slice is shown, "
+                            "so that it records the slice; or give one image per page)")
+        elif page >= pages:
+            raise DataError(f"{path}: {shape.name} is on stack position {page + 1}, but {image} has {pages} pages")
+        if shape.area() > 0.5 * height * width:
+            log.warning("%s: %s outlines %.0f%% of %s; fsmeta fills every outline as cells, so a region drawn around "
+                        "the cells (a QuPath parent annotation, say) makes that whole region foreground", path, shape.name,
+                        100 * shape.area() / (height * width), image)
+        by_page[page].append(shape)
+    return [fill_shapes(page_shapes, height, width) for page_shapes in by_page]
+
+
+def fill_shapes(shapes: Sequence[_Shape], height: int, width: int) -> np.ndarray:
+    """The union of the shapes' insides as a (height, width) uint8 {0, 1} mask: pixel (r, c) is inside
+    when its centre (c + ½, r + ½) is (even-odd over a shape's rings; top-left rule on an edge)."""
+    rows: list[np.ndarray] = []
+    starts: list[np.ndarray] = []
+    ends: list[np.ndarray] = []
+    for shape in shapes:
+        r, a, b = _ellipse_spans(shape.box, height) if shape.box is not None else _polygon_spans(shape.rings, height)
+        rows.append(r)
+        starts.append(a)
+        ends.append(b)
+    diff = np.zeros((height, width + 1), np.int32)
+    if rows:
+        r = np.concatenate(rows)
+        # Pixel c is inside a span [a, b) of crossings when a <= c + 1/2 < b.
+        c0 = np.clip(np.ceil(np.concatenate(starts) - 0.5), 0, width).astype(np.int64)
+        c1 = np.clip(np.ceil(np.concatenate(ends) - 0.5), 0, width).astype(np.int64)
+        keep = c1 > c0
+        np.add.at(diff, (r[keep], c0[keep]), 1)
+        np.add.at(diff, (r[keep], c1[keep]), -1)
+    return (np.cumsum(diff, axis=1)[:, :width] > 0).astype(np.uint8)
+
+
+def _polygon_spans(rings: Sequence[np.ndarray], height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, start x, end x) of the inside spans of the rings, even-odd, at the rows' centres."""
+    edges = []
+    for ring in rings:
+        ring = np.asarray(ring, np.float64)
+        if len(ring) >= 2:
+            edges.append(np.concatenate([ring, np.roll(ring, -1, axis=0)], axis=1))  # (x0, y0, x1, y1); closes the ring
+    empty = np.zeros(0, np.int64), np.zeros(0), np.zeros(0)
+    if not edges:
+        return empty
+    e = np.concatenate(edges)
+    e = e[e[:, 1] != e[:, 3]]  # a horizontal edge crosses no row centre
+    if not len(e):
+        return empty
+    x0, y0, x1, y1 = e.T
+    lo, hi = np.minimum(y0, y1), np.maximum(y0, y1)
+    # Rows whose centre y = r + 1/2 lies in [lo, hi) (half-open, so a vertex shared by two edges counts once).
+    r_first = np.clip(np.ceil(lo - 0.5), 0, height).astype(np.int64)
+    r_stop = np.clip(np.ceil(hi - 0.5), 0, height).astype(np.int64)
+    n = np.maximum(r_stop - r_first, 0)
+    if not n.sum():
+        return empty
+    which = np.repeat(np.arange(len(e)), n)
+    offsets = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+    row = r_first[which] + offsets
+    yc = row + 0.5
+    x = x0[which] + (yc - y0[which]) * (x1[which] - x0[which]) / (y1[which] - y0[which])
+    order = np.lexsort((x, row))
+    row, x = row[order], x[order]
+    # Within a row the crossings pair up (a closed ring crosses a row an even number of times).
+    return row[0::2], x[0::2], x[1::2]
+
+
+def _ellipse_spans(box: tuple[float, float, float, float], height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    x0, y0, x1, y1 = box
+    cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+    if rx <= 0 or ry <= 0:
+        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0)
+    row = np.arange(max(0, math.floor(y0)), min(height, math.ceil(y1)), dtype=np.int64)
+    dy = (row + 0.5 - cy) / ry
+    row, dy = row[np.abs(dy) < 1], dy[np.abs(dy) < 1]
+    half = rx * np.sqrt(1 - dy * dy)
+    return row, cx - half, cx + half
+
+
+_AREA_TYPES = {"POLYGON", "RECT", "OVAL", "FREEHAND", "TRACED"}
+# QuPath's built-in classes for what is not an object: a region to analyse, a region to ignore.
+_QUPATH_NOT_CELLS = {"Region*", "Ignore*"}
+_NOT_AREA = {"LINE": "a straight line", "FREELINE": "a freehand line", "POLYLINE": "a segmented line",
+             "ANGLE": "an angle", "POINT": "a point selection", "NOROI": "an empty ROI"}
+
+
+def _imagej_shapes(path: Path) -> Iterator[_Shape]:
+    import roifile
+
+    for member, data in _roi_members(path):
+        where = f"ROI {member!r}" if member else "the ROI"
+        try:
+            roi = roifile.ImagejRoi.frombytes(data)
+        except Exception as exc:  # roifile raises ValueError/struct.error on a damaged ROI
+            raise DataError(f"{path}: {where} is not a readable ImageJ ROI ({exc})") from None
+        label = f"ROI {roi.name!r}" if roi.name else where
+        kind = roifile.ROI_TYPE(roi.roitype).name
+        subtype = roifile.ROI_SUBTYPE(roi.subtype).name
+        if subtype in ("TEXT", "ARROW", "IMAGE"):
+            raise DataError(f"{path}: {label} is a {subtype.lower()} overlay, not an outline; delete it from the set")
+        if kind in _NOT_AREA:
+            raise DataError(f"{path}: {label} is {_NOT_AREA[kind]}, which outlines no area; fsmeta reads polygon, "
+                            "freehand, traced, rectangle, oval and composite ROIs (delete it from the set)")
+        if not roi.composite and kind not in _AREA_TYPES:
+            raise DataError(f"{path}: {label} is an ImageJ ROI of unknown type {int(roi.roitype)}")
+        position = int(roi.position) or (int(roi.z_position) if not roi.t_position else
+                                         int(roi.t_position) if not roi.z_position else 0)
+        page = position - 1 if position > 0 else None
+        if not roi.composite and kind == "OVAL":
+            yield _Shape(label, [], box=(float(roi.left), float(roi.top), float(roi.right), float(roi.bottom)), page=page)
+            continue
+        if roi.composite:
+            rings = _path_rings(np.asarray(roi.multi_coordinates, np.float64), path, label)
+        else:
+            rings = [np.asarray(roi.coordinates(), np.float64)]
+        rings = [r for r in rings if len(r)]
+        if not rings:
+            raise DataError(f"{path}: {label} has no coordinates")
+        yield _Shape(label, rings, page=page)
+
+
+_CURVE_SEGMENTS = 16  # straight pieces per Bézier segment of a composite ROI: within 0.1 px for a 40-px cell
+
+
+def _path_rings(ops: np.ndarray, path: Path, label: str) -> list[np.ndarray]:
+    """The rings of a composite (shape) ROI's path, as Java's PathIterator wrote it: MOVETO (0, x, y),
+    LINETO (1, x, y), QUADTO (2, 2 points), CUBICTO (3, 3 points), CLOSE (4), in image coordinates; curves
+    (a composite of ovals) are flattened into :data:`_CURVE_SEGMENTS` pieces each."""
+    values = ops.tolist()
+    rings: list[np.ndarray] = []
+    points: list[tuple[float, float]] = []
+    start = (0.0, 0.0)
+    t = np.linspace(0, 1, _CURVE_SEGMENTS + 1)[1:, None]
+    n = 0
+    try:
+        while n < len(values):
+            op = int(values[n])
+            if op == 0:
+                if len(points) > 2:
+                    rings.append(np.array(points))
+                start = (values[n + 1], values[n + 2])
+                points = [start]
+                n += 3
+            elif op in (1, 2, 3):
+                if not points:
+                    points = [start]  # after a CLOSE a segment starts at the subpath's first point
+                k = op  # points a LINETO, QUADTO, CUBICTO carries
+                segment = values[n + 1:n + 1 + 2 * k]
+                if len(segment) != 2 * k:
+                    raise IndexError
+                ctrl = np.array(segment, np.float64).reshape(k, 2)
+                p0 = np.array(points[-1])
+                if op == 1:
+                    points.append(tuple(ctrl[0]))
+                elif op == 2:
+                    curve = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * ctrl[0] + t**2 * ctrl[1]
+                    points.extend(map(tuple, curve))
+                else:
+                    curve = (1 - t) ** 3 * p0 + 3 * (1 - t) ** 2 * t * ctrl[0] + 3 * (1 - t) * t**2 * ctrl[1] + t**3 * ctrl[2]
+                    points.extend(map(tuple, curve))
+                n += 1 + 2 * k
+            elif op == 4:
+                if len(points) > 2:
+                    rings.append(np.array(points))
+                points = []
+                n += 1
+            else:
+                raise DataError(f"{path}: {label} is a composite ROI with an unknown path command {op}")
+    except IndexError:
+        raise DataError(f"{path}: {label} is a composite ROI whose path ends in the middle of a segment") from None
+    if len(points) > 2:
+        rings.append(np.array(points))
+    return rings
+
+
+def _roi_members(path: Path) -> Iterator[tuple[str, bytes]]:
+    """(member name, bytes) of each ROI of a set, or ("", bytes) of a single ``.roi`` file. Folders and the
+    ``__MACOSX``/``._`` clutter of a zip made by macOS are skipped; any other member must be a ``.roi``."""
+    if path.suffix.lower() == ".roi":
+        if path.stat().st_size > _MAX_ROI_BYTES:
+            raise DataError(f"{path} is {path.stat().st_size:,} bytes, too large for an ImageJ ROI")
+        yield "", path.read_bytes()
+        return
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = [i for i in zf.infolist() if not i.is_dir() and not i.filename.startswith("__MACOSX/")
+                     and not Path(i.filename).name.startswith("._")]
+            others = [i.filename for i in infos if not i.filename.lower().endswith(".roi")]
+            if others:
+                raise DataError(f"{path} is a zip but not an ImageJ ROI set: it holds {', '.join(others[:5])}"
+                                + (f" and {len(others) - 5} more" if len(others) > 5 else "") + " (a ROI set holds only .roi files)")
+            for info in infos:
+                if info.file_size > _MAX_ROI_BYTES:
+                    raise DataError(f"{path}: {info.filename} is {info.file_size:,} bytes, too large for an ImageJ ROI")
+                yield info.filename, zf.read(info)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise DataError(f"{path} is not a readable zip file ({exc})") from None
+
+
+def _geojson_shapes(path: Path) -> Iterator[_Shape]:
+    if path.stat().st_size > _MAX_JSON_BYTES:
+        raise DataError(f"{path} is {path.stat().st_size:,} bytes, more than fsmeta reads as GeoJSON")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not a text file, so not GeoJSON") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    if isinstance(data, list):
+        features = data
+    elif isinstance(data, dict) and data.get("type") == "FeatureCollection":
+        features = data.get("features")
+        if not isinstance(features, list):
+            raise DataError(f"{path}: the FeatureCollection has no list of features")
+    elif isinstance(data, dict) and data.get("type") == "Feature":
+        features = [data]
+    elif isinstance(data, dict) and "coordinates" in data or isinstance(data, dict) and data.get("type") == "GeometryCollection":
+        features = [{"type": "Feature", "geometry": data}]
+    else:
+        raise DataError(f"{path} is JSON but not GeoJSON: expected a FeatureCollection, a list of Features, a Feature "
+                        "or a geometry")
+    for k, feature in enumerate(features):
+        if not isinstance(feature, dict) or feature.get("type") != "Feature":
+            raise DataError(f"{path}: item {k} is not a GeoJSON Feature")
+        props = feature.get("properties") if isinstance(feature.get("properties"), dict) else {}
+        name = props.get("name") or feature.get("id")
+        label = f"feature {k}" + (f" ({name!s})" if name else "")
+        if feature.get("geometry") is None:
+            continue  # GeoJSON allows a feature without a geometry: it outlines nothing
+        cls = props.get("classification")
+        cls = cls.get("name") if isinstance(cls, dict) else cls
+        if isinstance(cls, str) and cls in _QUPATH_NOT_CELLS:
+            log.info("%s: %s is classified %s, which QuPath keeps for regions, not objects; skipped", path, label, cls)
+            continue
+        for rings in _geometry_polygons(feature["geometry"], path, label):
+            yield _Shape(label, rings)
+
+
+def _geometry_polygons(geometry: object, path: Path, label: str) -> Iterator[list[np.ndarray]]:
+    """The polygons (each a list of rings: exterior, then holes) of a GeoJSON geometry."""
+    if not isinstance(geometry, dict):
+        raise DataError(f"{path}: {label} has a geometry that is not a JSON object")
+    kind = geometry.get("type")
+    if kind == "GeometryCollection":
+        for g in geometry.get("geometries") or []:
+            yield from _geometry_polygons(g, path, label)
+        return
+    if kind not in ("Polygon", "MultiPolygon"):
+        raise DataError(f"{path}: {label} is a {kind}, which outlines no area; fsmeta reads Polygon and MultiPolygon "
+                        "outlines (delete it, or export the cells' outlines only)")
+    polygons = [geometry.get("coordinates")] if kind == "Polygon" else geometry.get("coordinates")
+    try:
+        for polygon in polygons or []:
+            rings = [np.asarray(ring, np.float64)[:, :2] for ring in polygon]
+            if any(r.ndim != 2 or len(r) < 3 or not np.isfinite(r).all() for r in rings):
+                raise ValueError
+            if rings:
+                yield rings
+    except (TypeError, ValueError, IndexError):
+        raise DataError(f"{path}: {label} has malformed {kind} coordinates (expected rings of [x, y] pairs)") from None
+
+
+__all__ = ["ANNOTATION_SUFFIXES", "IMAGEJ_SUFFIXES", "GEOJSON_SUFFIXES", "is_annotation", "read_annotation", "fill_shapes"]
