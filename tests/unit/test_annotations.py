@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import roifile
 import tifffile
-import torch
 from PIL import Image
 from roifile import ROI_TYPE, ImagejRoi
 from scipy import ndimage
@@ -19,6 +18,7 @@ from fsmeta.errors import DataError
 from fsmeta.predict import PredictSettings, predict_files
 from fsmeta.data.annotations import _Shape, fill_shapes, read_annotation
 from fsmeta.rois import write_rois
+from tests.conftest import brightness_model
 
 
 def _rect(name, left, top, right, bottom, **kw):
@@ -226,16 +226,6 @@ def test_predicted_rois_corrected_in_fiji_come_back_as_masks(tmp_path):
     """The loop a lab runs: predict --rois imagej, correct the ROIs in Fiji (here: delete one cell, draw one),
     then fine-tune on the images with the ROI folder as the masks."""
 
-    class Model(torch.nn.Module):  # a stand-in model: the bright pixels are the cells
-        stride = 8
-
-        def __init__(self):
-            super().__init__()
-            self.gain = torch.nn.Parameter(torch.tensor(20.0))
-
-        def forward(self, x):
-            return self.gain * x
-
     yy, xx = np.mgrid[:64, :64]
     cells = np.zeros((64, 64), bool)
     for cy, cx in [(16, 16), (16, 44), (46, 30)]:
@@ -244,7 +234,7 @@ def test_predicted_rois_corrected_in_fiji_come_back_as_masks(tmp_path):
     _png(images / "a.png", cells.astype(np.uint8) * 200)
     tifffile.imwrite(images / "s.tif", np.stack([cells, cells.T]).astype(np.uint8) * 255, photometric="minisblack")
     out = tmp_path / "predicted"
-    predict_files(Model(), sorted(images.iterdir()), out, PredictSettings(tile=64, overlap=16, rois=("imagej",)), progress=False)
+    predict_files(brightness_model(), sorted(images.iterdir()), out, PredictSettings(tile=64, overlap=16, rois=("imagej",)), progress=False)
     predicted = {"a": np.asarray(Image.open(out / "labels" / "a.png")) > 0}
     assert np.array_equal(predicted["a"], cells)
 

@@ -17,19 +17,7 @@ from fsmeta.errors import FsmetaError
 from fsmeta.models import build_model
 from fsmeta.predict import PredictSettings, predict_files
 from fsmeta.rois import cell_outlines, parse_formats
-
-
-class Brightness(torch.nn.Module):
-    """A stand-in model whose foreground is the bright pixels: known cells, no training."""
-
-    stride = 8
-
-    def __init__(self):
-        super().__init__()
-        self.gain = torch.nn.Parameter(torch.tensor(20.0))  # predict reads the device off a parameter
-
-    def forward(self, x):  # x in [-1, 1]; logit > 0 where the input is above mid-grey
-        return self.gain * x
+from tests.conftest import brightness_model
 
 
 def _discs(shape, centres, radius):
@@ -70,7 +58,7 @@ def test_rois_and_geojson_read_back_and_match_counts(tmp_path):
     tifffile.imwrite(inputs / "stack.tif", stack.astype(np.uint8) * 255, photometric="minisblack")
     out = tmp_path / "out"
     settings = PredictSettings(tile=64, overlap=16, rois=("imagej", "geojson"))
-    predict_files(Brightness(), sorted(inputs.iterdir()), out, settings, progress=False)
+    predict_files(brightness_model(), sorted(inputs.iterdir()), out, settings, progress=False)
     counts = _counts(out / "counts.csv")
     assert counts == {"grey.png": 4, "stack.tif#0": 1, "stack.tif#1": 3}
 
@@ -104,7 +92,7 @@ def test_rois_and_geojson_read_back_and_match_counts(tmp_path):
 def test_empty_image_gives_empty_roi_files(tmp_path):
     Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "dark.png")
     out = tmp_path / "out"
-    predict_files(Brightness(), [tmp_path / "dark.png"], out, PredictSettings(rois=("imagej", "geojson")), progress=False)
+    predict_files(brightness_model(), [tmp_path / "dark.png"], out, PredictSettings(rois=("imagej", "geojson")), progress=False)
     assert roifile.roiread(out / "rois" / "dark.zip") == []
     assert json.loads((out / "rois" / "dark.geojson").read_text())["features"] == []
 
@@ -114,7 +102,7 @@ def test_overlay_keeps_the_colours_of_an_rgb_input(tmp_path):
     rgb[...] = (180, 40, 200)  # a pink-purple background, as H&E
     rgb[_discs((64, 64), [(32, 32)], 10)] = (250, 250, 250)
     Image.fromarray(rgb).save(tmp_path / "he.png")
-    predict_files(Brightness(), [tmp_path / "he.png"], tmp_path / "out", PredictSettings(), progress=False)
+    predict_files(brightness_model(), [tmp_path / "he.png"], tmp_path / "out", PredictSettings(), progress=False)
     drawn = np.asarray(Image.open(tmp_path / "out" / "overlays" / "he.png"))
     assert tuple(drawn[2, 2]) == (180, 40, 200)  # background untouched, in colour, not grey
     assert tuple(drawn[32, 22]) == (255, 220, 0)  # the outline
