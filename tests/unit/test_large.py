@@ -14,19 +14,7 @@ import fsmeta.large as large
 from fsmeta.errors import FsmetaError
 from fsmeta.large import open_lazy, predict_inputs
 from fsmeta.predict import PredictSettings, list_inputs, predict_files
-
-
-class Brightness(torch.nn.Module):
-    """Foreground = bright pixels; saturated probabilities, so both paths threshold alike."""
-
-    stride = 8
-
-    def __init__(self):
-        super().__init__()
-        self.gain = torch.nn.Parameter(torch.tensor(20.0))
-
-    def forward(self, x):
-        return self.gain * x
+from tests.conftest import brightness_model
 
 
 def _cells(h, w, n=40, seed=0, value=200):
@@ -58,8 +46,8 @@ def test_streamed_tiff_equals_the_in_memory_path(tmp_path, stream_everything, mi
     img = _cells(300, 260)
     tifffile.imwrite(tmp_path / "slide.tif", img, tile=(64, 64), bigtiff=True)
     settings = PredictSettings(tile=64, overlap=16, min_size=min_size)
-    (want,) = predict_files(Brightness(), [tmp_path / "slide.tif"], tmp_path / "mem", settings, progress=False)
-    (got,) = predict_inputs(Brightness(), [tmp_path / "slide.tif"], tmp_path / "big", settings, progress=False, large_output=output)
+    (want,) = predict_files(brightness_model(), [tmp_path / "slide.tif"], tmp_path / "mem", settings, progress=False)
+    (got,) = predict_inputs(brightness_model(), [tmp_path / "slide.tif"], tmp_path / "big", settings, progress=False, large_output=output)
     assert (got.cells, got.mean_area, got.foreground) == (want.cells, want.mean_area, want.foreground) and got.cells > 10
     if output == "auto":  # TIFF in, tiled BigTIFF out
         with tifffile.TiffFile(tmp_path / "big" / "labels" / "slide.tif") as tif:
@@ -83,8 +71,8 @@ def test_ome_zarr_input_16_bit_and_counts_in_input_order(tmp_path):
     inputs = list_inputs(tmp_path / "in")
     assert [p.name for p in inputs] == ["small.png", "well.ome.zarr"]
     settings = PredictSettings(tile=64, overlap=16)
-    rows = predict_inputs(Brightness(), inputs, tmp_path / "out", settings, progress=False)
-    (want,) = predict_files(Brightness(), [tmp_path / "ref.tif"], tmp_path / "mem", settings, progress=False)
+    rows = predict_inputs(brightness_model(), inputs, tmp_path / "out", settings, progress=False)
+    (want,) = predict_files(brightness_model(), [tmp_path / "ref.tif"], tmp_path / "mem", settings, progress=False)
     assert [r.name for r in rows] == ["small.png", "well.ome.zarr"] and rows[1].cells == want.cells > 0
     assert np.array_equal(_zarr_level0(tmp_path / "out" / "labels" / "well.ome.zarr"), tifffile.imread(tmp_path / "mem" / "labels" / "ref.tif"))
     with open(tmp_path / "out" / "counts.csv") as f:
@@ -105,7 +93,7 @@ def test_lazy_reading_of_pyramidal_rgb_ome_tiff(tmp_path):
 def test_streamed_images_refuse_the_watershed(tmp_path, stream_everything):
     tifffile.imwrite(tmp_path / "slide.tif", _cells(64, 64))
     with pytest.raises(FsmetaError, match="--watershed needs the whole mask"):
-        predict_inputs(Brightness(), [tmp_path / "slide.tif"], tmp_path / "out", PredictSettings(watershed=True), progress=False)
+        predict_inputs(brightness_model(), [tmp_path / "slide.tif"], tmp_path / "out", PredictSettings(watershed=True), progress=False)
 
 
 def test_cli_streams_a_huge_tiff(tmp_path, stream_everything, capsys):
@@ -132,8 +120,8 @@ def test_streamed_rois_equal_the_in_memory_ones(tmp_path, stream_everything):
 
     tifffile.imwrite(tmp_path / "slide.tif", _cells(300, 260, seed=4))
     settings = PredictSettings(tile=64, overlap=16, rois=("imagej", "geojson"))
-    (want,) = predict_files(Brightness(), [tmp_path / "slide.tif"], tmp_path / "mem", settings, progress=False)
-    (got,) = predict_inputs(Brightness(), [tmp_path / "slide.tif"], tmp_path / "big", settings, progress=False)
+    (want,) = predict_files(brightness_model(), [tmp_path / "slide.tif"], tmp_path / "mem", settings, progress=False)
+    (got,) = predict_inputs(brightness_model(), [tmp_path / "slide.tif"], tmp_path / "big", settings, progress=False)
     mem, big = (json.loads((tmp_path / d / "rois" / "slide.geojson").read_text()) for d in ("mem", "big"))
     assert big == mem and len(big["features"]) == got.cells == want.cells  # the long cells cross band seams
     rois = roifile.roiread(tmp_path / "big" / "rois" / "slide.zip")
