@@ -447,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--masks", required=True, metavar="DIR",
                      help="folder of binary or instance masks named like the images, optionally ending _mask/_label/_gt, or of the outlines "
                      "drawn in Fiji (ROI sets, .zip/.roi) or QuPath (.geojson), or Cellpose's _seg.npy; may be the image folder itself, "
-                     "as in Cellpose's 000_img.png + 000_masks.png (required)")
+                     "as in Cellpose's 000_img.png + 000_masks.png; or one COCO .json file annotating every image (CVAT, Label Studio, "
+                     "Roboflow) (required)")
     dst = p.add_argument_group("output")
     dst.add_argument("--data-root", metavar="DIR", help="where to write (default: $FSMETA_DATA or ./data)")
     dst.add_argument("--replace", action="store_true", help="overwrite an existing data set of that name (default: refuse)")
@@ -474,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/finetuned.safetensors", metavar="CKPT", help="output checkpoint (default: runs/finetuned.safetensors)")
     u = p.add_argument_group("your own annotated images (instead of --target's K-shot draw)")
     u.add_argument("--support-images", metavar="DIR", help="fine-tune on every image of this folder (default: none; use --target)")
-    u.add_argument("--support-masks", metavar="DIR", help="their masks, or Fiji ROI sets / QuPath GeoJSON, paired by name as in `fsmeta data import` (default: none)")
+    u.add_argument("--support-masks", metavar="DIR", help="their masks, or Fiji ROI sets / QuPath GeoJSON, paired by name, or one COCO .json file, as in `fsmeta data import` (default: none)")
     u.add_argument("--pool", metavar="DIR", help="unannotated images of the same kind (e.g. `fsmeta select`'s --target folder): "
                    "the threshold moves toward the one at which eval.pool_images of them are predicted the support's foreground "
                    "share, unless the two disagree (eval.pool_threshold, on by default; docs/results.md) (default: the held-out bands' threshold alone)")

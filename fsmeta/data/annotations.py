@@ -1,9 +1,11 @@
-"""Annotations drawn in Fiji, QuPath or other tools as masks: ImageJ ROI sets and GeoJSON outlines
-filled at their image's size.
+"""Annotations drawn in Fiji, QuPath or other tools as masks: ImageJ ROI sets, GeoJSON outlines and
+COCO instance annotations filled at their image's size.
 
 A lab's annotations drawn in Fiji or QuPath are masks as they stand, so a folder of masks may hold
 ``.zip``/``.roi`` ROI sets and ``.geojson``/``.json`` files (:data:`ANNOTATION_SUFFIXES`) instead of
-mask images (:mod:`fsmeta.data.io` pairs them). Every area outline is filled at the paired image's
+mask images (:mod:`fsmeta.data.io` pairs them). One COCO JSON file (the instance-segmentation export
+of CVAT, Label Studio, Roboflow and of data sets such as LIVECell) annotates many images: its
+polygons and run-length masks are read for the image whose file name it lists (:func:`coco_index`). Every area outline is filled at the paired image's
 size; a pixel is foreground when its centre lies inside an outline (ImageJ's own rule; the
 top-left rule decides a centre exactly on an edge), holes of composite ROIs and GeoJSON interior
 rings stay background, and the union of the outlines is the mask. So a ROI set that ``fsmeta
@@ -13,6 +15,7 @@ finetune --support-masks`` as it is.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -72,9 +75,10 @@ def is_annotation(path: str | Path) -> bool:
 def read_annotation(path: str | Path, height: int, width: int, pages: int = 1, image: str = "the image") -> list[np.ndarray]:
     """The binary masks (one (H, W) uint8 {0, 1} per page) that an annotation file outlines.
 
-    ``path`` is an ImageJ ROI set (``.zip``) or single ROI (``.roi``), or a GeoJSON file
+    ``path`` is an ImageJ ROI set (``.zip``) or single ROI (``.roi``), a GeoJSON file
     (``.geojson``/``.json``: a FeatureCollection, a list of Features as QuPath 0.2 writes,
-    a Feature or a bare geometry). Area outlines only: polygon, freehand, traced,
+    a Feature or a bare geometry), or a COCO file (``.json``; its entry for the image whose file
+    name is that of ``image``, :func:`coco_index`). Area outlines only: polygon, freehand, traced,
     rectangle, oval and composite ROIs; GeoJSON Polygon and MultiPolygon (and
     GeometryCollections of them). For an image of several pages every ROI must carry its
     stack position (Fiji's ROI Manager does when the ROI is added on that slice); a GeoJSON
@@ -89,10 +93,14 @@ def read_annotation(path: str | Path, height: int, width: int, pages: int = 1, i
     if suffix in IMAGEJ_SUFFIXES:
         shapes = list(_imagej_shapes(path))
     elif suffix in GEOJSON_SUFFIXES:
+        index = _coco_or_none(path)  # COCO files are read once for all the images they annotate
+        kind = "GeoJSON" if index is None else "COCO"
         if pages > 1:
-            raise DataError(f"{path} is GeoJSON, which outlines one plane, but {image} has {pages} pages; give an "
+            raise DataError(f"{path} is {kind}, which outlines one plane, but {image} has {pages} pages; give an "
                             "ImageJ ROI set whose ROIs carry their stack positions, or one image per page")
-        shapes = list(_geojson_shapes(path))
+        if index is not None:
+            return [_coco_mask(index, image, height, width)]
+        shapes = list(_geojson_shapes(path, _load_json(path)))
     else:
         raise DataError(f"{path} is not an annotation file fsmeta reads ({', '.join(ANNOTATION_SUFFIXES)})")
     by_page: list[list[_Shape]] = [[] for _ in range(pages)]
@@ -308,15 +316,19 @@ def _roi_members(path: Path) -> Iterator[tuple[str, bytes]]:
         raise DataError(f"{path} is not a readable zip file ({exc})") from None
 
 
-def _geojson_shapes(path: Path) -> Iterator[_Shape]:
+def _load_json(path: Path) -> object:
     if path.stat().st_size > _MAX_JSON_BYTES:
-        raise DataError(f"{path} is {path.stat().st_size:,} bytes, more than fsmeta reads as GeoJSON")
+        raise DataError(f"{path} is {path.stat().st_size:,} bytes, more than fsmeta reads as GeoJSON or COCO "
+                        f"({_MAX_JSON_BYTES:,}); split it")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
-        raise DataError(f"{path} is not a text file, so not GeoJSON") from None
+        raise DataError(f"{path} is not a text file, so not GeoJSON or COCO") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+
+
+def _geojson_shapes(path: Path, data: object) -> Iterator[_Shape]:
     if isinstance(data, list):
         features = data
     elif isinstance(data, dict) and data.get("type") == "FeatureCollection":
@@ -328,8 +340,8 @@ def _geojson_shapes(path: Path) -> Iterator[_Shape]:
     elif isinstance(data, dict) and "coordinates" in data or isinstance(data, dict) and data.get("type") == "GeometryCollection":
         features = [{"type": "Feature", "geometry": data}]
     else:
-        raise DataError(f"{path} is JSON but not GeoJSON: expected a FeatureCollection, a list of Features, a Feature "
-                        "or a geometry")
+        raise DataError(f"{path} is JSON but neither GeoJSON nor COCO: expected a FeatureCollection, a list of Features, "
+                        "a Feature or a geometry, or COCO's \"images\" and \"annotations\"")
     for k, feature in enumerate(features):
         if not isinstance(feature, dict) or feature.get("type") != "Feature":
             raise DataError(f"{path}: item {k} is not a GeoJSON Feature")
@@ -371,4 +383,179 @@ def _geometry_polygons(geometry: object, path: Path, label: str) -> Iterator[lis
         raise DataError(f"{path}: {label} has malformed {kind} coordinates (expected rings of [x, y] pairs)") from None
 
 
-__all__ = ["ANNOTATION_SUFFIXES", "IMAGEJ_SUFFIXES", "GEOJSON_SUFFIXES", "is_annotation", "read_annotation", "fill_shapes"]
+# ---------------------------------------------------------------- COCO
+
+
+def _is_coco(data: object) -> bool:
+    return isinstance(data, dict) and "images" in data and "annotations" in data
+
+
+def _file_key(name: str) -> str:
+    """How an image is found in a COCO file: its file name without folders (either slash), lower-case."""
+    return name.replace("\\", "/").rsplit("/", 1)[-1].lower()
+
+
+@dataclass(frozen=True)
+class CocoIndex:
+    """A COCO file's images by file name (:func:`_file_key`) and their annotations by image id."""
+
+    path: Path
+    images: dict[str, list[dict]]
+    annotations: dict[object, list[dict]]
+    categories: dict[object, str]
+
+    def entry(self, image: str) -> dict:
+        """The image record for the image file ``image`` (a path or a name); an error when the file lists
+        it not once."""
+        found = self.images.get(_file_key(image), [])
+        if not found:
+            raise DataError(f"{self.path} lists no image named {Path(image).name} (it lists {len(self.images)} file "
+                            "name(s); an image in the folder that the COCO file does not annotate must be moved out)")
+        if len(found) > 1:
+            raise DataError(f"{self.path} lists {len(found)} images named {Path(image).name} (ids "
+                            f"{', '.join(str(r.get('id')) for r in found)}), so which one is meant is unknown")
+        return found[0]
+
+    def names(self) -> set[str]:
+        return set(self.images)
+
+
+def coco_index(path: str | Path) -> CocoIndex:
+    """The COCO instance annotations of ``path`` (``{"images": [...], "annotations": [...], ...}``, as
+    CVAT, Label Studio, Roboflow and pycocotools write it), read once and kept while the file is unchanged.
+    Raises :class:`DataError` naming the file when it is not COCO or an entry is malformed."""
+    index = _coco_or_none(path)
+    if index is None:
+        raise DataError(f"{path} is not a COCO file: expected a JSON object with \"images\" and \"annotations\"")
+    return index
+
+
+def _coco_or_none(path: str | Path) -> CocoIndex | None:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist or is not a file")
+    st = path.stat()
+    return _coco_index(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _coco_index(resolved: str, mtime_ns: int, size: int) -> CocoIndex | None:
+    """The index of a COCO file, or None for JSON that is not COCO (kept too, so a mask folder's GeoJSON files
+    are not parsed once more to learn that); a malformed COCO file raises (and is read again next time)."""
+    path = Path(resolved)
+    data = _load_json(path)
+    if not _is_coco(data):
+        return None
+    images_list, annotations_list = data["images"], data["annotations"]
+    if not isinstance(images_list, list) or not isinstance(annotations_list, list):
+        raise DataError(f"{path}: COCO's \"images\" and \"annotations\" must be lists")
+    images: dict[str, list[dict]] = {}
+    for k, record in enumerate(images_list):
+        if not isinstance(record, dict) or "id" not in record or not isinstance(record.get("file_name"), str):
+            raise DataError(f"{path}: images[{k}] is not a COCO image record (an object with \"id\" and \"file_name\")")
+        images.setdefault(_file_key(record["file_name"]), []).append(record)
+    annotations: dict[object, list[dict]] = {}
+    for k, ann in enumerate(annotations_list):
+        if not isinstance(ann, dict) or "image_id" not in ann:
+            raise DataError(f"{path}: annotations[{k}] is not a COCO annotation (an object with \"image_id\")")
+        annotations.setdefault(ann["image_id"], []).append(ann)
+    categories = {c.get("id"): str(c.get("name", c.get("id"))) for c in data.get("categories") or [] if isinstance(c, dict)}
+    index = CocoIndex(path, images, annotations, categories)
+    used = sorted({categories.get(a.get("category_id"), str(a.get("category_id"))) for a in annotations_list})
+    log.info("%s: COCO, %d image(s), %d annotation(s) of categories %s, every one filled as cells", path,
+             len(images_list), len(annotations_list), ", ".join(used) or "(none)")
+    return index
+
+
+def _coco_mask(index: CocoIndex, image: str, height: int, width: int) -> np.ndarray:
+    """The union of the COCO annotations of ``image``: polygons filled by the pixel-centre rule (as
+    pycocotools rasterises a polygon), run-length masks (``iscrowd`` ones too) decoded."""
+    record = index.entry(image)
+    name, path = Path(image).name, index.path
+    size = record.get("height"), record.get("width")
+    if all(isinstance(v, int) for v in size) and size != (height, width):
+        raise DataError(f"{path} gives {name} as {size[1]}×{size[0]}, but the image is {width}×{height}; "
+                        "were the annotations made on a resized copy?")
+    anns = index.annotations.get(record["id"], [])
+    if not anns:
+        log.warning("%s holds no annotation of %s: its mask is empty", path, name)
+    shapes: list[_Shape] = []
+    mask = np.zeros((height, width), np.uint8)
+    for ann in anns:
+        label = f"annotation {ann.get('id', '?')} of {name}"
+        seg = ann.get("segmentation")
+        if isinstance(seg, dict):
+            mask |= _rle_mask(seg, height, width, path, label)
+        elif isinstance(seg, list) and seg:
+            for k, poly in enumerate(seg):
+                if not isinstance(poly, list) or len(poly) % 2 or not all(isinstance(v, (int, float)) for v in poly):
+                    raise DataError(f"{path}: {label} has a malformed polygon (expected a flat list [x1, y1, x2, y2, …])")
+                if len(poly) < 6:
+                    log.info("%s: %s has a polygon of %d point(s), which outlines no area; skipped", path, label, len(poly) // 2)
+                    continue
+                ring = np.asarray(poly, np.float64).reshape(-1, 2)
+                if not np.isfinite(ring).all():
+                    raise DataError(f"{path}: {label} has a polygon with a non-finite coordinate")
+                shapes.append(_Shape(f"{label}, polygon {k}", [ring]))
+        else:
+            raise DataError(f"{path}: {label} has no segmentation" + (" (a bounding box only)" if "bbox" in ann else "")
+                            + ": fsmeta needs each object's outline or mask, not its box; export instance segmentation")
+    for shape in shapes:
+        x0, y0, x1, y1 = shape.bounds()
+        if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+            raise DataError(f"{path}: {shape.name} lies wholly outside {name} ({width}×{height}; the outline spans "
+                            f"x {x0:g}–{x1:g}, y {y0:g}–{y1:g})")
+    return mask | fill_shapes(shapes, height, width)
+
+
+def _rle_counts(counts: object, path: Path, label: str) -> np.ndarray:
+    """The run lengths of a COCO RLE: a list of integers, or pycocotools' compressed string (each
+    count in 5-bit groups offset by 48, a continuation bit 0x20 and a sign bit 0x10; from the third
+    count on, the difference to the count two before)."""
+    if isinstance(counts, list):
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
+            raise DataError(f"{path}: {label} has RLE counts that are not non-negative integers")
+        return np.asarray(counts, np.int64)
+    if not isinstance(counts, str):
+        raise DataError(f"{path}: {label} has RLE counts that are neither a list nor a string")
+    out: list[int] = []
+    p, n = 0, len(counts)
+    while p < n:
+        x, k, more = 0, 0, True
+        while more:
+            if p >= n:
+                raise DataError(f"{path}: {label} has a compressed RLE string that ends in the middle of a count")
+            c = ord(counts[p]) - 48
+            if not 0 <= c < 64:
+                raise DataError(f"{path}: {label} has a character {counts[p]!r} that a compressed RLE string does not hold")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(out) > 2:
+            x += out[-2]
+        out.append(x)
+    if any(v < 0 for v in out):
+        raise DataError(f"{path}: {label} has a compressed RLE string that decodes to a negative run")
+    return np.asarray(out, np.int64)
+
+
+def _rle_mask(seg: dict, height: int, width: int, path: Path, label: str) -> np.ndarray:
+    """A COCO run-length mask: runs of 0 then 1 alternately, in column-major order, over ``size`` = [h, w]."""
+    size = seg.get("size")
+    if not (isinstance(size, list) and len(size) == 2):
+        raise DataError(f"{path}: {label} is a run-length mask without a \"size\" [height, width]")
+    if tuple(size) != (height, width):
+        raise DataError(f"{path}: {label} is a run-length mask of {size[1]}×{size[0]}, but the image is {width}×{height}")
+    counts = _rle_counts(seg.get("counts"), path, label)
+    if int(counts.sum()) != height * width:
+        raise DataError(f"{path}: {label}'s run lengths cover {int(counts.sum()):,} pixels, but a {width}×{height} "
+                        f"image has {height * width:,}")
+    values = np.zeros(len(counts), np.uint8)
+    values[1::2] = 1
+    return np.ascontiguousarray(np.repeat(values, counts).reshape(width, height).T)
+
+
+__all__ = ["ANNOTATION_SUFFIXES", "CocoIndex", "coco_index", "IMAGEJ_SUFFIXES", "GEOJSON_SUFFIXES", "is_annotation", "read_annotation", "fill_shapes"]

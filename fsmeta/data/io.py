@@ -524,6 +524,7 @@ def _read_pair(image_path: Path, mask_path: Path, colour: str = "grey") -> list[
     from fsmeta.data.annotations import is_annotation, read_annotation
 
     planes = read_planes(image_path)
+    shared = _key(image_path.stem) not in mask_keys(mask_path.stem)  # a COCO file, say: the warnings name the image too
     if is_annotation(mask_path):
         h, w = planes[0].shape[:2]
         if any(p.shape[:2] != (h, w) for p in planes):
@@ -544,11 +545,12 @@ def _read_pair(image_path: Path, mask_path: Path, colour: str = "grey") -> list[
                 f"but {where} is {img.shape[1]}×{img.shape[0]}"
             )
         mask = mask_to_binary(m, mask_rule(mask_path))
+        named = f"{mask_path}'s mask of {image_path.name}" if shared else str(mask_path)
         if not mask.any():
-            log.warning("%s has no foreground pixels; its weighted BCE uses w = 1", mask_path)
+            log.warning("%s has no foreground pixels; its weighted BCE uses w = 1", named)
         elif mask.all():
             log.warning("%s is foreground everywhere: the weighted BCE gives it weight 0 and nothing is "
-                        "learned from it; check the mask (inverted?)", mask_path)
+                        "learned from it; check the mask (inverted?)", named)
         ident = image_path.stem + (f"-p{k:03d}" if len(planes) > 1 else "")
         out.append(PairedPlane(ident, image_to_unit(img, where, colour), mask, f"{image_path}:{mask_path}" + (f"#{k}" if len(planes) > 1 else "")))
     return out
@@ -563,14 +565,64 @@ def is_mask_name(path: str | Path) -> bool:
     return bool(_MASK_SUFFIX_RE.search(Path(path).stem)) or is_annotation(path) or Path(path).suffix.lower() == NPY_SUFFIX
 
 
+def _coco_file(masks: list[Path]) -> Path | None:
+    """The COCO file among a mask folder's files, when it is the folder's one annotation (None when no
+    ``.json`` there is COCO); a COCO file beside per-image masks is an error."""
+    from fsmeta.data.annotations import GEOJSON_SUFFIXES, _coco_or_none
+
+    found = []
+    for m in masks:
+        if m.suffix.lower() in GEOJSON_SUFFIXES:
+            try:
+                if _coco_or_none(m) is None:
+                    continue  # GeoJSON: a mask of its own image
+            except DataError:
+                continue  # not JSON, or malformed COCO: named when it is read as its image's mask
+            found.append(m)
+    if not found:
+        return None
+    if len(masks) > 1:
+        raise DataError(f"{found[0]} is a COCO file, which annotates many images, but it lies beside "
+                        f"{len(masks) - 1} other mask file(s) ({_names(m.name for m in masks if m != found[0])}); "
+                        "give the COCO file alone (--masks FILE) or per-image masks")
+    return found[0]
+
+
+def _coco_pairs(images: list[Path], coco: Path) -> list[tuple[Path, Path]]:
+    """Each image paired with the COCO file that lists it; an error naming every image it does not list."""
+    from fsmeta.data.annotations import coco_index
+
+    index = coco_index(coco)
+    listed = index.names()
+    lonely = [p for p in images if p.name.lower() not in listed]
+    if lonely:
+        raise DataError(f"{coco} annotates no image named {_names(p.name for p in lonely)} ({len(lonely)} of the "
+                        f"{len(images)} image(s) in {images[0].parent}); move the images it does not annotate out of the folder")
+    if len(listed) > len(images):
+        log.info("%s lists %d image(s); the %d in %s are read", coco, len(listed), len(images), images[0].parent)
+    return [(p, coco) for p in images]
+
+
 def scan_pairs(images_dir: str | Path, masks_dir: str | Path) -> list[tuple[Path, Path]]:
     """List and pair a user's folders; raises naming every unpaired file.
 
     ``images_dir`` and ``masks_dir`` may be one folder (Cellpose's layout: ``000_img.png`` beside
     ``000_masks.png``; or Fiji's ``cell01.tif`` beside ``cell01.zip``): then the files named as masks
     (:func:`is_mask_name`) are the masks and the others the images. A mask may be an ImageJ ROI set or a
-    GeoJSON file (:func:`fsmeta.data.annotations.read_annotation`)."""
-    if Path(images_dir).resolve() == Path(masks_dir).resolve():
+    GeoJSON file (:func:`fsmeta.data.annotations.read_annotation`). ``masks_dir`` may also be one COCO
+    file (or a folder holding only that file, or the image folder holding it, as Roboflow exports): then
+    every image pairs with it (:func:`fsmeta.data.annotations.coco_index`)."""
+    same = Path(images_dir).resolve() == Path(masks_dir).resolve()
+    if Path(masks_dir).is_file():
+        from fsmeta.data.annotations import coco_index
+
+        coco_index(masks_dir)  # a file given as the masks must be COCO: the error says what it is instead
+        files = list_images(images_dir, "image", annotations=True)
+        images = [p for p in files if not is_mask_name(p)]
+        if not images:
+            raise DataError(f"image folder {images_dir} holds no image, only annotation files")
+        pairs = _coco_pairs(images, Path(masks_dir))
+    elif same:
         files = list_images(images_dir, "image", annotations=True)
         images, masks = [p for p in files if not is_mask_name(p)], [p for p in files if is_mask_name(p)]
         if not masks:
@@ -579,9 +631,12 @@ def scan_pairs(images_dir: str | Path, masks_dir: str | Path) -> list[tuple[Path
         if not images:
             raise DataError(f"{images_dir} is given as both the image and the mask folder but every file in it is "
                             "named as a mask")
+        coco = _coco_file(masks)
+        pairs = _coco_pairs(images, coco) if coco else pair_by_name(images, masks)
     else:
         images, masks = list_images(images_dir, "image"), list_images(masks_dir, "mask", annotations=True)
-    pairs = pair_by_name(images, masks)
+        coco = _coco_file(masks)
+        pairs = _coco_pairs(images, coco) if coco else pair_by_name(images, masks)
     lossy = [m for _, m in pairs if mask_rule(m) == "lossy"]
     if lossy:
         log.warning("%d of %d mask(s) in %s are JPEG (lossy; e.g. %s): foreground is read as above half of each "

@@ -172,7 +172,7 @@ def test_quPaths_region_classes_are_skipped_and_a_region_sized_outline_warns(tmp
 
 @pytest.mark.parametrize("content, message", [
     ('{"type": "FeatureCollection", "features": [', r"bad.geojson is not valid JSON \(line 1, column 44: Expecting value\)"),
-    ('{"type": "Topology"}', r"bad.geojson is JSON but not GeoJSON"),
+    ('{"type": "Topology"}', r"bad.geojson is JSON but neither GeoJSON nor COCO"),
     ('[{"type": "Feature", "properties": {"name": "seed"}, "geometry": {"type": "Point", "coordinates": [3, 3]}}]',
      r"bad.geojson: feature 0 \(seed\) is a Point, which outlines no area"),
     ('[{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 1]]]}}]',

@@ -1,0 +1,222 @@
+"""COCO instance annotations (CVAT, Label Studio, Roboflow, LIVECell) as masks: run-length masks against
+strings pycocotools wrote, polygons by the pixel-centre rule, pairing by file name, and the error for each
+bad file."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fsmeta.cli import main
+from fsmeta.data import annotations
+from fsmeta.data.annotations import coco_index, read_annotation
+from fsmeta.data.io import import_folder, load_folder
+from fsmeta.data.store import open_store
+from fsmeta.errors import DataError
+
+# Written by pycocotools 2.0 (mask.encode of a Fortran-ordered array) for the masks the tests build by hand.
+SMALL_RLE = "01<2G000f0N"  # 6×9: rows 1–3 × columns 2–4, pixel (5, 8) and pixel (0, 0)
+DISCS_RLE = ("T14T10000000000000UO3;MC7;ID9;GE9;GD;;EE;;EE;;EE;;EE;;EE;;EE;;EF9;GE9;GF7;IG3;M`000000D5[OKd07[OIc0?00O1O100000"
+             "000000000001O1O002H[OIf05[OKQ100000\\1")  # 40×50: two discs and a bar, 670 pixels
+
+
+def _small():
+    m = np.zeros((6, 9), np.uint8)
+    m[1:4, 2:5] = 1
+    m[5, 8] = m[0, 0] = 1
+    return m
+
+
+def _discs():
+    yy, xx = np.mgrid[:40, :50]
+    return ((((yy - 12) ** 2 + (xx - 15) ** 2) < 64) | (((yy - 28) ** 2 + (xx - 35) ** 2) < 100)
+            | ((yy >= 36) & (xx < 48))).astype(np.uint8)
+
+
+def _png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def _coco(path, images, annotations_, categories=({"id": 1, "name": "cell"},)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"images": images, "annotations": annotations_, "categories": list(categories)}))
+    return path
+
+
+def _image(id_, name, h, w):
+    return {"id": id_, "file_name": name, "height": h, "width": w}
+
+
+def _ann(id_, image_id, segmentation, **kw):
+    return {"id": id_, "image_id": image_id, "category_id": 1, "segmentation": segmentation, **kw}
+
+
+# ---------------------------------------------------------------- decoding, against pycocotools and by hand
+
+
+def test_run_length_masks_decode_as_pycocotools_encoded_them(tmp_path):
+    coco = _coco(tmp_path / "a.json", [_image(1, "small.png", 6, 9), _image(2, "discs.png", 40, 50)],
+                 [_ann(1, 1, {"size": [6, 9], "counts": SMALL_RLE}), _ann(2, 2, {"size": [40, 50], "counts": DISCS_RLE})])
+    (small,) = read_annotation(coco, 6, 9, image="small.png")
+    assert np.array_equal(small, _small())
+    (discs,) = read_annotation(coco, 40, 50, image="/anywhere/discs.png")
+    assert discs.sum() == 670 and np.array_equal(discs, _discs())
+
+
+def test_uncompressed_counts_run_down_the_columns(tmp_path):
+    # 3×4, column-major: 1 background, 2 foreground (column 0 rows 1–2), 4 background, 3 foreground (column 2
+    # row 1 … column 3 row 0), 2 background.
+    coco = _coco(tmp_path / "a.json", [_image(7, "x.png", 3, 4)],
+                 [_ann(1, 7, {"size": [3, 4], "counts": [1, 2, 4, 3, 2]}, iscrowd=1)])
+    (mask,) = read_annotation(coco, 3, 4, image="x.png")
+    assert mask.tolist() == [[0, 0, 0, 1], [1, 0, 1, 0], [1, 0, 1, 0]]
+
+
+def test_polygons_fill_by_the_pixel_centre_as_pycocotools_rasterises_them(tmp_path):
+    # pycocotools' own rasterisation of these two polygons (frPyObjects + decode) gives exactly these pixels.
+    rect, tri = [1, 1, 5, 1, 5, 4, 1, 4], [0, 0, 8, 0, 0, 6]
+    coco = _coco(tmp_path / "a.json", [_image(1, "r.png", 6, 9), _image(2, "t.png", 6, 9)],
+                 [_ann(1, 1, [rect]), _ann(2, 2, [tri])])
+    (r,) = read_annotation(coco, 6, 9, image="r.png")
+    expected = np.zeros((6, 9), np.uint8)
+    expected[1:4, 1:5] = 1
+    assert np.array_equal(r, expected)
+    (t,) = read_annotation(coco, 6, 9, image="t.png")
+    assert t.sum(axis=1).tolist() == [7, 6, 5, 3, 2, 1] and t[:, 0].all()
+
+
+def test_an_objects_parts_and_overlapping_objects_are_a_union(tmp_path):
+    # One object in two overlapping polygons and a second object over both: union, not even-odd.
+    a, b = [0, 0, 4, 0, 4, 4, 0, 4], [2, 2, 6, 2, 6, 6, 2, 6]
+    coco = _coco(tmp_path / "a.json", [_image(1, "u.png", 8, 8)],
+                 [_ann(1, 1, [a, b]), _ann(2, 1, {"size": [8, 8], "counts": [0, 64]})])
+    (mask,) = read_annotation(coco, 8, 8, image="u.png")
+    assert mask.all()
+    coco = _coco(tmp_path / "b.json", [_image(1, "u.png", 8, 8)], [_ann(1, 1, [a, b])])
+    (mask,) = read_annotation(coco, 8, 8, image="u.png")
+    assert mask.sum() == 16 + 16 - 4
+
+
+# ---------------------------------------------------------------- folders as the tools export them
+
+
+def _cells(tmp_path, names):
+    """Images with bright squares and the COCO entries outlining them (mixed polygons and RLE)."""
+    images, anns, want = [], [], {}
+    for k, name in enumerate(names):
+        img = np.full((20, 30), 10, np.uint8)
+        mask = np.zeros((20, 30), np.uint8)
+        x = 3 + 4 * k
+        img[2:8, x:x + 5] = 200
+        mask[2:8, x:x + 5] = 1
+        _png(tmp_path / "imgs" / name, img)
+        images.append(_image(k + 1, f"project/images/{name}" if k % 2 else name, 20, 30))
+        if k % 2:
+            anns.append(_ann(10 + k, k + 1, [[x, 2, x + 5, 2, x + 5, 8, x, 8]]))
+        else:
+            flat = mask.T.ravel()
+            edges = np.flatnonzero(np.diff(np.r_[0, flat, 0]))
+            counts = np.diff(np.r_[0, edges, flat.size]).tolist()
+            anns.append(_ann(10 + k, k + 1, {"size": [20, 30], "counts": counts}))
+        want[name.rsplit(".", 1)[0]] = mask
+    return images, anns, want
+
+
+def test_a_coco_file_annotates_a_folder_and_imports(tmp_path):
+    images, anns, want = _cells(tmp_path, ["a.png", "b.png", "c.png"])
+    images.append(_image(99, "not-copied.png", 20, 30))  # listed, not in the folder: fine
+    coco = _coco(tmp_path / "export" / "annotations" / "instances_default.json", images, anns)
+    for masks in (coco, coco.parent):  # the file itself, or CVAT's annotations/ folder holding it alone
+        support = load_folder(tmp_path / "imgs", masks, colour="grey")
+        assert support.ids == ["a", "b", "c"]
+        for ident, mask in zip(support.ids, support.masks):
+            assert np.array_equal(mask, want[ident])
+    assert main(["data", "import", "lab", "--images", str(tmp_path / "imgs"), "--masks", str(coco),
+                 "--data-root", str(tmp_path / "data")]) == 0
+    store = open_store(tmp_path / "data", "lab")
+    assert [np.array_equal(store.masks[i], want[store.ids[i]]) for i in range(3)] == [True] * 3
+
+
+def test_roboflows_layout_the_coco_file_among_the_images(tmp_path):
+    images, anns, want = _cells(tmp_path, ["a.png", "b.png"])
+    _coco(tmp_path / "imgs" / "_annotations.coco.json", images, anns)
+    support = load_folder(tmp_path / "imgs", tmp_path / "imgs", colour="grey")
+    assert support.ids == ["a", "b"] and all(np.array_equal(m, want[i]) for i, m in zip(support.ids, support.masks))
+    path = import_folder(tmp_path / "data", "rf", tmp_path / "imgs", tmp_path / "imgs" / "_annotations.coco.json", colour="grey")
+    assert open_store(path.parent, "rf").ids == ["a", "b"]
+
+
+def test_a_coco_file_is_parsed_once_for_the_check_and_the_reading(tmp_path, monkeypatch):
+    images, anns, _ = _cells(tmp_path, ["a.png", "b.png", "c.png"])
+    coco = _coco(tmp_path / "c.json", images, anns)
+    calls = []
+    real = annotations._load_json
+    monkeypatch.setattr(annotations, "_load_json", lambda p: calls.append(p) or real(p))
+    annotations._coco_index.cache_clear()
+    load_folder(tmp_path / "imgs", coco, colour="grey")
+    assert calls == [coco.resolve()]
+    # A changed file is read again.
+    _coco(coco.parent / "c.json", images, anns[:2])
+    os.utime(coco, ns=(coco.stat().st_atime_ns, coco.stat().st_mtime_ns + 10**9))
+    assert len(coco_index(coco).annotations) == 2 and len(calls) == 2
+
+
+# ---------------------------------------------------------------- bad files, named
+
+
+def test_images_the_coco_file_does_not_list_are_named(tmp_path):
+    images, anns, _ = _cells(tmp_path, ["a.png", "b.png", "c.png"])
+    coco = _coco(tmp_path / "c.json", images[:1], anns[:1])
+    with pytest.raises(DataError, match=r"c\.json annotates no image named b\.png, c\.png \(2 of the 3"):
+        load_folder(tmp_path / "imgs", coco, colour="grey")
+
+
+@pytest.mark.parametrize("entry, ann, message", [
+    (_image(1, "a.png", 40, 30), _ann(5, 1, [[0, 0, 4, 0, 4, 4]]), r"gives a\.png as 30×40, but the image is 30×20; were the annotations made on a resized"),
+    (_image(1, "a.png", 20, 30), {"id": 5, "image_id": 1, "bbox": [1, 1, 3, 3]}, r"annotation 5 of a\.png has no segmentation \(a bounding box only\)"),
+    (_image(1, "a.png", 20, 30), _ann(5, 1, []), r"annotation 5 of a\.png has no segmentation"),
+    (_image(1, "a.png", 20, 30), _ann(5, 1, [[0, 0, 4, 0, 4]]), r"annotation 5 of a\.png has a malformed polygon"),
+    (_image(1, "a.png", 20, 30), _ann(5, 1, [[50, 50, 60, 50, 60, 60]]), r"annotation 5 of a\.png, polygon 0 lies wholly outside a\.png"),
+    (_image(1, "a.png", 20, 30), _ann(5, 1, {"size": [30, 20], "counts": [600]}), r"run-length mask of 20×30, but the image is 30×20"),
+    (_image(1, "a.png", 20, 30), _ann(5, 1, {"size": [20, 30], "counts": [599]}), r"run lengths cover 599 pixels, but a 30×20 image has 600"),
+    (_image(1, "a.png", 20, 30), _ann(5, 1, {"size": [20, 30], "counts": "0 1"}), r"a character ' ' that a compressed RLE string does not hold"),
+    (_image(1, "a.png", 20, 30), _ann(5, 1, {"size": [20, 30], "counts": "0P"}), r"ends in the middle of a count"),
+    (_image(1, "a.png", 20, 30), _ann(5, 1, {"size": [20, 30], "counts": [-1, 601]}), r"RLE counts that are not non-negative integers"),
+])
+def test_bad_coco_entries_are_named(tmp_path, entry, ann, message):
+    _png(tmp_path / "imgs" / "a.png", np.zeros((20, 30), np.uint8))
+    coco = _coco(tmp_path / "c.json", [entry], [ann])
+    with pytest.raises(DataError, match=message):
+        load_folder(tmp_path / "imgs", coco, colour="grey")
+
+
+def test_bad_coco_files_are_named(tmp_path):
+    _png(tmp_path / "imgs" / "a.png", np.zeros((20, 30), np.uint8))
+    twice = _coco(tmp_path / "twice.json", [_image(1, "x/a.png", 20, 30), _image(2, "y/A.png", 20, 30)], [])
+    with pytest.raises(DataError, match=r"lists 2 images named a\.png \(ids 1, 2\)"):
+        load_folder(tmp_path / "imgs", twice, colour="grey")
+    geo = tmp_path / "g.json"
+    geo.write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+    with pytest.raises(DataError, match=r"g\.json is not a COCO file"):
+        load_folder(tmp_path / "imgs", geo, colour="grey")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"images": [{"file_name": "a.png"}], "annotations": []}))
+    with pytest.raises(DataError, match=r"images\[0\] is not a COCO image record"):
+        load_folder(tmp_path / "imgs", bad, colour="grey")
+    # A COCO file beside per-image masks: which annotates what is unclear.
+    _coco(tmp_path / "masks" / "all.json", [_image(1, "a.png", 20, 30)], [])
+    _png(tmp_path / "masks" / "a_mask.png", np.zeros((20, 30), np.uint8))
+    with pytest.raises(DataError, match=r"all\.json is a COCO file, which annotates many images, but it lies beside 1 other"):
+        load_folder(tmp_path / "imgs", tmp_path / "masks", colour="grey")
+
+
+def test_an_image_without_annotations_warns_naming_it(tmp_path, caplog):
+    _png(tmp_path / "imgs" / "a.png", np.zeros((20, 30), np.uint8))
+    coco = _coco(tmp_path / "c.json", [_image(1, "a.png", 20, 30)], [])
+    support = load_folder(tmp_path / "imgs", coco, colour="grey")
+    assert not support.masks[0].any()
+    assert "holds no annotation of a.png" in caplog.text and "c.json's mask of a.png has no foreground" in caplog.text
