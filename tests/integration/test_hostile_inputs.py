@@ -215,6 +215,24 @@ def test_import_refuses_folders_that_do_not_pair(tmp_path, capsys, problem):
     refused(tmp_path, _import(tmp_path, images, masks), capsys, name)
 
 
+@pytest.mark.parametrize("problem", ["unlisted image", "box only", "resized"])
+def test_import_refuses_a_coco_file_that_does_not_fit_the_images(tmp_path, capsys, problem):
+    images, masks = pair_folder(tmp_path / "in")
+    listed = [{"id": i, "file_name": f"cell{i}.png", "height": S, "width": S} for i in range(2)]
+    anns = [{"id": 7, "image_id": i, "segmentation": [[2, 2, 20, 2, 20, 20]]} for i in range(2)]
+    if problem == "unlisted image":
+        listed, names = listed[:1], ("cell1.png",)
+    elif problem == "box only":
+        anns[1] = {"id": 8, "image_id": 1, "bbox": [2, 2, 10, 10]}
+        names = ("annotation 8 of cell1.png", "bounding box")
+    else:
+        listed[0]["width"] = 2 * S
+        names = ("cell0.png", f"as {2 * S}×{S}, but the image is {S}×{S}")
+    coco = tmp_path / "in" / "coco.json"
+    coco.write_text(json.dumps({"images": listed, "annotations": anns}))
+    refused(tmp_path, _import(tmp_path, images, coco), capsys, "coco.json", *names)
+
+
 def test_import_keeps_unicode_names(tmp_path, capsys):
     images, masks = tmp_path / "i", tmp_path / "m"
     png(images / "célula-日本.png", blob()[0])
