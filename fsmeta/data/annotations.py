@@ -19,8 +19,9 @@ import functools
 import json
 import logging
 import math
+import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -390,6 +391,9 @@ def _is_coco(data: object) -> bool:
     return isinstance(data, dict) and "images" in data and "annotations" in data
 
 
+_UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-(.+)$")  # Label Studio stores an upload "cell01.png" as "8e4b2a1c-cell01.png"
+
+
 def _file_key(name: str) -> str:
     """How an image is found in a COCO file: its file name without folders (either slash), lower-case."""
     return name.replace("\\", "/").rsplit("/", 1)[-1].lower()
@@ -403,11 +407,14 @@ class CocoIndex:
     images: dict[str, list[dict]]
     annotations: dict[object, list[dict]]
     categories: dict[object, str]
+    uploaded: dict[str, list[dict]] = field(default_factory=dict)  # Label Studio's "8e4b2a1c-cell01.png" by "cell01.png"
 
     def entry(self, image: str) -> dict:
-        """The image record for the image file ``image`` (a path or a name); an error when the file lists
-        it not once."""
-        found = self.images.get(_file_key(image), [])
+        """The image record for the image file ``image`` (a path or a name): the one listed under its file
+        name, else the one Label Studio listed under its upload name (its name behind 8 hex digits and a
+        hyphen); an error when the file lists it not once."""
+        key = _file_key(image)
+        found = self.images.get(key) or self.uploaded.get(key, [])
         if not found:
             raise DataError(f"{self.path} lists no image named {Path(image).name} (it lists {len(self.images)} file "
                             "name(s); an image in the folder that the COCO file does not annotate must be moved out)")
@@ -417,7 +424,7 @@ class CocoIndex:
         return found[0]
 
     def names(self) -> set[str]:
-        return set(self.images)
+        return set(self.images) | set(self.uploaded)
 
 
 def coco_index(path: str | Path) -> CocoIndex:
@@ -454,13 +461,18 @@ def _coco_index(resolved: str, mtime_ns: int, size: int) -> CocoIndex | None:
         if not isinstance(record, dict) or "id" not in record or not isinstance(record.get("file_name"), str):
             raise DataError(f"{path}: images[{k}] is not a COCO image record (an object with \"id\" and \"file_name\")")
         images.setdefault(_file_key(record["file_name"]), []).append(record)
+    uploaded: dict[str, list[dict]] = {}
+    for key, records in images.items():
+        original = _UPLOAD_PREFIX.match(key)
+        if original:
+            uploaded.setdefault(original.group(1), []).extend(records)
     annotations: dict[object, list[dict]] = {}
     for k, ann in enumerate(annotations_list):
         if not isinstance(ann, dict) or "image_id" not in ann:
             raise DataError(f"{path}: annotations[{k}] is not a COCO annotation (an object with \"image_id\")")
         annotations.setdefault(ann["image_id"], []).append(ann)
     categories = {c.get("id"): str(c.get("name", c.get("id"))) for c in data.get("categories") or [] if isinstance(c, dict)}
-    index = CocoIndex(path, images, annotations, categories)
+    index = CocoIndex(path, images, annotations, categories, uploaded)
     used = sorted({categories.get(a.get("category_id"), str(a.get("category_id"))) for a in annotations_list})
     log.info("%s: COCO, %d image(s), %d annotation(s) of categories %s, every one filled as cells", path,
              len(images_list), len(annotations_list), ", ".join(used) or "(none)")

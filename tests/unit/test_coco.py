@@ -150,6 +150,18 @@ def test_roboflows_layout_the_coco_file_among_the_images(tmp_path):
     assert open_store(path.parent, "rf").ids == ["a", "b"]
 
 
+def test_label_studios_upload_names_pair_with_the_original_files(tmp_path):
+    # Label Studio lists an upload "a.png" as "/data/upload/3/8e4b2a1c-a.png"; a name listed as it is wins.
+    images, anns, want = _cells(tmp_path, ["a.png", "b.png"])
+    images[0]["file_name"] = "/data/upload/3/8e4b2a1c-a.png"
+    images[1]["file_name"] = "\\data\\upload\\3\\0badcafe-b.png"
+    support = load_folder(tmp_path / "imgs", _coco(tmp_path / "ls.json", images, anns), colour="grey")
+    assert all(np.array_equal(m, want[i]) for i, m in zip(support.ids, support.masks))
+    exact = _image(50, "a.png", 20, 30)
+    index = coco_index(_coco(tmp_path / "both.json", images + [exact], anns))
+    assert index.entry("a.png")["id"] == 50 and index.entry("b.png")["id"] == 2
+
+
 def test_a_coco_file_is_parsed_once_for_the_check_and_the_reading(tmp_path, monkeypatch):
     images, anns, _ = _cells(tmp_path, ["a.png", "b.png", "c.png"])
     coco = _coco(tmp_path / "c.json", images, anns)
