@@ -446,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--images", required=True, metavar="DIR", help="folder of images: .tif/.tiff/.png/.jpg/.jpeg/.bmp, 8/16-bit, grey or RGB (required)")
     src.add_argument("--masks", required=True, metavar="DIR",
                      help="folder of binary or instance masks named like the images, optionally ending _mask/_label/_gt, or of the outlines "
-                     "drawn in Fiji (ROI sets, .zip/.roi) or QuPath (.geojson), or Cellpose's _seg.npy; may be the image folder itself, "
+                     "drawn in Fiji (ROI sets, .zip/.roi), QuPath (.geojson) or ImageScope (.xml), or Cellpose's _seg.npy; may be the image folder itself, "
                      "as in Cellpose's 000_img.png + 000_masks.png; or one COCO .json file annotating every image (CVAT, Label Studio, "
                      "Roboflow) (required)")
     dst = p.add_argument_group("output")

@@ -1,16 +1,17 @@
-"""Annotations drawn in Fiji, QuPath or other tools as masks: ImageJ ROI sets, GeoJSON outlines and
-COCO instance annotations filled at their image's size.
+"""Annotations drawn in Fiji, QuPath or other tools as masks: ImageJ ROI sets, GeoJSON outlines, Aperio
+ImageScope XML and COCO instance annotations filled at their image's size.
 
 A lab's annotations drawn in Fiji or QuPath are masks as they stand, so a folder of masks may hold
-``.zip``/``.roi`` ROI sets and ``.geojson``/``.json`` files (:data:`ANNOTATION_SUFFIXES`) instead of
-mask images (:mod:`fsmeta.data.io` pairs them). One COCO JSON file (the instance-segmentation export
-of CVAT, Label Studio, Roboflow and of data sets such as LIVECell) annotates many images: its
-polygons and run-length masks are read for the image whose file name it lists (:func:`coco_index`). Every area outline is filled at the paired image's
-size; a pixel is foreground when its centre lies inside an outline (ImageJ's own rule; the
-top-left rule decides a centre exactly on an edge), holes of composite ROIs and GeoJSON interior
-rings stay background, and the union of the outlines is the mask. So a ROI set that ``fsmeta
-predict --rois`` wrote (:mod:`fsmeta.rois`), corrected in Fiji and saved, goes back to ``fsmeta
-finetune --support-masks`` as it is.
+``.zip``/``.roi`` ROI sets, ``.geojson``/``.json`` files and ImageScope ``.xml`` files
+(:data:`ANNOTATION_SUFFIXES`) instead of mask images (:mod:`fsmeta.data.io` pairs them). One COCO
+JSON file (the instance-segmentation export of CVAT, Label Studio, Roboflow and of data sets such
+as LIVECell) annotates many images: its polygons and run-length masks are read for the image whose
+file name it lists (:func:`coco_index`). Every area outline is filled at the paired image's size; a
+pixel is foreground when its centre lies inside an outline (ImageJ's own rule, and pycocotools';
+the top-left rule decides a centre exactly on an edge), holes of composite ROIs and GeoJSON
+interior rings stay background, and the union of the outlines is the mask. So a ROI set that
+``fsmeta predict --rois`` wrote (:mod:`fsmeta.rois`), corrected in Fiji and saved, goes back to
+``fsmeta finetune --support-masks`` as it is.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 # Annotation files a mask folder may hold instead of mask images (read by :func:`read_annotation`).
 IMAGEJ_SUFFIXES = (".zip", ".roi")
 GEOJSON_SUFFIXES = (".geojson", ".json")
-ANNOTATION_SUFFIXES = IMAGEJ_SUFFIXES + GEOJSON_SUFFIXES
+XML_SUFFIXES = (".xml",)  # Aperio ImageScope annotations (MoNuSeg's layout)
+ANNOTATION_SUFFIXES = IMAGEJ_SUFFIXES + GEOJSON_SUFFIXES + XML_SUFFIXES
 _MAX_ROI_BYTES = 64 * 2**20  # one ROI of a set; a larger member is not an outline a person drew
 _MAX_JSON_BYTES = 512 * 2**20
 
@@ -53,6 +55,7 @@ class _Shape:
     rings: list[np.ndarray]
     box: tuple[float, float, float, float] | None = None
     page: int | None = None
+    negative: bool = False  # cut out of the mask (ImageScope's negative regions), not filled
 
     def area(self) -> float:
         """The area inside (px²): the ellipse's, or the rings' even-odd area (largest ring less the others)."""
@@ -69,7 +72,7 @@ class _Shape:
 
 
 def is_annotation(path: str | Path) -> bool:
-    """Whether a file is an ImageJ ROI set or a GeoJSON file by its suffix (:data:`ANNOTATION_SUFFIXES`)."""
+    """Whether a file is an ImageJ ROI set, a GeoJSON/COCO file or ImageScope XML by its suffix (:data:`ANNOTATION_SUFFIXES`)."""
     return Path(path).suffix.lower() in ANNOTATION_SUFFIXES
 
 
@@ -78,7 +81,8 @@ def read_annotation(path: str | Path, height: int, width: int, pages: int = 1, i
 
     ``path`` is an ImageJ ROI set (``.zip``) or single ROI (``.roi``), a GeoJSON file
     (``.geojson``/``.json``: a FeatureCollection, a list of Features as QuPath 0.2 writes,
-    a Feature or a bare geometry), or a COCO file (``.json``; its entry for the image whose file
+    a Feature or a bare geometry), an Aperio ImageScope annotation (``.xml``, as MoNuSeg ships its
+    outlines: polygon, rectangle and ellipse regions; negative regions cut out), or a COCO file (``.json``; its entry for the image whose file
     name is that of ``image``, :func:`coco_index`). Area outlines only: polygon, freehand, traced,
     rectangle, oval and composite ROIs; GeoJSON Polygon and MultiPolygon (and
     GeometryCollections of them). For an image of several pages every ROI must carry its
@@ -102,6 +106,10 @@ def read_annotation(path: str | Path, height: int, width: int, pages: int = 1, i
         if index is not None:
             return [_coco_mask(index, image, height, width)]
         shapes = list(_geojson_shapes(path, _load_json(path)))
+    elif suffix in XML_SUFFIXES:
+        if pages > 1:
+            raise DataError(f"{path} is an ImageScope annotation, which outlines one plane, but {image} has {pages} pages")
+        shapes = list(_imagescope_shapes(path))
     else:
         raise DataError(f"{path} is not an annotation file fsmeta reads ({', '.join(ANNOTATION_SUFFIXES)})")
     by_page: list[list[_Shape]] = [[] for _ in range(pages)]
@@ -121,12 +129,19 @@ def read_annotation(path: str | Path, height: int, width: int, pages: int = 1, i
                             "so that it records the slice; or give one image per page)")
         elif page >= pages:
             raise DataError(f"{path}: {shape.name} is on stack position {page + 1}, but {image} has {pages} pages")
-        if shape.area() > 0.5 * height * width:
+        if not shape.negative and shape.area() > 0.5 * height * width:
             log.warning("%s: %s outlines %.0f%% of %s; fsmeta fills every outline as cells, so a region drawn around "
                         "the cells (a QuPath parent annotation, say) makes that whole region foreground", path, shape.name,
                         100 * shape.area() / (height * width), image)
         by_page[page].append(shape)
-    return [fill_shapes(page_shapes, height, width) for page_shapes in by_page]
+    return [_fill_page(page_shapes, height, width) for page_shapes in by_page]
+
+
+def _fill_page(shapes: Sequence[_Shape], height: int, width: int) -> np.ndarray:
+    """The shapes filled, less those marked ``negative`` (an ImageScope negative region)."""
+    mask = fill_shapes([s for s in shapes if not s.negative], height, width)
+    cut = [s for s in shapes if s.negative]
+    return mask & (1 - fill_shapes(cut, height, width)) if cut else mask
 
 
 def fill_shapes(shapes: Sequence[_Shape], height: int, width: int) -> np.ndarray:
@@ -384,6 +399,59 @@ def _geometry_polygons(geometry: object, path: Path, label: str) -> Iterator[lis
         raise DataError(f"{path}: {label} has malformed {kind} coordinates (expected rings of [x, y] pairs)") from None
 
 
+# ---------------------------------------------------------------- Aperio ImageScope XML
+
+# ImageScope's region types: 0 polygon (freehand or clicked), 1 rectangle, 2 ellipse (two corner vertices),
+# 3 arrow, 4 ruler, 5 point.
+_IMAGESCOPE_AREAS = {"0": "polygon", "1": "rectangle", "2": "ellipse"}
+_IMAGESCOPE_NOT_AREA = {"3": "an arrow", "4": "a ruler (a line)", "5": "a point"}
+
+
+def _imagescope_shapes(path: Path) -> Iterator[_Shape]:
+    """The regions of an Aperio ImageScope annotation file (``<Annotations><Annotation><Regions><Region
+    Type=…><Vertices><Vertex X= Y=/>``): MoNuSeg's and pathology labs' outlines. Vertex coordinates are
+    pixels of the image from its top-left corner. A document with a DOCTYPE or entity declarations is
+    refused before it is parsed (no entity expansion)."""
+    import xml.etree.ElementTree as ET
+
+    if path.stat().st_size > _MAX_JSON_BYTES:
+        raise DataError(f"{path} is {path.stat().st_size:,} bytes, more than fsmeta reads as an annotation file")
+    text = path.read_bytes()
+    if b"<!DOCTYPE" in text or b"<!ENTITY" in text:
+        raise DataError(f"{path} declares a DOCTYPE or entities, which an ImageScope annotation does not; refused unread")
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as exc:
+        raise DataError(f"{path} is not well-formed XML ({exc})") from None
+    if root.tag != "Annotations":
+        raise DataError(f"{path} is XML but not an Aperio ImageScope annotation (its root is <{root.tag}>, not "
+                        "<Annotations>)")
+    for a, annotation in enumerate(root.iter("Annotation")):
+        layer = annotation.get("Name") or annotation.get("Id") or str(a + 1)
+        for r, region in enumerate(annotation.iter("Region")):
+            label = f"annotation {layer}, region {region.get('Id') or r + 1}"
+            kind = region.get("Type", "0")
+            if kind in _IMAGESCOPE_NOT_AREA:
+                raise DataError(f"{path}: {label} is {_IMAGESCOPE_NOT_AREA[kind]}, which outlines no area; fsmeta reads "
+                                "polygon, rectangle and ellipse regions (delete it)")
+            if kind not in _IMAGESCOPE_AREAS:
+                raise DataError(f"{path}: {label} is an ImageScope region of unknown type {kind}")
+            try:
+                points = np.array([[float(v.get("X")), float(v.get("Y"))] for v in region.iter("Vertex")], np.float64)
+            except (TypeError, ValueError):
+                raise DataError(f"{path}: {label} has a vertex without numeric X and Y") from None
+            if not len(points) or not np.isfinite(points).all():
+                raise DataError(f"{path}: {label} has no vertices" if not len(points) else f"{path}: {label} has a non-finite vertex")
+            negative = region.get("NegativeROA", "0") == "1"
+            if kind == "2":
+                (x0, y0), (x1, y1) = points.min(axis=0), points.max(axis=0)
+                yield _Shape(label, [], box=(x0, y0, x1, y1), negative=negative)
+            elif len(points) < 3:
+                log.info("%s: %s has %d vertex(es), which outline no area; skipped", path, label, len(points))
+            else:
+                yield _Shape(label, [points], negative=negative)
+
+
 # ---------------------------------------------------------------- COCO
 
 
@@ -570,4 +638,4 @@ def _rle_mask(seg: dict, height: int, width: int, path: Path, label: str) -> np.
     return np.ascontiguousarray(np.repeat(values, counts).reshape(width, height).T)
 
 
-__all__ = ["ANNOTATION_SUFFIXES", "CocoIndex", "coco_index", "IMAGEJ_SUFFIXES", "GEOJSON_SUFFIXES", "is_annotation", "read_annotation", "fill_shapes"]
+__all__ = ["ANNOTATION_SUFFIXES", "XML_SUFFIXES", "CocoIndex", "coco_index", "IMAGEJ_SUFFIXES", "GEOJSON_SUFFIXES", "is_annotation", "read_annotation", "fill_shapes"]

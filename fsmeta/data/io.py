@@ -61,8 +61,8 @@ LOSSY_SUFFIXES = (".jpg", ".jpeg")
 # "cp_masks" is Cellpose's save_masks suffix (img_cp_masks.png); "rois" its ImageJ export (img_rois.zip).
 MASK_SUFFIXES = ("mask", "masks", "label", "labels", "labelled", "gt", "groundtruth", "ground_truth", "seg", "annotation",
                  "roiset", "rois", "cp_masks")
-# Mask files that are not images: NumPy arrays (Cellpose's GUI saves img_seg.npy); ImageJ ROI sets and GeoJSON
-# are :data:`fsmeta.data.annotations.ANNOTATION_SUFFIXES`.
+# Mask files that are not images: NumPy arrays (Cellpose's GUI saves img_seg.npy); ImageJ ROI sets, GeoJSON, COCO
+# and ImageScope XML are :data:`fsmeta.data.annotations.ANNOTATION_SUFFIXES`.
 NPY_SUFFIX = ".npy"
 _MASK_SUFFIX_RE = re.compile(r"[_\-. ](?:" + "|".join(MASK_SUFFIXES) + r")$", re.IGNORECASE)
 # An image stem may end in one of these (Cellpose's training folders hold 000_img.png beside
@@ -408,8 +408,8 @@ def read_npy_mask(path: str | Path) -> list[np.ndarray]:
 
 def list_images(folder: str | Path, what: str = "image", annotations: bool = False) -> list[Path]:
     """The image files (:data:`IMAGE_SUFFIXES`) of a folder (not recursive), sorted by name; with
-    ``annotations`` (a folder of masks), also its NumPy masks (``.npy``), ImageJ ROI sets and GeoJSON files
-    (:data:`fsmeta.data.annotations.ANNOTATION_SUFFIXES`).
+    ``annotations`` (a folder of masks), also its NumPy masks (``.npy``), ImageJ ROI sets, GeoJSON/COCO files and
+    ImageScope XML (:data:`fsmeta.data.annotations.ANNOTATION_SUFFIXES`).
 
     Hidden files and operating-system clutter are ignored; any other file is an
     error naming it, as is an empty folder.
@@ -417,7 +417,7 @@ def list_images(folder: str | Path, what: str = "image", annotations: bool = Fal
     from fsmeta.data.annotations import ANNOTATION_SUFFIXES
 
     accepted = IMAGE_SUFFIXES + ((NPY_SUFFIX,) + ANNOTATION_SUFFIXES if annotations else ())
-    kinds = "TIFF, PNG, JPEG or BMP images" + (", NumPy masks, ImageJ ROI sets or GeoJSON files" if annotations else "")
+    kinds = "TIFF, PNG, JPEG or BMP images" + (", NumPy masks, ImageJ ROI sets, GeoJSON/COCO files or ImageScope XML" if annotations else "")
     folder = Path(folder)
     if not folder.exists():
         raise DataError(f"{what} folder {folder} does not exist")

@@ -289,7 +289,7 @@ def test_a_mask_folder_of_annotations_and_images_together(tmp_path):
     assert [int(m.sum()) for m in support.masks] == [9, 16, 4]
     (masks / "notes.txt").write_text("x")
     with pytest.raises(DataError, match=r"holds file\(s\) that are not TIFF, PNG, JPEG or BMP images, NumPy masks, "
-                                        r"ImageJ ROI sets or GeoJSON files: notes.txt"):
+                                        r"ImageJ ROI sets, GeoJSON/COCO files or ImageScope XML: notes.txt"):
         load_folder(images, masks)
 
 

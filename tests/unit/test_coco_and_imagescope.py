@@ -1,6 +1,6 @@
-"""COCO instance annotations (CVAT, Label Studio, Roboflow, LIVECell) as masks: run-length masks against
-strings pycocotools wrote, polygons by the pixel-centre rule, pairing by file name, and the error for each
-bad file."""
+"""COCO instance annotations (CVAT, Label Studio, Roboflow, LIVECell) and Aperio ImageScope XML (MoNuSeg,
+pathology labs) as masks: run-length masks against strings pycocotools wrote, polygons by the pixel-centre
+rule, outlines traced by skimage read back exactly, pairing by file name, and the error for each bad file."""
 
 import json
 import os
@@ -232,3 +232,75 @@ def test_an_image_without_annotations_warns_naming_it(tmp_path, caplog):
     support = load_folder(tmp_path / "imgs", coco, colour="grey")
     assert not support.masks[0].any()
     assert "holds no annotation of a.png" in caplog.text and "c.json's mask of a.png has no foreground" in caplog.text
+
+
+# ---------------------------------------------------------------- Aperio ImageScope XML (MoNuSeg's layout)
+
+
+def _imagescope(path, regions):
+    """An ImageScope file: ``regions`` = [(type, [(x, y), ...], negative)]."""
+    body = "".join(
+        f'<Region Id="{k + 1}" Type="{t}" NegativeROA="{int(neg)}"><Attributes/><Vertices>'
+        + "".join(f'<Vertex X="{x}" Y="{y}" Z="0"/>' for x, y in pts) + "</Vertices></Region>"
+        for k, (t, pts, neg) in enumerate(regions))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('<?xml version="1.0" encoding="UTF-8"?>\n<Annotations MicronsPerPixel="0.25"><Annotation Id="1" '
+                    f'Name="nuclei" Type="4"><Regions><RegionAttributeHeaders/>{body}</Regions></Annotation></Annotations>')
+    return path
+
+
+def test_imagescope_polygons_rectangles_ellipses_and_negative_regions(tmp_path):
+    xml = _imagescope(tmp_path / "a.xml", [
+        ("0", [(1, 1), (5, 1), (5, 4), (1, 4)], False),    # rows 1–3 × columns 1–4
+        ("1", [(10, 0), (14, 0), (14, 4), (10, 4)], False),  # a rectangle region: rows 0–3 × columns 10–13
+        ("0", [(11, 1), (13, 1), (13, 3), (11, 3)], True),   # cut out of it: rows 1–2 × columns 11–12
+        ("2", [(0, 6), (4, 10)], False),                     # an ellipse in the box 0–4 × 6–10: 12 pixels (the corners out)
+    ])
+    (mask,) = read_annotation(xml, 12, 16, image="a.tif")
+    want = np.zeros((12, 16), np.uint8)
+    want[1:4, 1:5] = 1
+    want[0:4, 10:14] = 1
+    want[1:3, 11:13] = 0
+    disc = np.ones((4, 4), np.uint8)
+    disc[0, 0] = disc[0, 3] = disc[3, 0] = disc[3, 3] = 0
+    want[6:10, 0:4] = disc
+    assert np.array_equal(mask, want)
+
+
+def test_imagescope_outlines_of_real_looking_cells_read_back_exactly(tmp_path):
+    # Blobs → their contours through the pixel centres (skimage's find_contours at 0.5, as converters write
+    # MoNuSeg-style files) → ImageScope XML → the same pixels.
+    from skimage import measure
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:64, :80]
+    truth = np.zeros((64, 80), bool)
+    for _ in range(12):
+        cy, cx, ry, rx = rng.uniform(6, 58), rng.uniform(6, 74), rng.uniform(2, 7), rng.uniform(2, 7)
+        truth |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+    labels = measure.label(truth)
+    regions = []
+    for r in range(1, labels.max() + 1):
+        for c in measure.find_contours(np.pad(labels == r, 1).astype(float), 0.5):
+            regions.append(("0", [(x - 0.5, y - 0.5) for y, x in c], False))  # pad offset −1, pixel centre +0.5
+    _png(tmp_path / "Tissue Images" / "TCGA-1.png", (truth * 200).astype(np.uint8))
+    _imagescope(tmp_path / "Annotations" / "TCGA-1.xml", regions)
+    support = load_folder(tmp_path / "Tissue Images", tmp_path / "Annotations", colour="grey")
+    assert np.array_equal(support.masks[0], truth.astype(np.uint8))
+
+
+@pytest.mark.parametrize("content, message", [
+    ('<Annotations><Annotation Id="1"><Regions><Region Id="3" Type="4"><Vertices><Vertex X="1" Y="1"/><Vertex X="5" Y="5"/>'
+     '</Vertices></Region></Regions></Annotation></Annotations>', r"annotation 1, region 3 is a ruler \(a line\), which outlines no area"),
+    ('<Annotations><Annotation Id="1"><Regions><Region Id="3" Type="0"><Vertices><Vertex X="a" Y="1"/></Vertices></Region>'
+     '</Regions></Annotation></Annotations>', r"region 3 has a vertex without numeric X and Y"),
+    ('<Annotations><Annotation Id="1"><Regions><Region Id="3" Type="0"><Vertices><Vertex X="100" Y="100"/><Vertex X="110" Y="100"/>'
+     '<Vertex X="110" Y="110"/></Vertices></Region></Regions></Annotation></Annotations>', r"region 3 lies wholly outside a\.tif"),
+    ('<annotation><object><bndbox/></object></annotation>', r"not an Aperio ImageScope annotation \(its root is <annotation>"),
+    ('<Annotations><Annotation>', r"not well-formed XML"),
+    ('<?xml version="1.0"?><!DOCTYPE lol [<!ENTITY a "aaaa">]><Annotations>&a;</Annotations>', r"declares a DOCTYPE or entities"),
+])
+def test_bad_imagescope_files_are_named(tmp_path, content, message):
+    (tmp_path / "a.xml").write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_annotation(tmp_path / "a.xml", 20, 30, image="a.tif")
