@@ -448,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder of binary or instance masks named like the images, optionally ending _mask/_label/_gt, or of the outlines "
                      "drawn in Fiji (ROI sets, .zip/.roi), QuPath (.geojson) or ImageScope (.xml), or Cellpose's _seg.npy; may be the image folder itself, "
                      "as in Cellpose's 000_img.png + 000_masks.png; or one COCO .json file annotating every image (CVAT, Label Studio, "
-                     "Roboflow) (required)")
+                     "Roboflow); or a folder per image of one mask per object (the Data Science Bowl 2018's ID/images + ID/masks "
+                     "layout: give it as both --images and --masks) (required)")
     dst = p.add_argument_group("output")
     dst.add_argument("--data-root", metavar="DIR", help="where to write (default: $FSMETA_DATA or ./data)")
     dst.add_argument("--replace", action="store_true", help="overwrite an existing data set of that name (default: refuse)")

@@ -532,6 +532,12 @@ def _read_pair(image_path: Path, mask_path: Path, colour: str = "grey") -> list[
         mplanes = read_annotation(mask_path, h, w, len(planes), image=str(image_path))
     elif mask_path.suffix.lower() == NPY_SUFFIX:
         mplanes = read_npy_mask(mask_path)
+    elif mask_path.is_dir():
+        h, w = planes[0].shape[:2]
+        if len(planes) > 1:
+            raise DataError(f"{image_path} is a stack of {len(planes)} pages; a folder of object masks ({mask_path}) "
+                            "annotates one plane")
+        mplanes = [read_object_masks(mask_path, h, w)]
     else:
         mplanes = read_planes(mask_path)
     if len(planes) != len(mplanes):
@@ -563,6 +569,51 @@ def is_mask_name(path: str | Path) -> bool:
     from fsmeta.data.annotations import is_annotation
 
     return bool(_MASK_SUFFIX_RE.search(Path(path).stem)) or is_annotation(path) or Path(path).suffix.lower() == NPY_SUFFIX
+
+
+def _entries(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.name.lower() not in _SYSTEM_FILES)
+
+
+def read_object_masks(folder: str | Path, height: int, width: int) -> np.ndarray:
+    """The union of a folder of one-object masks (Kaggle's Data Science Bowl 2018 / BBBC038 layout: one
+    binary image per nucleus) as a (height, width) uint8 {0, 1} mask; an empty folder is an image
+    without objects. Every file must be a single image of the paired image's size."""
+    folder = Path(folder)
+    union = np.zeros((height, width), np.uint8)
+    files = _entries(folder)
+    others = [p for p in files if p.is_dir() or p.suffix.lower() not in IMAGE_SUFFIXES]
+    if others:
+        raise DataError(f"object mask folder {folder} holds {_names(p.name for p in others)}, which are not mask images "
+                        f"({', '.join(IMAGE_SUFFIXES)})")
+    for path in files:
+        planes = read_planes(path)
+        if len(planes) != 1:
+            raise DataError(f"{path} is a stack of {len(planes)} pages; an object mask is one plane")
+        if planes[0].shape[:2] != (height, width):
+            raise DataError(f"{path} is {planes[0].shape[1]}×{planes[0].shape[0]} but its image is {width}×{height}")
+        union |= mask_to_binary(planes[0], mask_rule(path))
+    return union
+
+
+def _object_mask_layout(folder: Path) -> list[tuple[Path, Path]] | None:
+    """Kaggle's Data Science Bowl 2018 layout (BBBC038): ``folder/ID/images/ID.png`` with its nuclei in
+    ``folder/ID/masks/*.png``, one file per nucleus; None when ``folder`` is not laid out so."""
+    subs = [p for p in _entries(folder) if p.is_dir()]
+    cases = [d for d in subs if (d / "images").is_dir() and (d / "masks").is_dir()]
+    if not cases:
+        return None
+    odd = [d.name for d in subs if d not in cases]
+    if odd:
+        raise DataError(f"{folder} is laid out as ID/images + ID/masks (Data Science Bowl 2018) but "
+                        f"{_names(odd)} hold(s) no images/ and masks/ folders")
+    pairs = []
+    for d in cases:
+        images = list_images(d / "images", "image")
+        if len(images) != 1:
+            raise DataError(f"{d / 'images'} holds {len(images)} images; in this layout it holds its case's one image")
+        pairs.append((images[0], d / "masks"))
+    return pairs
 
 
 def _coco_file(masks: list[Path]) -> Path | None:
@@ -611,9 +662,18 @@ def scan_pairs(images_dir: str | Path, masks_dir: str | Path) -> list[tuple[Path
     (:func:`is_mask_name`) are the masks and the others the images. A mask may be an ImageJ ROI set or a
     GeoJSON file (:func:`fsmeta.data.annotations.read_annotation`). ``masks_dir`` may also be one COCO
     file (or a folder holding only that file, or the image folder holding it, as Roboflow exports): then
-    every image pairs with it (:func:`fsmeta.data.annotations.coco_index`)."""
+    every image pairs with it (:func:`fsmeta.data.annotations.coco_index`). A mask may be a folder of
+    one-object masks (:func:`read_object_masks`): ``masks_dir`` holding a folder per image named like
+    it, or one folder given as both, laid out as the Data Science Bowl 2018's ``ID/images/ID.png`` +
+    ``ID/masks/*.png``."""
     same = Path(images_dir).resolve() == Path(masks_dir).resolve()
-    if Path(masks_dir).is_file():
+    nested = _object_mask_layout(Path(images_dir)) if same and Path(images_dir).is_dir() else None
+    if nested is not None:
+        pairs = nested
+    elif Path(masks_dir).is_dir() and not same and _entries(Path(masks_dir)) and all(p.is_dir() for p in _entries(Path(masks_dir))):
+        # a folder per image, of one mask per object, named like the image
+        pairs = pair_by_name(list_images(images_dir, "image"), _entries(Path(masks_dir)))
+    elif Path(masks_dir).is_file():
         from fsmeta.data.annotations import coco_index
 
         coco_index(masks_dir)  # a file given as the masks must be COCO: the error says what it is instead

@@ -304,3 +304,61 @@ def test_bad_imagescope_files_are_named(tmp_path, content, message):
     (tmp_path / "a.xml").write_text(content)
     with pytest.raises(DataError, match=message):
         read_annotation(tmp_path / "a.xml", 20, 30, image="a.tif")
+
+
+# ---------------------------------------------------------------- one mask per object (Data Science Bowl 2018)
+
+
+def _nuclei(n, seed):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:24, :32]
+    objects = [(((yy - rng.uniform(4, 20)) ** 2 + (xx - rng.uniform(4, 28)) ** 2) < rng.uniform(4, 16)).astype(np.uint8) * 255
+               for _ in range(n)]
+    return objects, np.any(objects, axis=0).astype(np.uint8) if objects else np.zeros((24, 32), np.uint8)
+
+
+def test_the_data_science_bowl_layout_imports_as_it_is_unpacked(tmp_path):
+    root, want = tmp_path / "stage1_train", {}
+    for k, (case, n) in enumerate([("0a7d30b252", 3), ("1b9c2f44e0", 5), ("2c00ffee11", 0)]):
+        objects, union = _nuclei(n, k)
+        rgba = np.dstack([np.full((24, 32), 30, np.uint8)] * 3 + [np.full((24, 32), 255, np.uint8)])  # DSB's images are RGBA
+        _png(root / case / "images" / f"{case}.png", rgba)
+        (root / case / "masks").mkdir(parents=True)
+        for j, obj in enumerate(objects):
+            _png(root / case / "masks" / f"{j:04d}.png", obj)
+        want[case] = union
+    support = load_folder(root, root, colour="grey")
+    assert support.ids == sorted(want) and all(np.array_equal(m, want[i]) for i, m in zip(support.ids, support.masks))
+    assert int(support.masks[2].sum()) == 0  # a case without nuclei: an empty mask
+    # The same nuclei as a folder per image beside a flat image folder.
+    for case in want:
+        _png(tmp_path / "flat" / f"{case}.png", np.full((24, 32), 30, np.uint8))
+    objects_root = tmp_path / "objects"
+    for case in want:
+        (objects_root / f"{case}_masks").mkdir(parents=True)
+        for f in sorted((root / case / "masks").iterdir()):
+            (objects_root / f"{case}_masks" / f.name).write_bytes(f.read_bytes())
+    flat = load_folder(tmp_path / "flat", objects_root, colour="grey")
+    assert all(np.array_equal(m, want[i]) for i, m in zip(flat.ids, flat.masks))
+
+
+def test_object_mask_folders_that_do_not_fit_are_named(tmp_path):
+    root = tmp_path / "dsb"
+    objects, _ = _nuclei(2, 0)
+    _png(root / "a" / "images" / "a.png", np.zeros((24, 32), np.uint8))
+    _png(root / "a" / "masks" / "0.png", objects[0])
+    _png(root / "a" / "masks" / "1.png", objects[1][:20])
+    with pytest.raises(DataError, match=r"1\.png is 32×20 but its image is 32×24"):
+        load_folder(root, root, colour="grey")
+    (root / "a" / "masks" / "1.png").unlink()
+    (root / "a" / "masks" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match=r"holds notes\.txt, which are not mask images"):
+        load_folder(root, root, colour="grey")
+    (root / "a" / "masks" / "notes.txt").unlink()
+    _png(root / "a" / "images" / "a2.png", np.zeros((24, 32), np.uint8))
+    with pytest.raises(DataError, match=r"images holds 2 images; in this layout it holds its case's one image"):
+        load_folder(root, root, colour="grey")
+    (root / "a" / "images" / "a2.png").unlink()
+    (root / "stray").mkdir()
+    with pytest.raises(DataError, match=r"hold\(s\) no images/ and masks/ folders"):
+        load_folder(root, root, colour="grey")
