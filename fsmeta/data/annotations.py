@@ -81,9 +81,10 @@ def read_annotation(path: str | Path, height: int, width: int, pages: int = 1, i
 
     ``path`` is an ImageJ ROI set (``.zip``) or single ROI (``.roi``), a GeoJSON file
     (``.geojson``/``.json``: a FeatureCollection, a list of Features as QuPath 0.2 writes,
-    a Feature or a bare geometry), an Aperio ImageScope annotation (``.xml``, as MoNuSeg ships its
-    outlines: polygon, rectangle and ellipse regions; negative regions cut out), or a COCO file (``.json``; its entry for the image whose file
-    name is that of ``image``, :func:`coco_index`). Area outlines only: polygon, freehand, traced,
+    a Feature or a bare geometry), an Aperio ImageScope annotation (``.xml``, as MoNuSeg ships
+    its outlines: polygon, rectangle and ellipse regions; negative regions cut out), or a COCO
+    file (``.json``: its entry for the file named as ``image``, :func:`coco_index`). Area
+    outlines only: polygon, freehand, traced,
     rectangle, oval and composite ROIs; GeoJSON Polygon and MultiPolygon (and
     GeometryCollections of them). For an image of several pages every ROI must carry its
     stack position (Fiji's ROI Manager does when the ROI is added on that slice); a GeoJSON
@@ -568,7 +569,7 @@ def _coco_mask(index: CocoIndex, image: str, height: int, width: int) -> np.ndar
             mask |= _rle_mask(seg, height, width, path, label)
         elif isinstance(seg, list) and seg:
             for k, poly in enumerate(seg):
-                if not isinstance(poly, list) or len(poly) % 2 or not all(isinstance(v, (int, float)) for v in poly):
+                if not isinstance(poly, list) or len(poly) % 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly):
                     raise DataError(f"{path}: {label} has a malformed polygon (expected a flat list [x1, y1, x2, y2, …])")
                 if len(poly) < 6:
                     log.info("%s: %s has a polygon of %d point(s), which outlines no area; skipped", path, label, len(poly) // 2)
