@@ -103,7 +103,10 @@ _RECORDS = (
 CATALOGUE: dict[str, Dataset] = {d.name: d for d in _RECORDS}
 
 # The ``default`` entry of each table: what a data set without a record of its own gets.
-DEFAULTS = Dataset("default", "", source_stride=64, finetune_stride=30, gamma=0.15, polarity="dark", psi=1.3, patches_per_shot=100)
+# The fine-tuning stride of a data set without a record (a lab's own folders, an imported set) is half fsmeta's
+# 128² fine-tuning crop, the grid of every real3 table (docs/results.md, issue 19); the records' strides are the
+# paper's, for its 256² windows (configs/paper.yaml names them, and 30 for any other set).
+DEFAULTS = Dataset("default", "", source_stride=64, finetune_stride=64, gamma=0.15, polarity="dark", psi=1.3, patches_per_shot=100)
 
 PUBLIC_NAMES: tuple[str, ...] = tuple(d.name for d in _RECORDS if d.kind == "public")
 SYNTHETIC_NAMES: tuple[str, ...] = tuple(d.name for d in _RECORDS if d.kind == "synthetic")
