@@ -115,10 +115,7 @@ def read_annotation(path: str | Path, height: int, width: int, pages: int = 1, i
         raise DataError(f"{path} is not an annotation file fsmeta reads ({', '.join(ANNOTATION_SUFFIXES)})")
     by_page: list[list[_Shape]] = [[] for _ in range(pages)]
     for shape in shapes:
-        x0, y0, x1, y1 = shape.bounds()
-        if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
-            raise DataError(f"{path}: {shape.name} lies wholly outside {image} ({width}×{height}; the outline spans "
-                            f"x {x0:g}–{x1:g}, y {y0:g}–{y1:g}); are these the outlines of another image?")
+        _check_inside(shape, path, image, height, width)
         page = shape.page
         if pages == 1:
             if page not in (None, 0):
@@ -136,6 +133,14 @@ def read_annotation(path: str | Path, height: int, width: int, pages: int = 1, i
                         100 * shape.area() / (height * width), image)
         by_page[page].append(shape)
     return [_fill_page(page_shapes, height, width) for page_shapes in by_page]
+
+
+def _check_inside(shape: _Shape, path: Path, image: str, height: int, width: int) -> None:
+    """An outline lying wholly outside its ``width``×``height`` image is an error naming both."""
+    x0, y0, x1, y1 = shape.bounds()
+    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+        raise DataError(f"{path}: {shape.name} lies wholly outside {image} ({width}×{height}; the outline spans "
+                        f"x {x0:g}–{x1:g}, y {y0:g}–{y1:g}); are these the outlines of another image?")
 
 
 def _fill_page(shapes: Sequence[_Shape], height: int, width: int) -> np.ndarray:
@@ -582,10 +587,7 @@ def _coco_mask(index: CocoIndex, image: str, height: int, width: int) -> np.ndar
             raise DataError(f"{path}: {label} has no segmentation" + (" (a bounding box only)" if "bbox" in ann else "")
                             + ": fsmeta needs each object's outline or mask, not its box; export instance segmentation")
     for shape in shapes:
-        x0, y0, x1, y1 = shape.bounds()
-        if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
-            raise DataError(f"{path}: {shape.name} lies wholly outside {name} ({width}×{height}; the outline spans "
-                            f"x {x0:g}–{x1:g}, y {y0:g}–{y1:g})")
+        _check_inside(shape, path, name, height, width)
     return mask | fill_shapes(shapes, height, width)
 
 

@@ -424,10 +424,9 @@ def list_images(folder: str | Path, what: str = "image", annotations: bool = Fal
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder")
     files, others = [], []
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or p.name.lower() in _SYSTEM_FILES or p.is_dir():
-            continue
-        (files if p.suffix.lower() in accepted else others).append(p)
+    for p in _entries(folder):
+        if not p.is_dir():
+            (files if p.suffix.lower() in accepted else others).append(p)
     if others:
         raise DataError(
             f"{what} folder {folder} holds file(s) that are not {kinds}: {_names(p.name for p in others)} "
@@ -654,6 +653,12 @@ def _coco_pairs(images: list[Path], coco: Path) -> list[tuple[Path, Path]]:
     return [(p, coco) for p in images]
 
 
+def _pair_files(images: list[Path], masks: list[Path]) -> list[tuple[Path, Path]]:
+    """Images with their mask files: every image with the folder's one COCO file, else by name."""
+    coco = _coco_file(masks)
+    return _coco_pairs(images, coco) if coco else pair_by_name(images, masks)
+
+
 def scan_pairs(images_dir: str | Path, masks_dir: str | Path) -> list[tuple[Path, Path]]:
     """List and pair a user's folders; raises naming every unpaired file.
 
@@ -668,11 +673,12 @@ def scan_pairs(images_dir: str | Path, masks_dir: str | Path) -> list[tuple[Path
     ``ID/masks/*.png``."""
     same = Path(images_dir).resolve() == Path(masks_dir).resolve()
     nested = _object_mask_layout(Path(images_dir)) if same and Path(images_dir).is_dir() else None
+    folders = _entries(Path(masks_dir)) if Path(masks_dir).is_dir() and not same else []
     if nested is not None:
         pairs = nested
-    elif Path(masks_dir).is_dir() and not same and _entries(Path(masks_dir)) and all(p.is_dir() for p in _entries(Path(masks_dir))):
+    elif folders and all(p.is_dir() for p in folders):
         # a folder per image, of one mask per object, named like the image
-        pairs = pair_by_name(list_images(images_dir, "image"), _entries(Path(masks_dir)))
+        pairs = pair_by_name(list_images(images_dir, "image"), folders)
     elif Path(masks_dir).is_file():
         from fsmeta.data.annotations import coco_index
 
@@ -691,12 +697,9 @@ def scan_pairs(images_dir: str | Path, masks_dir: str | Path) -> list[tuple[Path
         if not images:
             raise DataError(f"{images_dir} is given as both the image and the mask folder but every file in it is "
                             "named as a mask")
-        coco = _coco_file(masks)
-        pairs = _coco_pairs(images, coco) if coco else pair_by_name(images, masks)
+        pairs = _pair_files(images, masks)
     else:
-        images, masks = list_images(images_dir, "image"), list_images(masks_dir, "mask", annotations=True)
-        coco = _coco_file(masks)
-        pairs = _coco_pairs(images, coco) if coco else pair_by_name(images, masks)
+        pairs = _pair_files(list_images(images_dir, "image"), list_images(masks_dir, "mask", annotations=True))
     lossy = [m for _, m in pairs if mask_rule(m) == "lossy"]
     if lossy:
         log.warning("%d of %d mask(s) in %s are JPEG (lossy; e.g. %s): foreground is read as above half of each "
