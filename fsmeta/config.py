@@ -140,6 +140,9 @@ class FinetuneConfig:
     # 128/64 would leave 21 % out; TNBC, EM and ssTEM at 128/64 have no such remainder); false: the paper's plain grid
     cover_edges: bool = True
     lr: float = 3e-4
+    # constant: lr at every step; cosine: lr × ½(1 + cos(π t/T)) over the step budget T (Loshchilov & Hutter,
+    # SGDR, ICLR 2017, without restarts; nnU-Net and Cellpose also decay the rate to the end of training)
+    lr_schedule: str = "constant"
     weight_decay: float = 5e-4
     # Held-out bands (fsmeta.finetune.HeldOut): this share of each support image's height or width
     # is kept out of training to choose the stopping step and the threshold (docs/results.md, issue 19:
@@ -158,6 +161,7 @@ class FinetuneConfig:
 
 # Support-set selection (SPEC §4.6, Dawoud et al. 2023). The per-data-set tables (γ, polarity,
 # ψ, patches per shot) come from fsmeta.data.catalogue, where each value's origin is noted.
+LR_SCHEDULES = ("constant", "cosine")
 SELECT_METHODS = ("random", "entropy", "mc-dropout", "consistency", "typiclust", "coverage")
 
 
@@ -405,6 +409,8 @@ class Config:
             (self.meta.backend in ("sequential", "ray"), f"meta.backend={self.meta.backend!r} is not 'sequential' or 'ray'"),
             (self.data.colour in ("auto", "grey", "haematoxylin"),
              f"data.colour={self.data.colour!r} is not 'auto', 'grey' or 'haematoxylin'"),
+            (self.finetune.lr_schedule in LR_SCHEDULES,
+             f"finetune.lr_schedule={self.finetune.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}"),
             (self.eval.protocol in ("2020", "2023"), f"eval.protocol={self.eval.protocol!r} is not '2020' or '2023'"),
             (self.eval.threshold_rule in ("fixed", "prior"), f"eval.threshold_rule={self.eval.threshold_rule!r} is not 'fixed' or 'prior'"),
             (0.0 < self.eval.test_fraction < 1.0, f"eval.test_fraction={self.eval.test_fraction} must lie in (0, 1)"),

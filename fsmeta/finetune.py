@@ -6,6 +6,7 @@ first step starts from exactly the pre-trained function.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -311,21 +312,36 @@ def finetune(
         model.load_state_dict(best)
         return model, history
     model.load_state_dict(initial)
-    return model, _train(model, x, y, cfg, seed, f"{where} (refit)", compute, progress, augment, holdout.best_step)
+    # the refit retraces the first best_step steps of the budget's schedule (the rates the chosen weights had)
+    return model, _train(model, x, y, cfg, seed, f"{where} (refit)", compute, progress, augment, holdout.best_step,
+                         schedule_steps=budget)
+
+
+def lr_factor(schedule: str, steps: int) -> Callable[[int], float] | None:
+    """The learning-rate factor of step t (from 0) under ``finetune.lr_schedule`` over ``steps``
+    steps: None for ``constant``; ``cosine`` is ½(1 + cos(π t / steps)), 1 at the first step
+    and falling towards 0 at the last (SGDR without restarts, Loshchilov & Hutter 2017)."""
+    if schedule == "constant":
+        return None
+    if schedule == "cosine":
+        return lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, steps) / steps))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}")
 
 
 def _train(model: SegmentationModel, x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig, seed: int, where: str,
            compute: ComputeConfig | None, progress: bool, augment: AugmentConfig | None, steps: int,
-           validate: Callable[[int], bool] | None = None) -> list[float]:
+           validate: Callable[[int], bool] | None = None, schedule_steps: int = 0) -> list[float]:
     """The fine-tuning loop: ``steps`` > 0 full batches drawn across seeded epochs (the loss read
     every chunk of at most 50 steps), else ``cfg.epochs`` seeded epochs (the loss read per epoch).
     ``validate(step)`` (step budgets only) runs after every ``cfg.val_every`` steps and the last;
-    True stops the loop."""
+    True stops the loop. ``cfg.lr_schedule`` spans ``schedule_steps`` (0: the loop's own steps)."""
     # Crops stay in host memory; each batch follows the model to its device.
     transform = augmentation(augment, (seed, 31337)) if augment is not None and augment.finetune else None
-    step = TrainingStep(model, lr=cfg.lr, weight_decay=cfg.weight_decay, compute=compute, transform=transform)
-    history: list[float] = []
     per_epoch = -(-len(x) // cfg.batch_size)
+    factor = lr_factor(cfg.lr_schedule, schedule_steps or steps or cfg.epochs * per_epoch)
+    step = TrainingStep(model, lr=cfg.lr, weight_decay=cfg.weight_decay, compute=compute, transform=transform,
+                        lr_factor=factor)
+    history: list[float] = []
     bar = Progress(steps or cfg.epochs * per_epoch, where, enabled=progress)
 
     def checkpoint(done: int, last: bool) -> bool:

@@ -18,7 +18,7 @@ device until :meth:`TrainingStep.read_losses`, which reads every step's terms
 back in one transfer (on a GPU each read is a synchronisation) and stops at the
 first non-finite loss.
 
-A change of precision, optimiser or augmentation is one edit here. ``transform``
+A change of precision, optimiser, learning-rate schedule or augmentation is one edit here. ``transform``
 is the per-batch hook: ``transform(step, batch) → batch`` on the device tensors
 before the forward pass (e.g. seeded flips of images and masks together); it
 must be a pure function of its arguments so that results stay reproducible and
@@ -53,10 +53,13 @@ class TrainingStep:
         lr, weight_decay: a fresh Adam over ``model.parameters()``.
         compute: precision, memory format, compilation (default: :class:`ComputeConfig`'s).
         transform: the per-batch hook (see the module docstring); None: batches as given.
+        lr_factor: the learning-rate schedule, ``lr_factor(step) → factor``: step ``step``
+            (counted from 0) runs at ``lr × factor``; None: ``lr`` at every step.
     """
 
     def __init__(self, model: SegmentationModel, *, lr: float, weight_decay: float,
-                 compute: ComputeConfig | None = None, transform: BatchTransform | None = None) -> None:
+                 compute: ComputeConfig | None = None, transform: BatchTransform | None = None,
+                 lr_factor: Callable[[int], float] | None = None) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self.compute = compute
@@ -65,6 +68,8 @@ class TrainingStep:
         self._forward = forward_fn(model, compute)
         self.optimiser = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
         self.transform = transform
+        self.lr = lr
+        self.lr_factor = lr_factor
         self.steps = 0  # steps taken so far
         self._pending: list[tuple[torch.Tensor, ...]] = []
 
@@ -90,6 +95,9 @@ class TrainingStep:
         out = loss_fn(self.forward, *tensors)
         terms = (out,) if isinstance(out, torch.Tensor) else tuple(out)
         terms[0].backward()
+        if self.lr_factor is not None:
+            for group in self.optimiser.param_groups:
+                group["lr"] = self.lr * self.lr_factor(self.steps)
         self.optimiser.step()
         self._pending.append(tuple(t.detach() for t in terms))
         self.steps += 1
