@@ -101,8 +101,25 @@ def grid(cfg: Config) -> list[Cell]:
     ]
 
 
+# The per-data-set tables: an entry of a data set that no cell reads (neither a target nor a source)
+# changes no cell, so a configuration may gain one (e.g. real3.yaml's b5 and b39 strides) and still resume.
+_DATASET_TABLES = ("data.source_stride", "data.finetune_stride", "select.gamma", "select.polarity", "select.psi",
+                   "select.patches_per_shot")
+
+
+def read_datasets(cfg: Config) -> set[str] | None:
+    """The data sets the benchmark's cells read, targets and sources (:func:`fsmeta.study.target_config`);
+    None when the sources are every known data set (neither ``study.datasets`` nor ``data.sources`` set)."""
+    sources = cfg.study.datasets or cfg.data.sources
+    return set(cfg.study.targets or [cfg.data.target]) | set(sources) if sources else None
+
+
 def _check_resume(state: dict[str, Any], cfg: Config, out: Path) -> None:
     changed = changed_keys(state["config"], cfg.flat(), ignore=(*RUNTIME_KEYS, *_GRID_AXES, *SELECT_COMMAND_KEYS))
+    read = read_datasets(cfg)
+    if read is not None:
+        read.add("default")
+        changed = [k for k in changed if not (k.rsplit(".", 1)[0] in _DATASET_TABLES and k.rsplit(".", 1)[1] not in read)]
     if changed:
         raise FsmetaError(f"cannot resume the benchmark in {out}: its configuration differs in {', '.join(changed[:5])}")
 

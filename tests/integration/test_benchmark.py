@@ -236,6 +236,26 @@ def test_resume_ignores_settings_a_benchmark_never_reads(tiny_config, tmp_path):
         benchmark._check_resume(state, tiny_config("select.method=typiclust", "select.patch_size=48"), tmp_path)
 
 
+def test_resume_ignores_table_entries_of_data_sets_no_cell_reads(tiny_config, tmp_path):
+    """TINY's cells read synth-he (target) and synth-fluo, synth-nuclei (sources): an entry for b39
+    changes none of them; one for a source or the target does, and so does `default`; with every
+    known data set as a source (no data.sources), any entry may be read and blocks."""
+    state = {"config": tiny_config().flat()}
+    benchmark._check_resume(state, tiny_config("data.finetune_stride={default: 32, b39: 64}",
+                                               "data.source_stride={default: 32, b5: 99}"), tmp_path)
+    for override, key in (("data.finetune_stride={default: 32, synth-he: 16}", "data.finetune_stride.synth-he"),
+                          ("data.source_stride={default: 32, synth-fluo: 16}", "data.source_stride.synth-fluo"),
+                          ("data.finetune_stride={default: 16}", "data.finetune_stride.default")):
+        with pytest.raises(FsmetaError, match=key):
+            benchmark._check_resume(state, tiny_config(override), tmp_path)
+    assert benchmark.read_datasets(tiny_config()) == {"synth-he", "synth-fluo", "synth-nuclei"}
+    assert benchmark.read_datasets(tiny_config("data.sources=[]", "study.datasets=[synth-fluo, em]",
+                                               "study.targets=[em, tnbc]")) == {"synth-fluo", "em", "tnbc"}
+    every = {"config": tiny_config("data.sources=[]").flat()}
+    with pytest.raises(FsmetaError, match="data.finetune_stride.b39"):
+        benchmark._check_resume(every, tiny_config("data.sources=[]", "data.finetune_stride={default: 32, b39: 64}"), tmp_path)
+
+
 def test_a_target_outside_study_datasets_is_scored_with_every_listed_data_set_as_a_source(tiny_config, tmp_path):
     # a lab's own data set under a study's configuration: --set "study.targets=[mylab]" alone
     cfg = tiny_config("data.sources=[]", "study.datasets=[synth-fluo, synth-nuclei]", "study.targets=[synth-he]",
