@@ -159,9 +159,10 @@ class FinetuneConfig:
         return max(self.steps, self.steps_per_shot * shots) if self.steps > 0 else 0
 
 
+LR_SCHEDULES = ("constant", "cosine")  # finetune.lr_schedule
+
 # Support-set selection (SPEC §4.6, Dawoud et al. 2023). The per-data-set tables (γ, polarity,
 # ψ, patches per shot) come from fsmeta.data.catalogue, where each value's origin is noted.
-LR_SCHEDULES = ("constant", "cosine")
 SELECT_METHODS = ("random", "entropy", "mc-dropout", "consistency", "typiclust", "coverage")
 
 
