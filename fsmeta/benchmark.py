@@ -43,7 +43,7 @@ from typing import Any
 from fsmeta.atomic import atomic_write_bytes
 from fsmeta.compute import compute_tags, describe_label
 from fsmeta.compute import describe as describe_compute
-from fsmeta.config import RUNTIME_KEYS, SELECT_COMMAND_KEYS, Config, changed_keys, config_from_dict
+from fsmeta.config import RUNTIME_KEYS, SELECT_COMMAND_KEYS, Config, changed_keys, config_from_dict, read_datasets
 from fsmeta.data.registry import load_dataset, resolve_sources
 from fsmeta.data.sampling import protocol_split
 from fsmeta.data.store import ImageSet
@@ -101,25 +101,9 @@ def grid(cfg: Config) -> list[Cell]:
     ]
 
 
-# The per-data-set tables: an entry of a data set that no cell reads (neither a target nor a source)
-# changes no cell, so a configuration may gain one (e.g. real3.yaml's b5 and b39 strides) and still resume.
-_DATASET_TABLES = ("data.source_stride", "data.finetune_stride", "select.gamma", "select.polarity", "select.psi",
-                   "select.patches_per_shot")
-
-
-def read_datasets(cfg: Config) -> set[str] | None:
-    """The data sets the benchmark's cells read, targets and sources (:func:`fsmeta.study.target_config`);
-    None when the sources are every known data set (neither ``study.datasets`` nor ``data.sources`` set)."""
-    sources = cfg.study.datasets or cfg.data.sources
-    return set(cfg.study.targets or [cfg.data.target]) | set(sources) if sources else None
-
-
 def _check_resume(state: dict[str, Any], cfg: Config, out: Path) -> None:
-    changed = changed_keys(state["config"], cfg.flat(), ignore=(*RUNTIME_KEYS, *_GRID_AXES, *SELECT_COMMAND_KEYS))
-    read = read_datasets(cfg)
-    if read is not None:
-        read.add("default")
-        changed = [k for k in changed if not (k.rsplit(".", 1)[0] in _DATASET_TABLES and k.rsplit(".", 1)[1] not in read)]
+    changed = changed_keys(state["config"], cfg.flat(), ignore=(*RUNTIME_KEYS, *_GRID_AXES, *SELECT_COMMAND_KEYS),
+                           datasets=read_datasets(cfg))
     if changed:
         raise FsmetaError(f"cannot resume the benchmark in {out}: its configuration differs in {', '.join(changed[:5])}")
 

@@ -620,8 +620,21 @@ ABSENT_MEANS: dict[str, Any] = {
 }
 
 
+# The per-data-set tables: an entry of a data set that nothing of a run reads (neither a target nor a source)
+# changes nothing, so a configuration may gain one (e.g. real3.yaml's b5 and b39 strides) and the run still resumes.
+DATASET_TABLES = ("data.source_stride", "data.finetune_stride", "select.gamma", "select.polarity", "select.psi",
+                  "select.patches_per_shot")
+
+
+def read_datasets(cfg: "Config") -> set[str] | None:
+    """The data sets a run reads, its targets and sources (:func:`fsmeta.study.target_config`); None when
+    the sources are every known data set (neither ``study.datasets`` nor ``data.sources`` set)."""
+    sources = cfg.study.datasets or cfg.data.sources
+    return set(cfg.study.targets or [cfg.data.target]) | set(sources) if sources else None
+
+
 def changed_keys(saved: dict[str, Any], now: dict[str, Any], *, ignore: tuple[str, ...] | list[str] = RUNTIME_KEYS,
-                 only: tuple[str, ...] | list[str] | None = None) -> list[str]:
+                 only: tuple[str, ...] | list[str] | None = None, datasets: set[str] | None = None) -> list[str]:
     """Flat keys whose values differ between a run's saved configuration and ``now`` (both ``Config.flat()``).
 
     The one test behind every ``--resume`` (benchmark, tune study, meta-training):
@@ -629,13 +642,17 @@ def changed_keys(saved: dict[str, Any], now: dict[str, Any], *, ignore: tuple[st
     started, and counts as its default (or as :data:`ABSENT_MEANS` says, where the default
     changed after the field was added); keys under ``ignore`` are skipped; with
     ``only``, just keys under those prefixes are compared. A dict field the saved
-    configuration has is compared as saved (its missing entries are not refilled).
+    configuration has is compared as saved (its missing entries are not refilled). With
+    ``datasets`` (:func:`read_datasets`), entries of :data:`DATASET_TABLES` for other data sets
+    (not ``default``) are not compared.
     """
     saved_fields = {field_path(k) for k in saved}
     added = {k: ABSENT_MEANS.get(k, v) for k, v in Config().flat().items() if field_path(k) not in saved_fields}
     before = {**added, **saved}
 
     def keep(k: str) -> bool:
+        if datasets is not None and field_path(k) in DATASET_TABLES and k[len(field_path(k)) + 1:] not in datasets | {"default"}:
+            return False
         return not _under(k, ignore) and (only is None or _under(k, only))
 
     return sorted(k for k in set(before) | set(now) if keep(k) and before.get(k) != now.get(k))

@@ -19,7 +19,7 @@ import torch
 from fsmeta.augment import augmentation
 from fsmeta.checkpoint import Kind, describe_pretraining, load_checkpoint, resume_point, save_checkpoint
 from fsmeta.compute import default_device, host_buffer
-from fsmeta.config import Config, changed_keys, flatten
+from fsmeta.config import Config, changed_keys, flatten, read_datasets
 from fsmeta.data.crops import gather
 from fsmeta.data.sampling import TaskSpec, batch_stream, make_task
 from fsmeta.errors import FsmetaError
@@ -107,7 +107,8 @@ def meta_train(
     start, run_id = 0, ""
     if resume and last.is_file():
         theta, meta = load_checkpoint(last)
-        changed = changed_keys(flatten(meta.get("config", {})), flat, ignore=("data.root",), only=_RESUME_KEYS)
+        changed = changed_keys(flatten(meta.get("config", {})), flat, ignore=("data.root",), only=_RESUME_KEYS,
+                               datasets=read_datasets(cfg))
         if changed:
             raise FsmetaError(f"cannot resume {last}: configuration differs in {', '.join(changed[:5])}")
         start, run_id = resume_point(meta, cfg.meta.iterations, last), meta.get("mlflow_run_id", "")

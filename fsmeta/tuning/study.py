@@ -21,7 +21,7 @@ from ray import tune
 
 from fsmeta.atomic import atomic_write_bytes
 from fsmeta.checkpoint import read_checkpoint_meta
-from fsmeta.config import RUNTIME_KEYS, SELECT_COMMAND_KEYS, Config, ConfigError, changed_keys, dump_config
+from fsmeta.config import RUNTIME_KEYS, SELECT_COMMAND_KEYS, Config, ConfigError, changed_keys, dump_config, read_datasets
 from fsmeta.data.registry import load_dataset, resolve_sources
 from fsmeta.errors import FsmetaError
 from fsmeta.meta.driver import connect
@@ -101,7 +101,8 @@ def run_study(cfg: Config, space_path: str | Path, out_dir: str | Path, tracker:
         if not resume:
             raise FsmetaError(f"{out} already holds a study; pass --resume to continue it or choose another --out")
         state = json.loads(state_path.read_text())
-        changed = changed_keys(state["config"], cfg.flat(), ignore=(*RUNTIME_KEYS, *SELECT_COMMAND_KEYS))
+        changed = changed_keys(state["config"], cfg.flat(), ignore=(*RUNTIME_KEYS, *SELECT_COMMAND_KEYS),
+                               datasets=read_datasets(cfg))
         if state.get("weights", "") != (weights or ""):
             changed.append("--weights")
         if changed or state.get("space") != space_text:

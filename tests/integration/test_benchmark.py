@@ -248,6 +248,12 @@ def test_resume_ignores_table_entries_of_data_sets_no_cell_reads(tiny_config, tm
                           ("data.finetune_stride={default: 16}", "data.finetune_stride.default")):
         with pytest.raises(FsmetaError, match=key):
             benchmark._check_resume(state, tiny_config(override), tmp_path)
+    # meta-training's own resume check (fsmeta.train, the "data" keys) reads the same rule
+    from fsmeta.config import changed_keys, read_datasets
+
+    b39 = tiny_config("data.finetune_stride={default: 32, b39: 64}")
+    assert changed_keys(state["config"], b39.flat(), only=("data",), datasets=read_datasets(b39)) == []
+    assert changed_keys(state["config"], b39.flat(), only=("data",)) == ["data.finetune_stride.b39"]
     assert benchmark.read_datasets(tiny_config()) == {"synth-he", "synth-fluo", "synth-nuclei"}
     assert benchmark.read_datasets(tiny_config("data.sources=[]", "study.datasets=[synth-fluo, em]",
                                                "study.targets=[em, tnbc]")) == {"synth-fluo", "em", "tnbc"}
