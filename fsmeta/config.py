@@ -633,6 +633,17 @@ def read_datasets(cfg: "Config") -> set[str] | None:
     return set(cfg.study.targets or [cfg.data.target]) | set(sources) if sources else None
 
 
+# The per-data-set tables read through SelectConfig.lookup, which falls back to the built-in entry of a data
+# set the configured table lacks: ``--set select.gamma={em: 0.3}`` keeps every other data set's built-in γ.
+LOOKUP_TABLES = ("select.gamma", "select.polarity", "select.psi", "select.patches_per_shot")
+
+
+def _with_builtin_entries(flat: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``flat`` with each :data:`LOOKUP_TABLES` entry it lacks set to the built-in one (``defaults``): the value a
+    run reads for it either way, so a table given in part and the same table written out whole compare equal."""
+    return {**{k: v for k, v in defaults.items() if field_path(k) in LOOKUP_TABLES}, **flat}
+
+
 def changed_keys(saved: dict[str, Any], now: dict[str, Any], *, ignore: tuple[str, ...] | list[str] = RUNTIME_KEYS,
                  only: tuple[str, ...] | list[str] | None = None, datasets: set[str] | None = None) -> list[str]:
     """Flat keys whose values differ between a run's saved configuration and ``now`` (both ``Config.flat()``).
@@ -642,13 +653,16 @@ def changed_keys(saved: dict[str, Any], now: dict[str, Any], *, ignore: tuple[st
     started, and counts as its default (or as :data:`ABSENT_MEANS` says, where the default
     changed after the field was added); keys under ``ignore`` are skipped; with
     ``only``, just keys under those prefixes are compared. A dict field the saved
-    configuration has is compared as saved (its missing entries are not refilled). With
+    configuration has is compared as saved (its missing entries are not refilled), but for the select
+    tables (:data:`LOOKUP_TABLES`) a missing entry is the built-in one, which the run reads in its place. With
     ``datasets`` (:func:`read_datasets`), entries of :data:`DATASET_TABLES` for other data sets
     (not ``default``) are not compared.
     """
+    defaults = Config().flat()
     saved_fields = {field_path(k) for k in saved}
-    added = {k: ABSENT_MEANS.get(k, v) for k, v in Config().flat().items() if field_path(k) not in saved_fields}
-    before = {**added, **saved}
+    added = {k: ABSENT_MEANS.get(k, v) for k, v in defaults.items() if field_path(k) not in saved_fields}
+    before = _with_builtin_entries({**added, **saved}, defaults)
+    now = _with_builtin_entries(now, defaults)
 
     def keep(k: str) -> bool:
         if datasets is not None and field_path(k) in DATASET_TABLES and k[len(field_path(k)) + 1:] not in datasets | {"default"}:

@@ -152,8 +152,12 @@ def test_changed_keys_is_the_one_resume_check():
     pre_holdout = {k: v for k, v in saved.items() if not k.startswith("finetune.holdout")}
     assert changed_keys(pre_holdout, cfg.flat()) == ["finetune.holdout"]  # real3 holds 0.2 now; the old run trained on all
     assert changed_keys(pre_holdout, load_config(ROOT / "configs" / "real3.yaml", ["finetune.holdout=0"]).flat()) == []
-    # ... but a dict field the run had is compared as saved: its missing entries are not refilled from defaults
-    assert "select.patches_per_shot.b5" not in saved and "select.patches_per_shot.b5" in Config().flat()
+    # ... but a dict field the run had is compared as saved: a stride table's missing entries are not refilled
+    # from defaults (load_config merges strides into the built-in table, so a saved one is whole) ...
+    assert changed_keys({k: v for k, v in saved.items() if k != "data.finetune_stride.b5"}, cfg.flat()) == ["data.finetune_stride.b5"]
+    # ... while a select table's missing entry is the built-in one, which SelectConfig.lookup reads in its place:
+    # real3's patches_per_shot lacks b5 and reads 100; without em it would read 400, not real3's 24
+    assert "select.patches_per_shot.b5" not in saved and cfg.select.lookup("patches_per_shot", "b5") == 100
     assert changed_keys({k: v for k, v in saved.items() if k != "select.patches_per_shot.em"}, cfg.flat()) == ["select.patches_per_shot.em"]
     # only= compares just the settings that give a checkpoint its meaning (meta-training's resume)
     assert changed_keys(saved, load_config(ROOT / "configs" / "real3.yaml", ["finetune.lr=0.5"]).flat(), only=("meta", "data")) == []
@@ -175,3 +179,18 @@ def test_a_target_outside_study_datasets_learns_from_all_of_them_and_an_unknown_
     assert (tcfg.data.target, resolve_sources(tcfg)) == ("synth-he", ["synth-fluo", "synth-nuclei"])
     with pytest.raises(FsmetaError, match="unknown target 'mylab'; known data sets: synth-fluo"):
         resolve_sources(target_config(small, "mylab", "fcrn"))
+
+
+def test_a_select_table_given_in_part_resumes_against_the_same_table_written_out_whole():
+    """``--set select.gamma={em: 0.3}`` replaces the flat table with one entry; a run saved that way and resumed the same
+    way, or against the whole table it reads (every other data set's built-in γ), has changed nothing."""
+    part = load_config(None, ["select.gamma={em: 0.3}"])
+    assert part.select.gamma == {"em": 0.3} and part.select.lookup("gamma", "tnbc") == 0.08
+    whole = load_config(None, [f"select.gamma={ {**Config().select.gamma, 'em': 0.3} }"])
+    assert len(whole.select.gamma) > 1
+    assert changed_keys(part.flat(), part.flat()) == []
+    assert changed_keys(part.flat(), whole.flat()) == changed_keys(whole.flat(), part.flat()) == []
+    assert changed_keys(Config().flat(), part.flat()) == ["select.gamma.em"]
+    assert changed_keys(part.flat(), load_config(None, ["select.gamma={em: 0.3, tnbc: 0.1}"]).flat()) == ["select.gamma.tnbc"]
+    # an entry the built-in table lacks counts as missing on the other side, where the configured default would apply
+    assert changed_keys(part.flat(), load_config(None, ["select.gamma={em: 0.3, lab: 0.2}"]).flat()) == ["select.gamma.lab"]
