@@ -635,13 +635,7 @@ def read_datasets(cfg: "Config") -> set[str] | None:
 
 # The per-data-set tables read through SelectConfig.lookup, which falls back to the built-in entry of a data
 # set the configured table lacks: ``--set select.gamma={em: 0.3}`` keeps every other data set's built-in γ.
-LOOKUP_TABLES = ("select.gamma", "select.polarity", "select.psi", "select.patches_per_shot")
-
-
-def _with_builtin_entries(flat: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """``flat`` with each :data:`LOOKUP_TABLES` entry it lacks set to the built-in one (``defaults``): the value a
-    run reads for it either way, so a table given in part and the same table written out whole compare equal."""
-    return {**{k: v for k, v in defaults.items() if field_path(k) in LOOKUP_TABLES}, **flat}
+LOOKUP_TABLES = tuple(t for t in DATASET_TABLES if t.startswith("select."))
 
 
 def changed_keys(saved: dict[str, Any], now: dict[str, Any], *, ignore: tuple[str, ...] | list[str] = RUNTIME_KEYS,
@@ -661,11 +655,14 @@ def changed_keys(saved: dict[str, Any], now: dict[str, Any], *, ignore: tuple[st
     defaults = Config().flat()
     saved_fields = {field_path(k) for k in saved}
     added = {k: ABSENT_MEANS.get(k, v) for k, v in defaults.items() if field_path(k) not in saved_fields}
-    before = _with_builtin_entries({**added, **saved}, defaults)
-    now = _with_builtin_entries(now, defaults)
+    # a lookup table's missing entry, on either side, is the built-in one the run reads in its place
+    builtin = {k: v for k, v in defaults.items() if field_path(k) in LOOKUP_TABLES}
+    before = {**builtin, **added, **saved}
+    now = {**builtin, **now}
 
     def keep(k: str) -> bool:
-        if datasets is not None and field_path(k) in DATASET_TABLES and k[len(field_path(k)) + 1:] not in datasets | {"default"}:
+        table = field_path(k)
+        if datasets is not None and table in DATASET_TABLES and k[len(table) + 1:] not in datasets | {"default"}:
             return False
         return not _under(k, ignore) and (only is None or _under(k, only))
 
