@@ -147,7 +147,8 @@ class FinetuneConfig:
     # Held-out bands (fsmeta.finetune.HeldOut): this share of each support image's height or width
     # is kept out of training to choose the stopping step and the threshold (docs/results.md, issue 19:
     # +4.5 mIoU over 9 cells); 0: off (train on all, eval.threshold_rule decides the threshold).
-    # Whole-image supports only (select.unit=patch: off); an image too small to give a band trains whole.
+    # A patch support (select.unit=patch) holds out this share of its patches instead (fsmeta.finetune.hold_out_patches);
+    # an image too small to give a band trains whole.
     holdout: float = 0.2
     val_every: int = 50  # steps between validations on the bands
     patience: int = 0  # validations without improvement before stopping; 0: the whole budget

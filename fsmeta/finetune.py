@@ -247,6 +247,42 @@ def hold_out(images: ImageSet, index: CropIndex, fraction: float, seed: int) -> 
     return HeldOut(np.nonzero(keep)[0], windows, masks, scored, bands)
 
 
+def hold_out_patches(images: ImageSet, patches: list[tuple[int, int, int, int, int]], fraction: float,
+                     seed: int) -> HeldOut | None:
+    """Held-out patches of a patch support (``select.unit=patch``), the counterpart of
+    :func:`hold_out`'s bands: ``round(fraction × n)`` of the ``n`` annotated patches
+    ``(image, y, x, height, width)`` — support row ``r`` is patch ``r``, as
+    :func:`fsmeta.select.selection_crops` stacks them — are kept out of training to choose the
+    step and the threshold. They are drawn by the seed among the patches whose annotation holds
+    foreground (a band must hold foreground too); each is predicted with up to
+    :data:`CONTEXT_MARGIN` pixels of its image around it as context (input only: the image's
+    pixels, never a mask outside the patch) and scored on the patch. None when fewer than two
+    patches are annotated, when ``fraction × n`` rounds to 0, or when no patch holds foreground;
+    at least one patch always trains."""
+    n = len(patches)
+    count = min(int(round(fraction * n)), n - 1)
+    if count < 1:
+        return None
+    rng = np.random.default_rng([seed, 7919, n])
+    order = [int(r) for r in rng.permutation(n)]
+    chosen = [r for r in order if np.asarray(images.masks[patches[r][0]])[
+        patches[r][1]: patches[r][1] + patches[r][3], patches[r][2]: patches[r][2] + patches[r][4]].any()][:count]
+    if not chosen:
+        return None
+    windows, masks, scored, bands = [], [], [], []
+    for r in sorted(chosen):
+        i, y, x, h, w = (int(v) for v in patches[r])
+        image = images.image(i)
+        y0, x0 = max(0, y - CONTEXT_MARGIN), max(0, x - CONTEXT_MARGIN)
+        y1, x1 = min(image.shape[0], y + h + CONTEXT_MARGIN), min(image.shape[1], x + w + CONTEXT_MARGIN)
+        windows.append(image[y0:y1, x0:x1])
+        masks.append(np.asarray(images.masks[i])[y: y + h, x: x + w] > 0)
+        scored.append((slice(y - y0, y - y0 + h), slice(x - x0, x - x0 + w)))
+        bands.append((images.ids[i], f"patch y{y} x{x}", h))
+    keep = np.setdiff1d(np.arange(n), chosen)
+    return HeldOut(keep, windows, masks, scored, bands)
+
+
 def finetune(
     model: SegmentationModel,
     x: torch.Tensor,

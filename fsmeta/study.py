@@ -26,7 +26,7 @@ from fsmeta.data.sampling import draw_support, protocol_split, held_out_images
 from fsmeta.data.store import ImageSet
 from fsmeta.errors import DataError, FsmetaError
 from fsmeta.evaluate import default_device, evaluate
-from fsmeta.finetune import HeldOut, finetune, hold_out, pool_share_curve, support_crops
+from fsmeta.finetune import HeldOut, finetune, hold_out, hold_out_patches, pool_share_curve, support_crops
 from fsmeta.losses import prior_threshold
 from fsmeta.metrics import median_object_area
 from fsmeta.models import SegmentationModel
@@ -194,7 +194,7 @@ def cell_split(cfg: Config, n_images: int, seed: int) -> tuple[np.ndarray, np.nd
 
 class Support(NamedTuple):
     """A fine-tuning support set: its crops, the images they come from, the annotated pixels,
-    the held-out bands (None when ``finetune.holdout`` is 0 or the support has no whole images),
+    the held-out bands or patches (None when ``finetune.holdout`` is 0 or none can be held out),
     the annotated windows ``(image, y, x, height, width)`` and the seconds its selection took."""
 
     x: torch.Tensor
@@ -223,7 +223,8 @@ def mask_composition(masks: Iterable[np.ndarray]) -> dict[str, float]:
 
 
 def support_holdout(cfg: Config, images: ImageSet, index: CropIndex, seed: int) -> HeldOut | None:
-    """The held-out bands of a whole-image support set's crops (``finetune.holdout``), or None."""
+    """The held-out bands of a whole-image support set's crops (``finetune.holdout``), or None
+    (a patch support holds out whole patches instead: :func:`fsmeta.finetune.hold_out_patches`)."""
     if cfg.finetune.holdout <= 0:
         return None
     return hold_out(images, index, cfg.finetune.holdout, seed)
@@ -304,9 +305,11 @@ def _selected_support(cfg: Config, target: ImageSet, model: SegmentationModel, p
         index = selection_index(target, selection, cfg)
         x, y = support_crops(target, index)
         holdout = support_holdout(cfg, target, index, cell.seed)
-    else:
-        x, y = selection_crops(target, selection, cfg)
     windows = tuple((it.image, it.y, it.x, it.height, it.width) for it in selection.selected)
+    if unit == "patch":
+        x, y = selection_crops(target, selection, cfg)  # row r is patch r
+        if cfg.finetune.holdout > 0:
+            holdout = hold_out_patches(target, list(windows), cfg.finetune.holdout, cell.seed)
     return Support(x, y, np.asarray(selection.image_indices()), int(selection.annotated_pixels()), holdout, windows, seconds)
 
 

@@ -11,7 +11,7 @@ from fsmeta.config import ConfigError, FinetuneConfig, load_config
 from fsmeta.errors import FsmetaError
 from fsmeta.data.crops import build_crop_index
 from fsmeta.data.store import ImageSet
-from fsmeta.finetune import CONTEXT_MARGIN, best_threshold, finetune, hold_out
+from fsmeta.finetune import CONTEXT_MARGIN, best_threshold, finetune, hold_out, hold_out_patches
 from fsmeta.models import build_model, clone_state
 from fsmeta.study import decision_threshold
 
@@ -262,3 +262,39 @@ def test_unannotated_draw_leaves_out_the_support_and_is_seeded():
     assert np.array_equal(drawn, unannotated_draw(pool, [12, 5], 3, seed=4))
     assert sorted(unannotated_draw(pool, [5, 12], 10, seed=4)) == [3, 8, 9, 20]  # fewer when the pool has fewer
     assert len({tuple(unannotated_draw(pool, [], 3, seed=s)) for s in range(6)}) > 1  # the seed draws
+
+
+def test_hold_out_patches_keeps_whole_foreground_patches_out_with_their_image_as_context():
+    rng = np.random.default_rng(5)
+    imgs = [rng.integers(0, 255, (96, 80), dtype=np.uint8) for _ in range(2)]
+    masks = [np.zeros((96, 80), np.uint8) for _ in range(2)]
+    masks[0][40:44, 40:44] = 1  # patch (0, 32, 32) holds foreground
+    masks[1][0:3, 70:73] = 1  # patch (1, 0, 64) holds foreground, at the image's corner
+    images = _set(imgs, masks)
+    # ten 16² patches (rows 0..9); only rows 2 and 7 hold foreground
+    patches = [(0, 0, 0, 16, 16), (0, 0, 16, 16, 16), (0, 32, 32, 16, 16), (0, 64, 0, 16, 16), (0, 80, 64, 16, 16),
+               (1, 16, 16, 16, 16), (1, 32, 0, 16, 16), (1, 0, 64, 16, 16), (1, 48, 48, 16, 16), (1, 80, 0, 16, 16)]
+    held = hold_out_patches(images, patches, 0.2, seed=0)  # round(0.2 × 10) = 2: both foreground patches
+    assert held is not None and sorted(set(range(10)) - set(held.train_rows.tolist())) == [2, 7]
+    assert [b[:2] for b in held.bands] == [("i0", "patch y32 x32"), ("i1", "patch y0 x64")]
+    # row 2: a 16² patch at (32, 32) with 32 px of context on every side fits the 96×80 image whole
+    win, (rows, cols) = held.windows[0], held.scored[0]
+    assert win.shape == (16 + 2 * CONTEXT_MARGIN, 16 + 2 * CONTEXT_MARGIN) and (rows.start, cols.start) == (CONTEXT_MARGIN,) * 2
+    np.testing.assert_array_equal(win[rows, cols], images.image(0)[32:48, 32:48])  # the patch, where the scored slice says
+    np.testing.assert_array_equal(held.masks[0], masks[0][32:48, 32:48] > 0)
+    # row 7 at the corner (0, 64) of an 80-wide image: context only below and to the left
+    win, (rows, cols) = held.windows[1], held.scored[1]
+    assert win.shape == (16 + CONTEXT_MARGIN, 16 + CONTEXT_MARGIN) and (rows.start, cols.start) == (0, CONTEXT_MARGIN)
+    np.testing.assert_array_equal(held.masks[1], masks[1][0:16, 64:80] > 0)
+    # a larger share still holds out only foreground patches; the same seed draws the same patches
+    assert sorted(set(range(10)) - set(hold_out_patches(images, patches, 0.5, seed=3).train_rows.tolist())) == [2, 7]
+    # one foreground patch of the two when the share allows one, the seed choosing which
+    picked = {tuple(set(range(10)) - set(hold_out_patches(images, patches, 0.1, seed=s).train_rows.tolist())) for s in range(12)}
+    assert picked == {(2,), (7,)}
+    # nothing to hold out: one patch, a share that rounds to 0, no foreground in any patch
+    assert hold_out_patches(images, patches[2:3], 0.9, seed=0) is None
+    assert hold_out_patches(images, patches, 0.04, seed=0) is None
+    assert hold_out_patches(images, [p for r, p in enumerate(patches) if r not in (2, 7)], 0.5, seed=0) is None
+    # two patches at 0.9: one is held out, one trains
+    held = hold_out_patches(images, [patches[2], patches[0]], 0.9, seed=0)
+    assert held.train_rows.tolist() == [1]
