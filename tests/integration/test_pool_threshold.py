@@ -64,3 +64,32 @@ def test_the_2020_protocol_has_no_unannotated_image_and_scores_as_without_the_op
     assert not curves and "pool_used" not in on and "holdout_iou" in on
     on.pop("ranking_seconds"), off.pop("ranking_seconds")  # the only measured (not computed) entry
     assert on == off and np.array_equal(test_on, test_off)
+
+
+def test_a_patch_support_holds_out_whole_annotated_patches(tmp_path, monkeypatch):
+    """select.unit=patch with finetune.holdout: a share of the selected patches (those holding
+    foreground) is kept out of training and chooses the step and the threshold, as bands do for
+    whole images; without finetune.holdout every patch trains."""
+    cfg = _config(tmp_path, "select.unit=patch", "select.patch_size=32", "select.patch_stride=32",
+                  "select.patches_per_shot={default: 8}", "eval.pool_threshold=false")
+    target = load_dataset(cfg.data.target, cfg)
+    checkpoint = scratch_checkpoint(cfg, tmp_path / "pre")
+    held, trained = [], []
+    patches, tune = fsmeta.study.hold_out_patches, fsmeta.study.finetune
+    monkeypatch.setattr(fsmeta.study, "hold_out_patches", lambda *a, **k: (held.append((a, patches(*a, **k))), held[-1][1])[1])
+    monkeypatch.setattr(fsmeta.study, "finetune", lambda m, x, *a, **k: (trained.append((len(x), k.get("holdout"))), tune(m, x, *a, **k))[1])
+    cell = Cell(cfg.data.target, cfg.arch, "scratch", "random", 1, 0)
+    metrics, _, _ = run_cell(cfg, target, checkpoint, cell)
+    (args, holdout), = held
+    windows = args[1]
+    assert len(windows) == 8 and args[2] == 0.25 and trained == [(8, holdout)]
+    out = sorted(set(range(8)) - set(holdout.train_rows.tolist()))
+    assert len(out) == metrics["holdout_bands"] == 2 and metrics["holdout_train_crops"] == 6
+    for r, mask in zip(out, holdout.masks):  # each held-out patch is an annotated patch that holds foreground
+        i, y, x, h, w = windows[r]
+        assert np.array_equal(mask, target.masks[i][y:y + h, x:x + w] > 0) and mask.any()
+    assert metrics["threshold"] == pytest.approx(metrics["holdout_threshold"])
+    held.clear(), trained.clear()
+    plain, _, _ = run_cell(_config(tmp_path, "select.unit=patch", "select.patch_size=32", "select.patch_stride=32",
+                                   "select.patches_per_shot={default: 8}", "finetune.holdout=0"), target, checkpoint, cell)
+    assert not held and trained == [(8, None)] and "holdout_iou" not in plain
