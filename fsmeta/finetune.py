@@ -263,10 +263,13 @@ def hold_out_patches(images: ImageSet, patches: list[tuple[int, int, int, int, i
     count = min(int(round(fraction * n)), n - 1)
     if count < 1:
         return None
-    rng = np.random.default_rng([seed, 7919, n])
-    order = [int(r) for r in rng.permutation(n)]
-    chosen = [r for r in order if np.asarray(images.masks[patches[r][0]])[
-        patches[r][1]: patches[r][1] + patches[r][3], patches[r][2]: patches[r][2] + patches[r][4]].any()][:count]
+
+    def holds_foreground(r: int) -> bool:
+        i, y, x, h, w = patches[r]
+        return bool(np.asarray(images.masks[i])[y: y + h, x: x + w].any())
+
+    order = np.random.default_rng([seed, 7919, n]).permutation(n)
+    chosen = [int(r) for r in order if holds_foreground(int(r))][:count]
     if not chosen:
         return None
     windows, masks, scored, bands = [], [], [], []
