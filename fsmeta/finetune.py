@@ -17,7 +17,7 @@ from fsmeta.augment import augmentation
 from fsmeta.config import AugmentConfig, ComputeConfig, FinetuneConfig
 from fsmeta.data.crops import CropIndex, gather
 from fsmeta.data.sampling import batch_stream
-from fsmeta.data.store import ImageSet
+from fsmeta.data.store import ImageSet, to_unit_float
 from fsmeta.errors import FsmetaError
 from fsmeta.losses import weighted_bce
 from fsmeta.models import SegmentationModel, clone_state, make_bn_affine
@@ -263,23 +263,19 @@ def hold_out_patches(images: ImageSet, patches: list[tuple[int, int, int, int, i
     count = min(int(round(fraction * n)), n - 1)
     if count < 1:
         return None
-
-    def holds_foreground(r: int) -> bool:
-        i, y, x, h, w = patches[r]
-        return bool(np.asarray(images.masks[i])[y: y + h, x: x + w].any())
-
+    annotated = [np.asarray(images.masks[i])[y: y + h, x: x + w] > 0 for i, y, x, h, w in patches]
     order = np.random.default_rng([seed, 7919, n]).permutation(n)
-    chosen = [int(r) for r in order if holds_foreground(int(r))][:count]
+    chosen = [int(r) for r in order if annotated[r].any()][:count]
     if not chosen:
         return None
     windows, masks, scored, bands = [], [], [], []
     for r in sorted(chosen):
         i, y, x, h, w = (int(v) for v in patches[r])
-        image = images.image(i)
+        image = images.images[i]  # only the window is converted to float, not the whole image per patch
         y0, x0 = max(0, y - CONTEXT_MARGIN), max(0, x - CONTEXT_MARGIN)
         y1, x1 = min(image.shape[0], y + h + CONTEXT_MARGIN), min(image.shape[1], x + w + CONTEXT_MARGIN)
-        windows.append(image[y0:y1, x0:x1])
-        masks.append(np.asarray(images.masks[i])[y: y + h, x: x + w] > 0)
+        windows.append(to_unit_float(np.asarray(image[y0:y1, x0:x1])))
+        masks.append(annotated[r])
         scored.append((slice(y - y0, y - y0 + h), slice(x - x0, x - x0 + w)))
         bands.append((images.ids[i], f"patch y{y} x{x}", h))
     keep = np.setdiff1d(np.arange(n), chosen)

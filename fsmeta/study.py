@@ -300,16 +300,14 @@ def _selected_support(cfg: Config, target: ImageSet, model: SegmentationModel, p
                                                   "ranking": rows}).encode())
     if np.intersect1d(selection.image_indices(), test).size:
         raise FsmetaError(f"{cell.name()}: the selection holds a test image")  # a stale or foreign ranking file
-    holdout = None
+    windows = tuple((it.image, it.y, it.x, it.height, it.width) for it in selection.selected)
     if unit == "image":
         index = selection_index(target, selection, cfg)
         x, y = support_crops(target, index)
         holdout = support_holdout(cfg, target, index, cell.seed)
-    windows = tuple((it.image, it.y, it.x, it.height, it.width) for it in selection.selected)
-    if unit == "patch":
+    else:
         x, y = selection_crops(target, selection, cfg)  # row r is patch r
-        if cfg.finetune.holdout > 0:
-            holdout = hold_out_patches(target, list(windows), cfg.finetune.holdout, cell.seed)
+        holdout = hold_out_patches(target, list(windows), cfg.finetune.holdout, cell.seed) if cfg.finetune.holdout > 0 else None
     return Support(x, y, np.asarray(selection.image_indices()), int(selection.annotated_pixels()), holdout, windows, seconds)
 
 
